@@ -1,0 +1,9 @@
+"""nanovllm_ray: a small, fast Qwen3 inference engine, served on Ray."""
+
+from nanovllm_ray.config import Config, ConfigError
+from nanovllm_ray.engine.llm_engine import LLMEngine, RequestError, RequestOutput
+from nanovllm_ray.llm import LLM, GenerationOutput
+from nanovllm_ray.sampling_params import SamplingParams
+
+__all__ = ["LLM", "LLMEngine", "Config", "ConfigError", "SamplingParams", "GenerationOutput", "RequestOutput",
+           "RequestError"]

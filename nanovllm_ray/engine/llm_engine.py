@@ -1,0 +1,260 @@
+"""The driver: tokenizes, schedules, runs steps on the executor, applies sampled tokens and stop rules.
+
+Incremental API for serving: add_request(), step() -> new tokens per request, abort_request().
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence as Seq
+from dataclasses import dataclass, field
+
+from nanovllm_ray.config import Config
+from nanovllm_ray.engine.block_manager import BlockManager, KVCacheEvent
+from nanovllm_ray.engine.scheduler import ScheduledBatch, Scheduler
+from nanovllm_ray.engine.sequence import Sequence, SequenceStatus
+from nanovllm_ray.executor.base import Executor, InProcessExecutor
+from nanovllm_ray.executor.step import StepInput, StepOutput
+from nanovllm_ray.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+class RequestError(ValueError):
+    """A request a user sent cannot be served as asked: the message names the value and the limit."""
+
+
+@dataclass(slots=True)
+class RequestOutput:
+    """What step() reports for one request: the tokens generated since the last report."""
+
+    request_id: str
+    new_token_ids: list[int]
+    new_text: str
+    finished: bool
+    finish_reason: str | None  # stop | length | abort
+    num_prompt_tokens: int
+    num_cached_tokens: int
+    num_generated_tokens: int
+    new_logprobs: list[tuple[float, list[tuple[int, float]]]] = field(default_factory=list)
+    stop_reason: int | str | None = None
+
+
+@dataclass(slots=True)
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    kv_usage: float
+    num_free_blocks: int
+    num_preemptions: int
+    prefix_cache_queries: int
+    prefix_cache_hits: int
+
+
+class LLMEngine:
+    def __init__(self, config: Config, executor: Executor | None = None, tokenizer=None) -> None:
+        self.config = config
+        if tokenizer is None:
+            tokenizer = load_tokenizer(config.tokenizer or config.model)
+        self.tokenizer = tokenizer
+        self.executor = executor or InProcessExecutor(config)
+        self.eos_token_ids = set(config.eos_token_ids)
+        self.vocab_size = config.hf_config["vocab_size"]
+        self.block_manager = BlockManager(self.executor.num_kv_blocks, config.block_size,
+                                          config.enable_prefix_caching, config.enable_kv_cache_events)
+        self.scheduler = Scheduler(config, self.block_manager)
+        self.requests: dict[str, Sequence] = {}
+        logger.info("KV cache: %d blocks of %d tokens (%d tokens, %.2f GiB)", self.block_manager.num_blocks,
+                    config.block_size, self.block_manager.num_blocks * config.block_size,
+                    self.block_manager.num_blocks * self.executor.block_bytes / 2**30)
+
+    @property
+    def max_model_len(self) -> int:
+        assert self.config.max_model_len is not None
+        return self.config.max_model_len
+
+    # ---- requests ------------------------------------------------------------------------------------------
+
+    def tokenize(self, prompt: str | Seq[int]) -> list[int]:
+        if isinstance(prompt, str):
+            if not prompt:
+                raise RequestError("prompt is empty")
+            return self.tokenizer.encode(prompt, add_special_tokens=False)
+        return list(prompt)
+
+    def add_request(self, request_id: str, prompt: str | Seq[int], sampling_params: SamplingParams) -> None:
+        if request_id in self.requests:
+            raise RequestError(f"request id {request_id!r} is already in use")
+        ids = self.tokenize(prompt)
+        if not ids:
+            raise RequestError("prompt is empty: it has no tokens")
+        bad = next((t for t in ids if not isinstance(t, int) or not 0 <= t < self.vocab_size), None)
+        if bad is not None:
+            raise RequestError(f"token id {bad!r} is outside the vocabulary [0, {self.vocab_size})")
+        if len(ids) >= self.max_model_len:
+            raise RequestError(f"prompt has {len(ids)} tokens; max_model_len is {self.max_model_len}, which must "
+                               "leave room for at least one generated token")
+        longest = min(len(ids) + sampling_params.max_tokens, self.max_model_len)
+        capacity = self.block_manager.num_blocks * self.config.block_size
+        if self.block_manager.blocks_needed(longest) > self.block_manager.num_blocks:
+            raise RequestError(f"prompt ({len(ids)} tokens) plus max_tokens ({sampling_params.max_tokens}) needs "
+                               f"{longest} tokens of KV cache; the cache holds {capacity}")
+        seq = Sequence(request_id, ids, sampling_params)
+        self.requests[request_id] = seq
+        self.scheduler.add(seq)
+
+    def abort_request(self, request_id: str) -> bool:
+        """Stop a request and free its blocks; False if it is unknown or already finished."""
+        seq = self.requests.pop(request_id, None)
+        if seq is None or seq.is_finished:
+            return False
+        self.scheduler.finish(seq, "abort")
+        return True
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    def get_sequence(self, request_id: str) -> Sequence | None:
+        return self.requests.get(request_id)
+
+    # ---- steps ---------------------------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        batch = self.scheduler.schedule()
+        if not batch.seqs:
+            if self.scheduler.has_unfinished():
+                raise RuntimeError("scheduler made no progress with requests pending (KV cache too small?)")
+            return []
+        step_input, sampled = self._build_step(batch)
+        output = self.executor.execute(step_input)
+        self.scheduler.finish_step(batch)
+        return self._apply(sampled, output)
+
+    def _build_step(self, batch: ScheduledBatch) -> tuple[StepInput, list[Sequence]]:
+        bs = self.config.block_size
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        seq_lens: list[int] = []
+        rows: list[int] = []
+        sampled: list[Sequence] = []
+        for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_new_tokens)):
+            start = seq.num_computed_tokens
+            end = start + n
+            input_ids += seq.token_ids[start:end]
+            positions += range(start, end)
+            table = seq.block_table
+            slots += [table[p // bs] * bs + p % bs for p in range(start, end)]
+            seq_lens.append(end)
+            if end == seq.num_tokens:
+                rows.append(i)
+                sampled.append(seq)
+        params = [s.sampling_params for s in sampled]
+        max_lp = max((p.logprobs for p in params if p.logprobs is not None), default=None)
+        step = StepInput(
+            input_ids=input_ids, positions=positions, slot_mapping=slots, query_lens=list(batch.num_new_tokens),
+            seq_lens=seq_lens, block_tables=[s.block_table for s in batch.seqs], sample_rows=rows,
+            temperatures=[p.temperature for p in params], top_ks=[p.top_k for p in params],
+            top_ps=[p.top_p for p in params], min_ps=[p.min_p for p in params], seeds=[p.seed for p in params],
+            max_logprobs=max_lp)
+        return step, sampled
+
+    def _apply(self, sampled: list[Sequence], out: StepOutput) -> list[RequestOutput]:
+        outputs = []
+        now = time.monotonic()
+        for i, (seq, token) in enumerate(zip(sampled, out.token_ids)):
+            if seq.is_finished:  # aborted while the step ran
+                continue
+            seq.token_ids.append(token)
+            if seq.first_token_time is None:
+                seq.first_token_time = now
+            k = seq.sampling_params.logprobs
+            if k is not None and out.logprobs is not None:
+                top = list(zip(out.top_ids[i][:k], out.top_logprobs[i][:k])) if k > 0 and out.top_ids else []
+                seq.logprobs.append((out.logprobs[i], top))
+            self._detokenize(seq)
+            self._check_stop(seq, token)
+            outputs.append(self._report(seq))
+        return outputs
+
+    def _check_stop(self, seq: Sequence, token: int) -> None:
+        p = seq.sampling_params
+        reason = None
+        if not p.ignore_eos and token in self.eos_token_ids:
+            reason = "stop"
+        elif token in p.stop_token_ids:
+            reason, seq.stop_reason = "stop", token
+        elif p.stop and self._truncate_at_stop_string(seq):
+            reason = "stop"
+        elif seq.num_completion_tokens >= p.max_tokens or seq.num_tokens >= self.max_model_len:
+            reason = "length"
+        if reason is not None:
+            self.scheduler.finish(seq, reason)
+
+    def _truncate_at_stop_string(self, seq: Sequence) -> bool:
+        text = seq.output_text
+        for s in seq.sampling_params.stop:
+            idx = text.find(s, max(0, seq.num_returned_chars - len(s)))
+            if idx >= 0:
+                seq.output_text = text[:idx]
+                seq.stop_reason = s
+                return True
+        return False
+
+    def _detokenize(self, seq: Sequence) -> None:
+        """Append the new token's text to seq.output_text (incrementally; holds back partial UTF-8)."""
+        if not seq.sampling_params.detokenize:
+            return
+        ids = seq.completion_token_ids
+        prefix = self.tokenizer.decode(ids[seq.detok_prefix_offset:seq.detok_read_offset], skip_special_tokens=True)
+        full = self.tokenizer.decode(ids[seq.detok_prefix_offset:], skip_special_tokens=True)
+        if len(full) > len(prefix) and not full.endswith("\ufffd"):
+            seq.output_text += full[len(prefix):]
+            seq.detok_prefix_offset, seq.detok_read_offset = seq.detok_read_offset, len(ids)
+
+    def _report(self, seq: Sequence) -> RequestOutput:
+        new_ids = seq.completion_token_ids[seq.num_returned_tokens:]
+        new_lp = seq.logprobs[seq.num_returned_tokens:] if seq.logprobs else []
+        seq.num_returned_tokens = seq.num_completion_tokens
+        end = len(seq.output_text)
+        if not seq.is_finished and seq.sampling_params.stop:
+            # hold back what could be the start of a stop string
+            end -= max(len(s) for s in seq.sampling_params.stop) - 1
+        end = max(end, seq.num_returned_chars)
+        new_text = seq.output_text[seq.num_returned_chars:end]
+        seq.num_returned_chars = end
+        if seq.is_finished:
+            self.requests.pop(seq.request_id, None)
+        return RequestOutput(
+            request_id=seq.request_id, new_token_ids=new_ids, new_text=new_text, finished=seq.is_finished,
+            finish_reason=seq.finish_reason, num_prompt_tokens=seq.num_prompt_tokens,
+            num_cached_tokens=max(seq.num_cached_tokens, 0), num_generated_tokens=seq.num_completion_tokens,
+            new_logprobs=new_lp, stop_reason=seq.stop_reason)
+
+    # ---- observability -------------------------------------------------------------------------------------
+
+    def stats(self) -> EngineStats:
+        bm = self.block_manager
+        return EngineStats(num_running=len(self.scheduler.running), num_waiting=len(self.scheduler.waiting),
+                           kv_usage=bm.usage, num_free_blocks=bm.num_free_blocks,
+                           num_preemptions=self.scheduler.num_preemptions,
+                           prefix_cache_queries=bm.num_cache_queries, prefix_cache_hits=bm.num_cache_hits)
+
+    def take_kv_events(self) -> list[KVCacheEvent]:
+        return self.block_manager.take_events()
+
+    def shutdown(self) -> None:
+        self.executor.shutdown()
+
+
+def load_tokenizer(path: str):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except Exception as e:  # transformers raises OSError/ValueError/... for a missing or broken tokenizer
+        raise RuntimeError(f"cannot load a tokenizer from {path!r}: {e}") from e
+
+
+__all__ = ["LLMEngine", "RequestOutput", "RequestError", "EngineStats", "SequenceStatus"]

@@ -1,0 +1,66 @@
+"""A request as the scheduler sees it: token ids, progress, and the blocks that hold its KV."""
+
+from __future__ import annotations
+
+import time
+from enum import Enum, auto
+from itertools import count
+
+from nanovllm_ray.sampling_params import SamplingParams
+
+
+class SequenceStatus(Enum):
+    WAITING = auto()
+    RUNNING = auto()
+    FINISHED = auto()
+
+
+class Sequence:
+    _ids = count()
+
+    def __init__(self, request_id: str, token_ids: list[int], sampling_params: SamplingParams) -> None:
+        self.seq_id = next(Sequence._ids)
+        self.request_id = request_id
+        self.token_ids = list(token_ids)
+        self.num_prompt_tokens = len(token_ids)
+        self.sampling_params = sampling_params
+        self.status = SequenceStatus.WAITING
+        self.num_computed_tokens = 0  # tokens whose KV is in the cache
+        self.num_cached_tokens = -1  # prompt tokens found in the prefix cache at first admission
+        self.block_table: list[int] = []
+        self.block_hashes: list[int] = []  # chained hashes of the full, computed blocks, in order
+        self.num_preemptions = 0
+        self.finish_reason: str | None = None
+        self.stop_reason: int | str | None = None
+        # (chosen token logprob, [(token id, logprob)] top-k) per generated token, when asked for
+        self.logprobs: list[tuple[float, list[tuple[int, float]]]] = []
+        self.arrival_time = time.monotonic()
+        self.first_token_time: float | None = None
+        self.output_text = ""
+        self.detok_prefix_offset = 0
+        self.detok_read_offset = 0
+        self.num_returned_tokens = 0  # generated tokens already handed to the caller by step()
+        self.num_returned_chars = 0  # characters of output_text already handed to the caller
+
+    def __len__(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_completion_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def completion_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens:]
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status == SequenceStatus.FINISHED
+
+    @property
+    def num_uncomputed_tokens(self) -> int:
+        return len(self.token_ids) - self.num_computed_tokens

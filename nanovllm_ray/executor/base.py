@@ -1,0 +1,39 @@
+"""How the driver drives its ranks. The executor is the only place that knows whether ranks are in this
+process or Ray actors."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+from nanovllm_ray.config import Config
+from nanovllm_ray.executor.step import StepInput, StepOutput
+
+
+class Executor(ABC):
+    num_kv_blocks: int
+    block_bytes: int
+
+    @abstractmethod
+    def execute(self, step: StepInput) -> StepOutput:
+        """Run one step on every rank; rank 0's sampled tokens come back."""
+
+    def shutdown(self) -> None:  # noqa: B027 (optional hook)
+        pass
+
+
+class InProcessExecutor(Executor):
+    """One rank, in this process."""
+
+    def __init__(self, config: Config) -> None:
+        if config.tensor_parallel_size != 1:
+            raise ValueError(f"tensor_parallel_size={config.tensor_parallel_size} needs the Ray executor; the "
+                             "in-process executor runs one rank")
+        from nanovllm_ray.executor.model_runner import ModelRunner
+
+        self.runner = ModelRunner(config)
+        self.num_kv_blocks = self.runner.num_kv_blocks
+        self.block_bytes = self.runner.block_bytes
+        self.device = self.runner.device
+
+    def execute(self, step: StepInput) -> StepOutput:
+        return self.runner.execute(step)

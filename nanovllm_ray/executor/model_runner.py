@@ -1,0 +1,204 @@
+"""The worker of one rank: owns the model shard, the KV cache and (on GPU) the CUDA graphs; turns a StepInput
+into tensors, runs the model, and samples on rank 0."""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+
+from nanovllm_ray.config import Config
+from nanovllm_ray.executor.step import StepInput, StepOutput
+from nanovllm_ray.layers.attention import Attention, AttentionMetadata, select_backend
+from nanovllm_ray.layers.parallel import tp_rank, tp_size
+from nanovllm_ray.layers.sampler import SamplingTensors, sample
+from nanovllm_ray.models.loader import load_model
+from nanovllm_ray.models.qwen3 import Qwen3ForCausalLM
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def resolve_device(config: Config) -> torch.device:
+    if config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise RuntimeError("device='cuda' was asked for, but CUDA is not available")
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def resolve_dtype(config: Config, device: torch.device) -> torch.dtype:
+    if config.dtype != "auto":
+        return _DTYPES[config.dtype]
+    ckpt = config.hf_config.get("torch_dtype") or config.hf_config.get("dtype") or "bfloat16"
+    dtype = _DTYPES.get(str(ckpt).removeprefix("torch."), torch.bfloat16)
+    # On the CPU, half precision is slow and inexact: auto means float32 there.
+    return torch.float32 if device.type == "cpu" else dtype
+
+
+class ModelRunner:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.rank = tp_rank()
+        self.device = resolve_device(config)
+        self.dtype = resolve_dtype(config, self.device)
+        cfg = config.hf_config
+        self.block_size = config.block_size
+        self.num_layers = cfg["num_hidden_layers"]
+        self.head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+        self.num_kv_heads = max(1, cfg.get("num_key_value_heads", cfg["num_attention_heads"]) // tp_size())
+        self.vocab_size = cfg["vocab_size"]
+        default_dtype = torch.get_default_dtype()
+        torch.set_default_dtype(self.dtype)
+        try:
+            with torch.device(self.device):
+                self.model = Qwen3ForCausalLM(cfg)
+        finally:
+            torch.set_default_dtype(default_dtype)
+        load_model(self.model, config.model)
+        self.model.eval()
+        self.backend = select_backend(config.attention_backend, self.device, self.block_size, self.head_dim,
+                                      self.dtype)
+        self.attn_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
+        self.num_kv_blocks = self._allocate_kv_cache()
+
+    # ---- KV cache ------------------------------------------------------------------------------------------
+
+    @property
+    def block_bytes(self) -> int:
+        """Bytes of K and V of one block over all layers, on this rank."""
+        elem = torch.tensor([], dtype=self.dtype).element_size()
+        return 2 * self.num_layers * self.block_size * self.num_kv_heads * self.head_dim * elem
+
+    def _allocate_kv_cache(self) -> int:
+        cfg = self.config
+        if cfg.num_kvcache_blocks is not None:
+            num_blocks = cfg.num_kvcache_blocks
+        elif self.device.type == "cuda":
+            num_blocks = self._profile_gpu_blocks()
+        else:
+            num_blocks = int(cfg.kv_cache_memory_gb * 2**30) // self.block_bytes
+        # Never more than every running sequence at full length could use.
+        useful = cfg.max_num_seqs * math.ceil(cfg.max_model_len / self.block_size) + 1
+        num_blocks = min(num_blocks, useful)
+        if num_blocks < 1:
+            raise RuntimeError(f"no memory left for the KV cache ({self.block_bytes} bytes a block): lower "
+                               "max_num_batched_tokens or raise gpu_memory_utilization")
+        self._set_kv_cache(num_blocks)
+        return num_blocks
+
+    def _set_kv_cache(self, num_blocks: int) -> None:
+        # [2, num_layers, num_blocks, block_size, num_kv_heads, head_dim]
+        self.kv_cache = torch.zeros(2, self.num_layers, num_blocks, self.block_size, self.num_kv_heads,
+                                    self.head_dim, dtype=self.dtype, device=self.device)
+        for i, layer in enumerate(self.attn_layers):
+            layer.k_cache, layer.v_cache = self.kv_cache[0, i], self.kv_cache[1, i]
+
+    def _profile_gpu_blocks(self) -> int:
+        """KV blocks that fit in gpu_memory_utilization of the card after a forward of the largest step."""
+        cfg = self.config
+        tokens = min(cfg.max_num_batched_tokens, cfg.max_num_seqs * cfg.max_model_len)
+        seq_len = min(tokens, cfg.max_model_len)
+        num_seqs = max(1, tokens // seq_len)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        blocks_per_seq = math.ceil(seq_len / self.block_size)
+        self._set_kv_cache(num_seqs * blocks_per_seq)
+        step = StepInput(
+            input_ids=[0] * (num_seqs * seq_len), positions=list(range(seq_len)) * num_seqs,
+            slot_mapping=[s * blocks_per_seq * self.block_size + p for s in range(num_seqs) for p in range(seq_len)],
+            query_lens=[seq_len] * num_seqs, seq_lens=[seq_len] * num_seqs,
+            block_tables=[list(range(s * blocks_per_seq, (s + 1) * blocks_per_seq)) for s in range(num_seqs)],
+            sample_rows=list(range(num_seqs)), temperatures=[1.0] * num_seqs, top_ks=[-1] * num_seqs,
+            top_ps=[1.0] * num_seqs, min_ps=[0.0] * num_seqs, seeds=[None] * num_seqs, max_logprobs=None)
+        self.execute(step)
+        torch.cuda.synchronize()
+        self.kv_cache = None
+        for layer in self.attn_layers:
+            layer.k_cache = layer.v_cache = torch.tensor([])
+        free, total = torch.cuda.mem_get_info()
+        stats = torch.cuda.memory_stats()
+        used = total - free
+        peak, current = stats["allocated_bytes.all.peak"], stats["allocated_bytes.all.current"]
+        available = int(total * cfg.gpu_memory_utilization) - used - (peak - current)
+        return available // self.block_bytes
+
+    # ---- one step ------------------------------------------------------------------------------------------
+
+    def prepare(self, step: StepInput) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+        dev = self.device
+
+        def t(x: list, dtype: torch.dtype) -> torch.Tensor:
+            return torch.tensor(x, dtype=dtype, pin_memory=dev.type == "cuda").to(dev, non_blocking=True)
+
+        input_ids = t(step.input_ids, torch.int64)
+        positions = t(step.positions, torch.int64)
+        width = max(len(b) for b in step.block_tables)
+        tables = [b + [-1] * (width - len(b)) for b in step.block_tables]
+        qsl = [0]
+        for q in step.query_lens:
+            qsl.append(qsl[-1] + q)
+        meta = AttentionMetadata(
+            backend=self.backend,
+            slot_mapping=t(step.slot_mapping, torch.int64),
+            query_start_loc=t(qsl, torch.int32),
+            seq_lens=t(step.seq_lens, torch.int32),
+            block_tables=t(tables, torch.int32),
+            max_query_len=max(step.query_lens),
+            max_seq_len=max(step.seq_lens),
+            query_lens_cpu=step.query_lens,
+            seq_lens_cpu=step.seq_lens,
+            is_decode_only=step.is_decode_only,
+            no_cached_context=step.query_lens == step.seq_lens,
+        )
+        self.backend.prepare(meta)
+        return input_ids, positions, meta
+
+    def sampling_tensors(self, step: StepInput) -> SamplingTensors:
+        dev = self.device
+        top_ks = [k if k > 0 else self.vocab_size for k in step.top_ks]
+        return SamplingTensors(
+            temperatures=torch.tensor(step.temperatures, dtype=torch.float32, device=dev),
+            top_ks=torch.tensor(top_ks, dtype=torch.int64, device=dev),
+            top_ps=torch.tensor(step.top_ps, dtype=torch.float32, device=dev),
+            min_ps=torch.tensor(step.min_ps, dtype=torch.float32, device=dev),
+            seeds=step.seeds,
+            positions=[step.seq_lens[r] for r in step.sample_rows],
+            all_greedy=all(x == 0 for x in step.temperatures),
+            any_top_k=any(k < self.vocab_size for k in top_ks),
+            any_top_p=any(p < 1.0 for p in step.top_ps),
+            any_min_p=any(p > 0 for p in step.min_ps),
+            max_logprobs=step.max_logprobs,
+        )
+
+    @torch.inference_mode()
+    def run_model(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
+                  step: StepInput) -> torch.Tensor | None:
+        hidden = self.model(input_ids, positions, meta)
+        if not step.sample_rows:
+            return None
+        ends = meta.query_start_loc[1:].long() - 1
+        rows = torch.tensor(step.sample_rows, dtype=torch.int64, device=self.device)
+        return self.model.compute_logits(hidden[ends[rows]])
+
+    @torch.inference_mode()
+    def execute(self, step: StepInput) -> StepOutput | None:
+        input_ids, positions, meta = self.prepare(step)
+        logits = self.run_model(input_ids, positions, meta, step)
+        if logits is None or self.rank != 0:
+            return None if self.rank != 0 else StepOutput([])
+        out = sample(logits, self.sampling_tensors(step))
+        result = StepOutput(out.token_ids.tolist())
+        if out.logprobs is not None:
+            result.logprobs = out.logprobs.tolist()
+            if out.top_ids is not None:
+                result.top_ids, result.top_logprobs = out.top_ids.tolist(), out.top_logprobs.tolist()
+        return result
+
+    @torch.inference_mode()
+    def forward_logits(self, step: StepInput) -> torch.Tensor:
+        """Logits of every token of the step (tests and teacher-forced comparisons)."""
+        input_ids, positions, meta = self.prepare(step)
+        return self.model.compute_logits(self.model(input_ids, positions, meta))

@@ -1,0 +1,34 @@
+"""What the driver sends to every rank each step, and what rank 0 sends back: plain lists, cheap to pickle."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(slots=True)
+class StepInput:
+    input_ids: list[int]  # [num_tokens], packed sequence after sequence
+    positions: list[int]  # [num_tokens]
+    slot_mapping: list[int]  # [num_tokens]
+    query_lens: list[int]  # [num_seqs]
+    seq_lens: list[int]  # [num_seqs] context length including this step's tokens
+    block_tables: list[list[int]]  # [num_seqs][blocks]
+    sample_rows: list[int]  # sequences (indices into the batch) whose last token is sampled this step
+    temperatures: list[float]  # per sampled row
+    top_ks: list[int]
+    top_ps: list[float]
+    min_ps: list[float]
+    seeds: list[int | None]
+    max_logprobs: int | None  # None: no logprobs this step
+
+    @property
+    def is_decode_only(self) -> bool:
+        return all(q == 1 for q in self.query_lens)
+
+
+@dataclass(slots=True)
+class StepOutput:
+    token_ids: list[int]  # per sampled row
+    logprobs: list[float] | None = None  # chosen-token logprob per sampled row
+    top_ids: list[list[int]] | None = None
+    top_logprobs: list[list[float]] | None = None

@@ -1,0 +1,89 @@
+"""Batched sampling: temperature, top-k, top-p, min-p, per-request seeds, and logprobs.
+
+Sampling is an exponential race (argmax of p / E with E ~ Exp(1)), which draws from p without a CPU sync. A
+seeded request draws its noise from a generator seeded by (seed, position), so its tokens do not depend on
+what else is in the batch or on preemptions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(slots=True)
+class SamplingTensors:
+    """Per-row sampling parameters of a step, on the logits' device."""
+
+    temperatures: torch.Tensor  # [n] float32; 0 = greedy
+    top_ks: torch.Tensor  # [n] int64; vocab size = off
+    top_ps: torch.Tensor  # [n] float32; 1 = off
+    min_ps: torch.Tensor  # [n] float32; 0 = off
+    seeds: list[int | None]  # per row: None = the global generator
+    positions: list[int]  # per row: the position of the token being sampled (seeds the per-row noise)
+    all_greedy: bool
+    any_top_k: bool
+    any_top_p: bool
+    any_min_p: bool
+    max_logprobs: int | None  # None: no logprobs this step
+
+
+@dataclass(slots=True)
+class SamplerOutput:
+    token_ids: torch.Tensor  # [n] int64
+    logprobs: torch.Tensor | None = None  # [n] chosen-token logprob
+    top_ids: torch.Tensor | None = None  # [n, k]
+    top_logprobs: torch.Tensor | None = None  # [n, k]
+
+
+def apply_filters(logits: torch.Tensor, t: SamplingTensors) -> torch.Tensor:
+    """Temperature-scaled logits [n, vocab] with tokens outside top-k / top-p / min-p set to -inf."""
+    temps = torch.where(t.temperatures > 0, t.temperatures, torch.ones_like(t.temperatures))
+    logits = logits / temps.unsqueeze(1)
+    if t.any_min_p:
+        probs = logits.softmax(-1)
+        threshold = probs.amax(-1, keepdim=True) * t.min_ps.unsqueeze(1)
+        logits = logits.masked_fill(probs < threshold, float("-inf"))
+    if t.any_top_k or t.any_top_p:
+        sorted_logits, order = logits.sort(-1, descending=True)
+        vocab = logits.shape[-1]
+        if t.any_top_k:
+            ranks = torch.arange(vocab, device=logits.device).unsqueeze(0)
+            sorted_logits = sorted_logits.masked_fill(ranks >= t.top_ks.unsqueeze(1), float("-inf"))
+        if t.any_top_p:
+            probs = sorted_logits.softmax(-1)
+            # drop a token when the tokens ranked above it already hold top_p of the mass (keep at least one)
+            mass_before = probs.cumsum(-1) - probs
+            sorted_logits = sorted_logits.masked_fill(mass_before >= t.top_ps.unsqueeze(1), float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    return logits
+
+
+def sample(logits: torch.Tensor, t: SamplingTensors) -> SamplerOutput:
+    """logits: [n, vocab] (any float dtype) -> sampled token ids and, if asked, logprobs of the raw model."""
+    logits = logits.float()
+    greedy = logits.argmax(-1)
+    if t.all_greedy:
+        tokens = greedy
+    else:
+        probs = apply_filters(logits, t).softmax(-1)
+        noise = torch.empty_like(probs).exponential_()
+        for i, seed in enumerate(t.seeds):
+            if seed is not None:
+                g = torch.Generator(device=probs.device).manual_seed((seed * 1_000_003 + t.positions[i]) % 2**63)
+                noise[i] = torch.empty(probs.shape[1], device=probs.device).exponential_(generator=g)
+        sampled = (probs / noise).argmax(-1)
+        tokens = torch.where(t.temperatures > 0, sampled, greedy)
+    out = SamplerOutput(tokens)
+    if t.max_logprobs is not None:
+        logprobs = logits.log_softmax(-1)
+        out.logprobs = logprobs.gather(-1, tokens.unsqueeze(1)).squeeze(1)
+        if t.max_logprobs > 0:
+            out.top_logprobs, out.top_ids = logprobs.topk(t.max_logprobs, -1)
+    return out
+
+
+class Sampler(torch.nn.Module):
+    def forward(self, logits: torch.Tensor, t: SamplingTensors) -> SamplerOutput:
+        return sample(logits, t)

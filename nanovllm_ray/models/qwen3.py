@@ -1,0 +1,129 @@
+"""Qwen3 (dense), module and parameter names mirroring Hugging Face's Qwen3ForCausalLM."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from nanovllm_ray.layers.activation import SiluAndMul
+from nanovllm_ray.layers.attention import Attention, AttentionMetadata
+from nanovllm_ray.layers.embed_head import ParallelLMHead, VocabParallelEmbedding
+from nanovllm_ray.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
+from nanovllm_ray.layers.norm import RMSNorm
+from nanovllm_ray.layers.parallel import tp_size
+from nanovllm_ray.layers.rotary import RotaryEmbedding
+
+
+def rope_theta(cfg: dict[str, Any]) -> float:
+    params = cfg.get("rope_parameters") or {}
+    scaling = cfg.get("rope_scaling") or {}
+    kind = scaling.get("rope_type", scaling.get("type")) or params.get("rope_type", "default")
+    if kind != "default":
+        raise NotImplementedError(f"rope scaling {kind!r} is not supported (only plain rotary embeddings)")
+    return float(cfg.get("rope_theta") or params.get("rope_theta") or 1_000_000.0)
+
+
+class Qwen3Attention(nn.Module):
+    def __init__(self, cfg: dict[str, Any]) -> None:
+        super().__init__()
+        tp = tp_size()
+        hidden = cfg["hidden_size"]
+        total_heads = cfg["num_attention_heads"]
+        total_kv = cfg.get("num_key_value_heads", total_heads)
+        self.head_dim = cfg.get("head_dim") or hidden // total_heads
+        self.num_heads = total_heads // tp
+        self.num_kv_heads = max(1, total_kv // tp)
+        self.q_size, self.kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        bias = cfg.get("attention_bias", False)
+        self.qkv_proj = QKVParallelLinear(hidden, self.head_dim, total_heads, total_kv, bias=bias)
+        self.o_proj = RowParallelLinear(total_heads * self.head_dim, hidden, bias=bias)
+        self.rotary_emb = RotaryEmbedding(self.head_dim, cfg.get("max_position_embeddings", 40960), rope_theta(cfg))
+        self.attn = Attention(self.num_heads, self.head_dim, self.head_dim**-0.5, self.num_kv_heads)
+        eps = cfg.get("rms_norm_eps", 1e-6)
+        self.q_norm = RMSNorm(self.head_dim, eps)
+        self.k_norm = RMSNorm(self.head_dim, eps)
+
+    def forward(self, positions: torch.Tensor, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        n = x.shape[0]
+        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = self.q_norm(q.view(n, self.num_heads, self.head_dim))
+        k = self.k_norm(k.view(n, self.num_kv_heads, self.head_dim))
+        q, k = self.rotary_emb(positions, q, k)
+        o = self.attn(q, k, v.view(n, self.num_kv_heads, self.head_dim), meta)
+        return self.o_proj(o.reshape(n, self.q_size))
+
+
+class Qwen3MLP(nn.Module):
+    def __init__(self, cfg: dict[str, Any]) -> None:
+        super().__init__()
+        hidden, inter = cfg["hidden_size"], cfg["intermediate_size"]
+        if cfg.get("hidden_act", "silu") != "silu":
+            raise NotImplementedError(f"hidden_act {cfg['hidden_act']!r} is not supported (only silu)")
+        self.gate_up_proj = MergedColumnParallelLinear(hidden, [inter, inter])
+        self.down_proj = RowParallelLinear(inter, hidden)
+        self.act_fn = SiluAndMul()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act_fn(self.gate_up_proj(x)))
+
+
+class Qwen3DecoderLayer(nn.Module):
+    def __init__(self, cfg: dict[str, Any]) -> None:
+        super().__init__()
+        self.self_attn = Qwen3Attention(cfg)
+        self.mlp = Qwen3MLP(cfg)
+        eps = cfg.get("rms_norm_eps", 1e-6)
+        self.input_layernorm = RMSNorm(cfg["hidden_size"], eps)
+        self.post_attention_layernorm = RMSNorm(cfg["hidden_size"], eps)
+
+    def forward(self, positions: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None,
+                meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
+        if residual is None:
+            x, residual = self.input_layernorm(x), x
+        else:
+            x, residual = self.input_layernorm(x, residual)
+        x = self.self_attn(positions, x, meta)
+        x, residual = self.post_attention_layernorm(x, residual)
+        return self.mlp(x), residual
+
+
+class Qwen3Model(nn.Module):
+    def __init__(self, cfg: dict[str, Any]) -> None:
+        super().__init__()
+        self.embed_tokens = VocabParallelEmbedding(cfg["vocab_size"], cfg["hidden_size"])
+        self.layers = nn.ModuleList([Qwen3DecoderLayer(cfg) for _ in range(cfg["num_hidden_layers"])])
+        self.norm = RMSNorm(cfg["hidden_size"], cfg.get("rms_norm_eps", 1e-6))
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        x, residual = self.embed_tokens(input_ids), None
+        for layer in self.layers:
+            x, residual = layer(positions, x, residual, meta)
+        x, _ = self.norm(x, residual)
+        return x
+
+
+class Qwen3ForCausalLM(nn.Module):
+    # checkpoint name fragment -> (fused parameter fragment, shard id)
+    packed_modules_mapping = {
+        "q_proj": ("qkv_proj", "q"),
+        "k_proj": ("qkv_proj", "k"),
+        "v_proj": ("qkv_proj", "v"),
+        "gate_proj": ("gate_up_proj", 0),
+        "up_proj": ("gate_up_proj", 1),
+    }
+
+    def __init__(self, cfg: dict[str, Any]) -> None:
+        super().__init__()
+        self.model = Qwen3Model(cfg)
+        self.lm_head = ParallelLMHead(cfg["vocab_size"], cfg["hidden_size"])
+        self.tie_word_embeddings = bool(cfg.get("tie_word_embeddings", False))
+        if self.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        return self.model(input_ids, positions, meta)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        return self.lm_head(hidden)

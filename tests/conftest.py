@@ -1,0 +1,38 @@
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> str:
+    from nanovllm_ray.demo_model import make_demo_checkpoint
+
+    return str(make_demo_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny", "tiny"))
+
+
+@pytest.fixture(scope="session")
+def tiny_untied_model(tmp_path_factory) -> str:
+    from nanovllm_ray.demo_model import make_demo_checkpoint
+
+    return str(make_demo_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny-untied", "tiny-untied"))
+
+
+def assert_no_leak(engine) -> None:
+    """Every KV block is free again once no request is left."""
+    bm = engine.block_manager
+    assert not engine.has_unfinished_requests()
+    assert bm.num_free_blocks == bm.num_blocks, f"{bm.num_blocks - bm.num_free_blocks} blocks leaked"
+    assert all(b.ref_count == 0 for b in bm.blocks)
