@@ -52,8 +52,9 @@ def load_model(model: nn.Module, path: str) -> None:
                             loader(param, tensor)
                         else:
                             loader(param, tensor, shard)
-                except ValueError as e:
-                    raise CheckpointError(f"tensor {name!r} in {file!r}: {e}") from e
+                except (ValueError, RuntimeError) as e:  # a shard that does not fit: shape mismatch
+                    raise CheckpointError(f"tensor {name!r} in {file!r} (shape {tuple(tensor.shape)}) does not fit "
+                                          f"the model: {e}") from e
                 loaded.add(target if shard is None else f"{target}:{shard}")
     expected = set()
     for name in params:

@@ -1,0 +1,123 @@
+"""Errors a user can cause name the value and the limit."""
+
+import json
+import shutil
+
+import pytest
+from conftest import assert_no_leak
+
+from nanovllm_ray import LLM, ConfigError, RequestError, SamplingParams
+from nanovllm_ray.models.loader import CheckpointError
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_model):
+    return LLM(tiny_model, num_kvcache_blocks=64, max_model_len=256)
+
+
+def test_missing_checkpoint(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        LLM(str(tmp_path / "nope"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match="no config.json"):
+        LLM(str(tmp_path / "empty"))
+
+
+def test_corrupt_checkpoint(tiny_model, tmp_path):
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny_model, bad)
+    (bad / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
+    with pytest.raises(CheckpointError, match="model.safetensors"):
+        LLM(str(bad))
+    (bad / "model.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="no \\*.safetensors"):
+        LLM(str(bad))
+    (bad / "config.json").write_text("{broken")
+    with pytest.raises(ConfigError, match="config.json"):
+        LLM(str(bad))
+
+
+def test_checkpoint_with_wrong_shape(tiny_model, tmp_path):
+    bad = tmp_path / "shape"
+    shutil.copytree(tiny_model, bad)
+    cfg = json.loads((bad / "config.json").read_text())
+    cfg["intermediate_size"] *= 2
+    (bad / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="gate_proj|up_proj|down_proj"):
+        LLM(str(bad))
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"max_model_len": 10**6}, "max_model_len=1000000 must be in \\[1, 40960\\]"),
+    ({"block_size": 24}, "block_size=24 must be a power of two"),
+    ({"gpu_memory_utilization": 1.5}, "gpu_memory_utilization=1.5"),
+    ({"dtype": "int8"}, "dtype='int8'"),
+    ({"tensor_parallel_size": 3}, "tensor_parallel_size=3 must divide num_attention_heads=4"),
+    ({"max_num_seqs": 0}, "max_num_seqs=0"),
+    ({"no_such_key": 1}, "unknown config keys \\['no_such_key'\\]"),
+])
+def test_bad_config(tiny_model, kwargs, match):
+    with pytest.raises(ConfigError, match=match):
+        LLM(tiny_model, **kwargs)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"temperature": -0.5}, "temperature=-0.5 must be >= 0"),
+    ({"top_p": 0.0}, "top_p=0.0 must be in \\(0, 1\\]"),
+    ({"top_p": 1.5}, "top_p=1.5"),
+    ({"top_k": -2}, "top_k=-2"),
+    ({"min_p": 2.0}, "min_p=2.0"),
+    ({"max_tokens": 0}, "max_tokens=0 must be >= 1"),
+    ({"logprobs": 50}, "logprobs=50 must be in \\[0, 20\\]"),
+    ({"stop": [""]}, "stop strings must not be empty"),
+])
+def test_bad_sampling_params(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        SamplingParams(**kwargs)
+
+
+def test_bad_requests_leave_the_engine_working(llm):
+    with pytest.raises(RequestError, match="prompt has 300 tokens; max_model_len is 256"):
+        llm.generate([[5] * 300], SamplingParams(max_tokens=4), use_tqdm=False)
+    with pytest.raises(RequestError, match="prompt is empty"):
+        llm.generate([""], use_tqdm=False)
+    with pytest.raises(RequestError, match="token id 999999 is outside the vocabulary \\[0, 151936\\)"):
+        llm.generate([[1, 999999]], use_tqdm=False)
+    # 64 blocks x 16 = 1024 tokens of KV: fine. A batch with one bad prompt adds none of them.
+    with pytest.raises(RequestError):
+        llm.generate([[1, 2, 3], [5] * 300], SamplingParams(max_tokens=4), use_tqdm=False)
+    assert_no_leak(llm.engine)
+    out = llm.generate([[1, 2, 3]], SamplingParams(max_tokens=4, temperature=0), use_tqdm=False)
+    assert out[0].num_generated_tokens == 4
+    assert_no_leak(llm.engine)
+
+
+def test_request_larger_than_the_kv_cache(tiny_model):
+    small = LLM(tiny_model, num_kvcache_blocks=4, max_model_len=256)  # 64 tokens of KV
+    with pytest.raises(RequestError, match="needs 100 tokens of KV cache; the cache holds 64"):
+        small.generate([[1] * 50], SamplingParams(max_tokens=50), use_tqdm=False)
+
+
+def test_incremental_api_and_abort(llm):
+    engine = llm.engine
+    sp = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
+    engine.add_request("a", [1, 2, 3, 4, 5] * 10, sp)
+    engine.add_request("b", "Hello world", sp)
+    with pytest.raises(RequestError, match="request id 'a' is already in use"):
+        engine.add_request("a", "x", sp)
+    seen: dict[str, list[int]] = {"a": [], "b": []}
+    finished = {}
+    for _ in range(5):
+        for out in engine.step():
+            seen[out.request_id] += out.new_token_ids
+    assert seen["a"] and seen["b"]
+    assert engine.abort_request("a") and not engine.abort_request("a")
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            assert out.request_id == "b"
+            seen["b"] += out.new_token_ids
+            if out.finished:
+                finished["b"] = out
+    assert finished["b"].finish_reason == "length" and finished["b"].num_generated_tokens == 20
+    assert len(seen["b"]) == 20 and finished["b"].num_prompt_tokens == 2
+    assert_no_leak(engine)
