@@ -19,6 +19,7 @@ class Block:
     block_id: int
     ref_count: int = 0
     hash: int | None = None
+    parent_hash: int = NO_PARENT  # with token_ids, the key that was hashed: compared on lookup
     token_ids: tuple[int, ...] = ()
 
 
@@ -78,7 +79,11 @@ class BlockManager:
             tokens = tuple(seq.token_ids[i * bs:(i + 1) * bs])
             h = hash_block(parent, tokens)
             block_id = self.hash_to_block.get(h)
-            if block_id is None or self.blocks[block_id].token_ids != tokens:  # miss, or a hash collision
+            if block_id is None:
+                break
+            block = self.blocks[block_id]
+            # A hash collision: the same tokens under another parent (another position) hold other KV.
+            if block.token_ids != tokens or block.parent_hash != parent:
                 break
             hits.append(block_id)
             parent = h
@@ -133,7 +138,7 @@ class BlockManager:
             if h in self.hash_to_block:
                 continue  # another block already holds these tokens: keep this one private
             block = self.blocks[seq.block_table[i]]
-            block.hash, block.token_ids = h, tokens
+            block.hash, block.parent_hash, block.token_ids = h, parent, tokens
             self.hash_to_block[h] = block.block_id
             if self.record_events:
                 self.events.append(BlockStored(h, parent, tokens))
@@ -175,4 +180,4 @@ class BlockManager:
             del self.hash_to_block[block.hash]
             if self.record_events:
                 self.events.append(BlockRemoved(block.hash))
-        block.hash, block.token_ids = None, ()
+        block.hash, block.parent_hash, block.token_ids = None, NO_PARENT, ()

@@ -214,20 +214,21 @@ class LLMEngine:
             seq.detok_prefix_offset, seq.detok_read_offset = seq.detok_read_offset, len(ids)
 
     def _report(self, seq: Sequence) -> RequestOutput:
-        new_ids = seq.completion_token_ids[seq.num_returned_tokens:]
+        new_ids = seq.token_ids[seq.num_prompt_tokens + seq.num_returned_tokens:]
         new_lp = seq.logprobs[seq.num_returned_tokens:] if seq.logprobs else []
         seq.num_returned_tokens = seq.num_completion_tokens
+        finished = seq.status == SequenceStatus.FINISHED
         end = len(seq.output_text)
-        if not seq.is_finished and seq.sampling_params.stop:
+        if not finished and seq.sampling_params.stop:
             # hold back what could be the start of a stop string
             end -= max(len(s) for s in seq.sampling_params.stop) - 1
         end = max(end, seq.num_returned_chars)
         new_text = seq.output_text[seq.num_returned_chars:end]
         seq.num_returned_chars = end
-        if seq.is_finished:
+        if finished:
             self.requests.pop(seq.request_id, None)
         return RequestOutput(
-            request_id=seq.request_id, new_token_ids=new_ids, new_text=new_text, finished=seq.is_finished,
+            request_id=seq.request_id, new_token_ids=new_ids, new_text=new_text, finished=finished,
             finish_reason=seq.finish_reason, num_prompt_tokens=seq.num_prompt_tokens,
             num_cached_tokens=max(seq.num_cached_tokens, 0), num_generated_tokens=seq.num_completion_tokens,
             new_logprobs=new_lp, stop_reason=seq.stop_reason)

@@ -122,6 +122,8 @@ class Scheduler:
     def finish_step(self, batch: ScheduledBatch) -> None:
         """Advance the computed-token counts of the batch and register newly full blocks for reuse."""
         for seq, n in zip(batch.seqs, batch.num_new_tokens):
+            if seq.is_finished:  # aborted while the step ran: its blocks are already freed
+                continue
             seq.num_computed_tokens += n
             self.block_manager.commit(seq)
 
