@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import logging
 import math
+from itertools import accumulate
 
+import numpy as np
 import torch
 
 from nanovllm_ray.config import Config
@@ -63,6 +65,11 @@ class ModelRunner:
                                       self.dtype)
         self.attn_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
         self.num_kv_blocks = self._allocate_kv_cache()
+        self.graphs = None
+        if self.device.type == "cuda" and not config.enforce_eager and self.backend.supports_cuda_graphs:
+            from nanovllm_ray.executor.cuda_graph import DecodeGraphs
+
+            self.graphs = DecodeGraphs(self)
 
     # ---- KV cache ------------------------------------------------------------------------------------------
 
@@ -131,21 +138,16 @@ class ModelRunner:
         dev = self.device
 
         def t(x: list, dtype: torch.dtype) -> torch.Tensor:
-            return torch.tensor(x, dtype=dtype, pin_memory=dev.type == "cuda").to(dev, non_blocking=True)
+            return _to_device(torch.tensor(x, dtype=dtype), dev)
 
         input_ids = t(step.input_ids, torch.int64)
         positions = t(step.positions, torch.int64)
-        width = max(len(b) for b in step.block_tables)
-        tables = [b + [-1] * (width - len(b)) for b in step.block_tables]
-        qsl = [0]
-        for q in step.query_lens:
-            qsl.append(qsl[-1] + q)
         meta = AttentionMetadata(
             backend=self.backend,
             slot_mapping=t(step.slot_mapping, torch.int64),
-            query_start_loc=t(qsl, torch.int32),
+            query_start_loc=t([0, *accumulate(step.query_lens)], torch.int32),
             seq_lens=t(step.seq_lens, torch.int32),
-            block_tables=t(tables, torch.int32),
+            block_tables=_to_device(_pad_tables(step.block_tables), dev),
             max_query_len=max(step.query_lens),
             max_seq_len=max(step.seq_lens),
             query_lens_cpu=step.query_lens,
@@ -173,14 +175,19 @@ class ModelRunner:
             max_logprobs=step.max_logprobs,
         )
 
+    def _hidden(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        if self.graphs is not None and meta.is_decode_only and self.graphs.can_run(meta.num_seqs):
+            return self.graphs.run(input_ids, positions, meta.slot_mapping, meta.seq_lens, meta.block_tables)
+        return self.model(input_ids, positions, meta)
+
     @torch.inference_mode()
     def run_model(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
                   step: StepInput) -> torch.Tensor | None:
-        hidden = self.model(input_ids, positions, meta)
+        hidden = self._hidden(input_ids, positions, meta)
         if not step.sample_rows:
             return None
         ends = meta.query_start_loc[1:].long() - 1
-        rows = torch.tensor(step.sample_rows, dtype=torch.int64, device=self.device)
+        rows = torch.tensor(step.sample_rows, dtype=torch.int64).to(self.device, non_blocking=True)
         return self.model.compute_logits(hidden[ends[rows]])
 
     @torch.inference_mode()
@@ -199,6 +206,21 @@ class ModelRunner:
 
     @torch.inference_mode()
     def forward_logits(self, step: StepInput) -> torch.Tensor:
-        """Logits of every token of the step (tests and teacher-forced comparisons)."""
+        """Logits of every token of the step, through the same path as execute() (CUDA graphs for decode)."""
         input_ids, positions, meta = self.prepare(step)
-        return self.model.compute_logits(self.model(input_ids, positions, meta))
+        return self.model.compute_logits(self._hidden(input_ids, positions, meta))
+
+
+def _pad_tables(tables: list[list[int]], width: int | None = None) -> torch.Tensor:
+    """Ragged block tables -> [num_seqs, width] int32, padded with -1."""
+    width = width or max(len(b) for b in tables)
+    arr = np.full((len(tables), width), -1, dtype=np.int32)
+    for i, b in enumerate(tables):
+        arr[i, :len(b)] = b
+    return torch.from_numpy(arr)
+
+
+def _to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    if device.type == "cpu":
+        return x
+    return x.pin_memory().to(device, non_blocking=True)

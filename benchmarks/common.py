@@ -1,0 +1,94 @@
+"""Shared by the benchmarks: the demo checkpoint, the card's measured bandwidth and FLOP rate, JSON results."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def demo_checkpoint(shape: str, model: str | None) -> str:
+    """The checkpoint to benchmark: `model` if given, else the demo checkpoint of `shape` (made if absent)."""
+    if model:
+        return model
+    from nanovllm_ray.demo_model import ensure_demo_checkpoint
+
+    root = Path(os.environ.get("NANOVLLM_CHECKPOINTS", "checkpoints"))
+    return str(ensure_demo_checkpoint(root / f"qwen3-{shape.removeprefix('qwen3-')}", shape))
+
+
+def measure_bandwidth(nbytes: int = 2 * 2**30, iters: int = 20) -> float:
+    """Device-to-device copy bandwidth in bytes/s (bytes read + bytes written), median of `iters`."""
+    src = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    times = []
+    for _ in range(iters + 3):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        dst.copy_(src)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    del src, dst
+    torch.cuda.empty_cache()
+    times = sorted(times[3:])
+    return 2 * nbytes / times[len(times) // 2]
+
+
+def measure_matmul_flops(n: int = 8192, iters: int = 10) -> float:
+    a = torch.randn(n, n, dtype=torch.bfloat16, device="cuda")
+    b = torch.randn(n, n, dtype=torch.bfloat16, device="cuda")
+    for _ in range(3):
+        a @ b
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(iters):
+        a @ b
+    torch.cuda.synchronize()
+    return 2 * n**3 * iters / (time.perf_counter() - t)
+
+
+def model_shape(path: str) -> dict:
+    cfg = json.loads((Path(path) / "config.json").read_text())
+    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+    h, inter, layers = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"]
+    heads, kv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    per_layer = h * (heads + 2 * kv) * head_dim + heads * head_dim * h + 3 * h * inter + 2 * h + 2 * head_dim
+    embed = cfg["vocab_size"] * h
+    params = layers * per_layer + h + embed * (1 if cfg.get("tie_word_embeddings") else 2)
+    return {"params": params, "layers": layers, "kv_heads": kv, "head_dim": head_dim,
+            "kv_bytes_per_token": 2 * layers * kv * head_dim * 2, "weight_bytes": params * 2,
+            "flops_per_token": 2 * (params - embed)}  # the LM head runs on sampled rows only
+
+
+def device_name() -> str:
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu-{platform.machine()}"
+
+
+def write_result(name: str, data: dict) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    card = device_name().replace(" ", "_").replace("/", "_")
+    path = RESULTS / f"{name}-{card}-{stamp}.json"
+    path.write_text(json.dumps(data, indent=2))
+    return path
+
+
+def print_table(rows: list[dict]) -> None:
+    if not rows:
+        return
+    keys = list(rows[0])
+    widths = [max(len(k), *(len(_fmt(r[k])) for r in rows)) for k in keys]
+    print("  ".join(k.rjust(w) for k, w in zip(keys, widths)))
+    for r in rows:
+        print("  ".join(_fmt(r[k]).rjust(w) for k, w in zip(keys, widths)))
+
+
+def _fmt(v) -> str:
+    return f"{v:,.3f}" if isinstance(v, float) else f"{v:,}" if isinstance(v, int) else str(v)

@@ -1,0 +1,101 @@
+"""Offline throughput on the nano-vllm workload, against the card's memory-bandwidth floor.
+
+Workload (nano-vllm's bench.py): random.seed(0); 256 sequences; each prompt randint(100, 1024) token ids drawn
+from randint(0, 10000); then each max_tokens randint(100, 1024); temperature 0.6, EOS ignored. Throughput =
+sum of max_tokens / wall time.
+
+Floor: each decode step reads the weights once and every running sequence's whole KV cache, so the workload
+must move sum_i(M_i * P_i + M_i (M_i - 1) / 2) * kv_bytes_per_token + max_i(M_i) * weight_bytes at least; divided
+by the copy bandwidth measured on this card in this run.
+
+    python benchmarks/throughput.py [--model DIR] [--enforce-eager] [--scheduling-policy mixed|prefill_first]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from random import randint, seed
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.common import (  # noqa: E402
+    demo_checkpoint,
+    device_name,
+    measure_bandwidth,
+    model_shape,
+    print_table,
+    write_result,
+)
+
+
+def workload(num_seqs: int, max_input: int, max_output: int) -> tuple[list[list[int]], list[int]]:
+    seed(0)
+    prompts = [[randint(0, 10000) for _ in range(randint(min(100, max_input), max_input))] for _ in range(num_seqs)]
+    max_tokens = [randint(min(100, max_output), max_output) for _ in range(num_seqs)]
+    return prompts, max_tokens
+
+
+def floor_seconds(prompts: list[list[int]], max_tokens: list[int], shape: dict, bandwidth: float) -> float:
+    kv_tokens = sum(m * len(p) + m * (m - 1) // 2 for p, m in zip(prompts, max_tokens))
+    return (kv_tokens * shape["kv_bytes_per_token"] + max(max_tokens) * shape["weight_bytes"]) / bandwidth
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=None, help="checkpoint (default: the qwen3-0.6b demo checkpoint)")
+    ap.add_argument("--shape", default="qwen3-0.6b")
+    ap.add_argument("--num-seqs", type=int, default=256)
+    ap.add_argument("--max-input-len", type=int, default=1024)
+    ap.add_argument("--max-output-len", type=int, default=1024)
+    ap.add_argument("--max-model-len", type=int, default=4096)
+    ap.add_argument("--enforce-eager", action="store_true")
+    ap.add_argument("--scheduling-policy", default="mixed")
+    ap.add_argument("--attention-backend", default="auto")
+    ap.add_argument("--max-num-batched-tokens", type=int, default=16384)
+    ap.add_argument("--block-size", type=int, default=16)
+    ap.add_argument("--tensor-parallel-size", type=int, default=1)
+    ap.add_argument("--tag", default="")
+    args = ap.parse_args()
+
+    import torch
+
+    from nanovllm_ray import LLM, SamplingParams
+
+    path = demo_checkpoint(args.shape, args.model)
+    bandwidth = measure_bandwidth() if torch.cuda.is_available() else float("nan")
+    prompts, max_tokens = workload(args.num_seqs, args.max_input_len, args.max_output_len)
+    if (args.num_seqs, args.max_input_len, args.max_output_len) == (256, 1024, 1024):
+        assert sum(max_tokens) == 133_966 and sum(map(len, prompts)) == 142_827, "not nano-vllm's workload"
+    llm = LLM(path, max_model_len=args.max_model_len, enforce_eager=args.enforce_eager,
+              scheduling_policy=args.scheduling_policy, attention_backend=args.attention_backend,
+              max_num_batched_tokens=args.max_num_batched_tokens, block_size=args.block_size,
+              tensor_parallel_size=args.tensor_parallel_size)
+    params = [SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=m, detokenize=False) for m in max_tokens]
+    llm.generate(["Benchmark: "], SamplingParams(), use_tqdm=False)  # warm-up
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    seconds = time.perf_counter() - t
+    generated = sum(o.num_generated_tokens for o in outs)
+    assert generated == sum(max_tokens)
+    shape = model_shape(path)
+    floor = floor_seconds(prompts, max_tokens, shape, bandwidth)
+    row = {"output_tokens": generated, "seconds": round(seconds, 3), "tokens_per_s": round(generated / seconds, 1),
+           "floor_s": round(floor, 3), "floor_tokens_per_s": round(generated / floor, 1),
+           "fraction_of_floor": round(floor / seconds, 3)}
+    print_table([row])
+    stats = llm.engine.stats()
+    data = {"benchmark": "throughput", "device": device_name(), "bandwidth_bytes_per_s": bandwidth,
+            "model": path, "shape": shape, "num_kv_blocks": llm.engine.block_manager.num_blocks,
+            "preemptions": stats.num_preemptions, "config": {k: v for k, v in vars(args).items()}, **row}
+    print(f"bandwidth {bandwidth / 1e12:.2f} TB/s on {device_name()}; preemptions {stats.num_preemptions}; "
+          f"KV blocks {llm.engine.block_manager.num_blocks}")
+    print("wrote", write_result("throughput" + (f"-{args.tag}" if args.tag else ""), data))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,146 @@
+"""Tensor-parallel ranks as Ray actors, one per bundle of a placement group, driven each step by a compiled
+Ray graph (or plain remote calls).
+
+The driver (the engine's process) sends every rank the same StepInput; each rank runs its shard, the ranks
+all-reduce through NCCL (gloo on CPU), and rank 0 samples and returns the StepOutput. Inside a Ray Serve replica
+the workers go into the replica's own placement group (bundle i for rank i); elsewhere the executor makes one.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Literal
+
+from nanovllm_ray.config import Config
+from nanovllm_ray.executor.base import Executor
+from nanovllm_ray.executor.step import StepInput, StepOutput
+from nanovllm_ray.executor.worker import TPWorker
+
+logger = logging.getLogger(__name__)
+
+Dispatch = Literal["compiled", "remote"]
+
+
+class RayExecutor(Executor):
+    def __init__(self, config: Config, dispatch: Dispatch = "compiled", placement_group=None,
+                 worker_num_cpus: float = 1.0, init_timeout_s: float = 600.0) -> None:
+        import ray
+        from ray.util.placement_group import get_current_placement_group, remove_placement_group
+        from ray.util.placement_group import placement_group as make_placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        if dispatch not in ("compiled", "remote"):
+            raise ValueError(f"dispatch={dispatch!r} must be 'compiled' or 'remote'")
+        if not ray.is_initialized():
+            ray.init()
+        self.config, self.dispatch = config, dispatch
+        world = config.tensor_parallel_size
+        self._owned_pg = None
+        self._dag = None
+        self.workers: list = []
+        pg = placement_group or get_current_placement_group()
+        if pg is None:
+            use_gpu = _wants_gpu(config, ray.cluster_resources().get("GPU", 0) >= 1)
+            bundle = {"CPU": worker_num_cpus, **({"GPU": 1} if use_gpu else {})}
+            pg = self._owned_pg = make_placement_group([dict(bundle) for _ in range(world)], strategy="STRICT_PACK")
+            if not _ready(pg, init_timeout_s):
+                remove_placement_group(pg)
+                raise RuntimeError(f"cannot place {world} ranks of {bundle} within {init_timeout_s:.0f} s; the "
+                                   f"cluster has {ray.cluster_resources()}")
+        specs = pg.bundle_specs
+        if len(specs) < world:
+            raise ValueError(f"tensor_parallel_size={world} needs {world} bundles; the placement group has "
+                             f"{len(specs)}: {specs}")
+        use_gpu = _wants_gpu(config, all(s.get("GPU", 0) >= 1 for s in specs[:world]))
+        self.use_gpu = use_gpu
+        actor = ray.remote(TPWorker)
+        try:
+            for rank in range(world):
+                # Each rank in its own bundle: on GPU the bundle's one GPU becomes the actor's.
+                self.workers.append(actor.options(
+                    num_cpus=min(worker_num_cpus, specs[rank].get("CPU", 0)),
+                    num_gpus=1 if use_gpu else 0,
+                    scheduling_strategy=PlacementGroupSchedulingStrategy(
+                        placement_group=pg, placement_group_bundle_index=rank,
+                        placement_group_capture_child_tasks=True),
+                    runtime_env={"env_vars": {"NCCL_NVLS_ENABLE": "0"}} if use_gpu else None,
+                ).remote(config, rank, world))
+            addr, port = ray.get(self.workers[0].address.remote(), timeout=init_timeout_s)
+            infos = ray.get([w.init.remote(addr, port, use_gpu) for w in self.workers], timeout=init_timeout_s)
+        except BaseException:
+            self.shutdown()
+            raise
+        assert len(set(infos)) == 1, f"ranks disagree on the KV cache: {infos}"
+        self.num_kv_blocks, self.block_bytes = infos[0]
+        self.device = "cuda" if use_gpu else "cpu"
+        if dispatch == "compiled":
+            from ray.dag import InputNode, MultiOutputNode
+
+            with InputNode() as step:
+                dag = MultiOutputNode([w.execute.bind(step) for w in self.workers])
+            self._dag = dag.experimental_compile()
+        logger.info("RayExecutor: %d ranks (%s, %s dispatch), %d KV blocks", world, "nccl" if use_gpu else "gloo",
+                    dispatch, self.num_kv_blocks)
+
+    def execute(self, step: StepInput | None) -> StepOutput | None:
+        import ray
+
+        if self._dag is not None:
+            outs = ray.get(self._dag.execute(step))
+        else:
+            outs = ray.get([w.execute.remote(step) for w in self.workers])
+        return outs[0]
+
+    def measure_dispatch(self, n: int = 200, warmup: int = 20) -> float:
+        """Seconds per no-op step sent to every rank and back: the executor's own cost beside a model step."""
+        for _ in range(warmup):
+            self.execute(None)
+        t = time.perf_counter()
+        for _ in range(n):
+            self.execute(None)
+        return (time.perf_counter() - t) / n
+
+    def shutdown(self) -> None:
+        import ray
+        from ray.util.placement_group import remove_placement_group
+
+        if self._dag is not None:
+            try:
+                self._dag.teardown()
+            except Exception as e:  # a dead actor makes teardown raise; the actors are killed below anyway
+                logger.warning("compiled graph teardown: %s", e)
+            self._dag = None
+        for w in self.workers:
+            try:
+                ray.kill(w)
+            except Exception:  # already gone
+                pass
+        self.workers = []
+        if self._owned_pg is not None:
+            remove_placement_group(self._owned_pg)
+            self._owned_pg = None
+
+    def __del__(self) -> None:
+        # Serve tears replicas down without calling the engine's shutdown; let the actors go with the driver.
+        try:
+            if self.workers:
+                self.shutdown()
+        except Exception:
+            pass
+
+
+def _wants_gpu(config: Config, have_gpus: bool) -> bool:
+    if config.device == "cuda" and not have_gpus:
+        raise RuntimeError("device='cuda' was asked for, but the placement has no GPU for each rank")
+    return config.device == "cuda" or (config.device == "auto" and have_gpus)
+
+
+def _ready(pg, timeout_s: float) -> bool:
+    import ray
+
+    try:
+        ray.get(pg.ready(), timeout=timeout_s)
+        return True
+    except ray.exceptions.GetTimeoutError:
+        return False

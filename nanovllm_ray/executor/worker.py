@@ -1,0 +1,64 @@
+"""One tensor-parallel rank as a Ray actor: joins the process group, then owns a ModelRunner (its shard, KV
+blocks and, on GPU, CUDA graphs). The class is plain Python; ray_executor.py makes it an actor."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import torch
+
+from nanovllm_ray.config import Config
+from nanovllm_ray.executor.step import StepInput, StepOutput
+
+
+class TPWorker:
+    def __init__(self, config: Config, rank: int, world_size: int) -> None:
+        self.config, self.rank, self.world_size = config, rank, world_size
+        self.runner = None
+
+    def address(self) -> tuple[str, int]:
+        """An address and a free port on this node for the process group's rendezvous (asked of rank 0)."""
+        import ray
+
+        ip = ray.util.get_node_ip_address()
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind(("", 0))
+            return ip, s.getsockname()[1]
+
+    def init(self, addr: str, port: int, use_gpu: bool) -> tuple[int, int]:
+        """Join the group, build this rank's shard and KV cache; returns (num_kv_blocks, block_bytes), the
+        block count already agreed across ranks (the smallest)."""
+        import torch.distributed as dist
+
+        from nanovllm_ray.executor.model_runner import ModelRunner
+
+        if use_gpu:
+            os.environ["NCCL_NVLS_ENABLE"] = "0"  # NVLink multicast stays off on the lent machines
+            torch.cuda.set_device(0)  # Ray sets CUDA_VISIBLE_DEVICES to this actor's one GPU
+        # Layers read the TP rank and size when they are built: the group must exist before the ModelRunner.
+        dist.init_process_group(backend="nccl" if use_gpu else "gloo", init_method=f"tcp://{addr}:{port}",
+                                rank=self.rank, world_size=self.world_size)
+        self.runner = runner = ModelRunner(self.config)
+        # Every rank must hold the same number of blocks: the driver's block ids index all of them.
+        n = torch.tensor([runner.num_kv_blocks], dtype=torch.int64, device=runner.device)
+        dist.all_reduce(n, op=dist.ReduceOp.MIN)
+        agreed = int(n.item())
+        if agreed != runner.num_kv_blocks:
+            runner.kv_cache = None  # free the larger pool before allocating the smaller one
+            runner._set_kv_cache(agreed)
+            runner.num_kv_blocks = agreed
+        return agreed, runner.block_bytes
+
+    def execute(self, step: StepInput | None) -> StepOutput | None:
+        """One step on this rank; rank 0 returns the sampled tokens. None is a no-op (measures dispatch)."""
+        if step is None:
+            return None
+        return self.runner.execute(step)
+
+    def shutdown(self) -> None:
+        import torch.distributed as dist
+
+        self.runner = None
+        if dist.is_initialized():
+            dist.destroy_process_group()

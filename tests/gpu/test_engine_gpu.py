@@ -1,0 +1,134 @@
+"""The engine on CUDA: Triton attention, CUDA graphs, against transformers and against eager execution."""
+
+import random
+
+import pytest
+import torch
+
+from nanovllm_ray import LLM, SamplingParams
+from nanovllm_ray.executor.step import StepInput
+
+pytestmark = pytest.mark.gpu
+
+
+@pytest.fixture(scope="module")
+def model_06b(tmp_path_factory):
+    from nanovllm_ray.demo_model import make_demo_checkpoint
+
+    return str(make_demo_checkpoint(tmp_path_factory.mktemp("ckpt") / "qwen3-0.6b", "qwen3-0.6b"))
+
+
+def _step(seqs: list[list[int]], starts: list[int], tables: list[list[int]], bs: int) -> StepInput:
+    ids, pos, slots, qlens, slens = [], [], [], [], []
+    for toks, start, table in zip(seqs, starts, tables):
+        end = start + len(toks)
+        ids += toks
+        pos += range(start, end)
+        slots += [table[p // bs] * bs + p % bs for p in range(start, end)]
+        qlens.append(len(toks))
+        slens.append(end)
+    return StepInput(ids, pos, slots, qlens, slens, tables, [], [], [], [], [], [], None)
+
+
+def _teacher_forced(llm: LLM, streams: list[list[int]], prompt_lens: list[int]) -> list[torch.Tensor]:
+    """Our logits at every position of each stream: one batched prefill of the prompts, then batched decode
+    steps (CUDA graphs unless eager) feeding the stream's own next tokens."""
+    runner = llm.engine.executor.runner
+    bs = llm.config.block_size
+    blocks_per_seq = (max(map(len, streams)) + bs - 1) // bs
+    tables = [list(range(i * blocks_per_seq, (i + 1) * blocks_per_seq))[::-1] for i in range(len(streams))]
+    logits = runner.forward_logits(_step([s[:p] for s, p in zip(streams, prompt_lens)], [0] * len(streams),
+                                         tables, bs))
+    out = list(logits.split(prompt_lens))
+    steps = len(streams[0]) - prompt_lens[0]
+    assert all(len(s) - p == steps for s, p in zip(streams, prompt_lens))
+    for t in range(steps):
+        step = _step([[s[p + t]] for s, p in zip(streams, prompt_lens)], [p + t for p in prompt_lens], tables, bs)
+        row = runner.forward_logits(step)
+        out = [torch.cat([o, row[i:i + 1]]) for i, o in enumerate(out)]
+    return [o[:-1] for o in out]  # the last position predicts past the stream
+
+
+@pytest.mark.parametrize("enforce_eager", [False, True])
+def test_teacher_forced_against_transformers_bf16(model_06b, enforce_eager):
+    from transformers import AutoModelForCausalLM
+
+    rng = random.Random(0)
+    prompt_lens = [300, 151, 77, 33]
+    streams = [[rng.randrange(0, 150000) for _ in range(p + 40)] for p in prompt_lens]
+    ref_model = AutoModelForCausalLM.from_pretrained(model_06b, dtype=torch.bfloat16).cuda().eval()
+    with torch.no_grad():
+        refs = [ref_model(torch.tensor([s], device="cuda")).logits[0, :-1].float() for s in streams]
+    del ref_model
+    torch.cuda.empty_cache()
+    llm = LLM(model_06b, max_model_len=1024, enforce_eager=enforce_eager, num_kvcache_blocks=256,
+              gpu_memory_utilization=0.5)
+    assert llm.engine.executor.runner.dtype == torch.bfloat16
+    assert (llm.engine.executor.runner.graphs is None) == enforce_eager
+    ours = [o.float() for o in _teacher_forced(llm, streams, prompt_lens)]
+    agree = sum((o.argmax(-1) == r.argmax(-1)).sum().item() for o, r in zip(ours, refs))
+    total = sum(r.shape[0] for r in refs)
+    err = max(((o - r).abs().max() / r.abs().max()).item() for o, r in zip(ours, refs))
+    mean_err = sum((o - r).abs().mean().item() for o, r in zip(ours, refs)) / len(refs)
+    print(f"argmax agreement {agree}/{total}; max |diff| / max |logit| {err:.4f}; mean |diff| {mean_err:.4f}")
+    assert agree >= 0.99 * total
+    assert err < 0.05 and mean_err < 0.1
+
+
+def test_cuda_graph_replay_equals_eager(model_06b):
+    rng = random.Random(1)
+    lens = [5, 17, 64, 100, 250, 33, 1, 9, 130]  # 9 sequences: the graph of batch 16 with 7 padded rows
+    streams = [[rng.randrange(0, 150000) for _ in range(n + 8)] for n in lens]
+    results = {}
+    for eager in (True, False):
+        llm = LLM(model_06b, max_model_len=1024, enforce_eager=eager, num_kvcache_blocks=256)
+        results[eager] = _teacher_forced(llm, streams, lens)
+        del llm
+        torch.cuda.empty_cache()
+    for a, b in zip(results[True], results[False]):
+        torch.testing.assert_close(a[-8:].float(), b[-8:].float(), atol=0.05 * a.abs().max().item(), rtol=0.02)
+        assert (a.argmax(-1) == b.argmax(-1)).float().mean() >= 0.99
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    from nanovllm_ray.demo_model import make_demo_checkpoint
+
+    return str(make_demo_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny", "tiny"))
+
+
+@pytest.mark.parametrize("kwargs", [
+    {},  # fresh + shared prefixes
+    {"max_num_batched_tokens": 64},  # chunked prefill
+    {"num_kvcache_blocks": 48, "max_num_batched_tokens": 512},  # preemption
+    {"block_size": 256, "num_kvcache_blocks": 16},
+    {"scheduling_policy": "prefill_first", "num_kvcache_blocks": 48},
+])
+def test_engine_on_gpu_matches_transformers_fp32(tiny, kwargs):
+    """The CPU correctness scenarios, on CUDA with the Triton backend and CUDA graphs, in fp32."""
+    from transformers import AutoModelForCausalLM
+
+    rng = random.Random(0)
+    prompts = [[rng.randrange(0, 150000) for _ in range(n)] for n in [1, 5, 16, 17, 40, 100, 250, 333]]
+    second = [p[:max(1, len(p) * 3 // 4)] + [7, 8, 9] for p in prompts]
+    ref_model = AutoModelForCausalLM.from_pretrained(tiny, dtype=torch.float32).cuda().eval()
+    refs = []
+    with torch.no_grad():
+        for p in prompts + second:
+            out = ref_model.generate(torch.tensor([p], device="cuda"), max_new_tokens=32, min_new_tokens=32,
+                                     do_sample=False, pad_token_id=0)
+            refs.append(out[0, len(p):].tolist())
+    args = {"num_kvcache_blocks": 512, **kwargs}
+    llm = LLM(tiny, dtype="float32", max_model_len=1024, **args)
+    assert llm.engine.executor.runner.backend.name == "triton"
+    sp = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
+    got = [o.token_ids for o in llm.generate(prompts, sp, use_tqdm=False)]
+    outs2 = llm.generate(second, sp, use_tqdm=False)
+    got += [o.token_ids for o in outs2]
+    assert got == refs
+    if "num_kvcache_blocks" in kwargs and kwargs["num_kvcache_blocks"] <= 48:
+        assert llm.engine.scheduler.num_preemptions > 0
+    bm = llm.engine.block_manager
+    assert bm.num_free_blocks == bm.num_blocks
+    if bm.num_blocks > 48:
+        assert sum(o.num_cached_tokens for o in outs2) > 0
