@@ -64,8 +64,8 @@ class ModelRunner:
         self.backend = select_backend(config.attention_backend, self.device, self.block_size, self.head_dim,
                                       self.dtype)
         self.attn_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
-        self.num_kv_blocks = self._allocate_kv_cache()
         self.graphs = None
+        self.num_kv_blocks = self._allocate_kv_cache()
         if self.device.type == "cuda" and not config.enforce_eager and self.backend.supports_cuda_graphs:
             from nanovllm_ray.executor.cuda_graph import DecodeGraphs
 

@@ -51,28 +51,40 @@ def _teacher_forced(llm: LLM, streams: list[list[int]], prompt_lens: list[int]) 
 
 @pytest.mark.parametrize("enforce_eager", [False, True])
 def test_teacher_forced_against_transformers_bf16(model_06b, enforce_eager):
+    """Same token stream through both. Random weights give many near-ties between the top two logits, where any
+    bf16 implementation flips a coin: so the truth is transformers in fp32, and we must agree with it as well as
+    transformers' own bf16 does, and on 99% of the positions whose top-two gap exceeds bf16 noise."""
     from transformers import AutoModelForCausalLM
 
     rng = random.Random(0)
     prompt_lens = [300, 151, 77, 33]
     streams = [[rng.randrange(0, 150000) for _ in range(p + 40)] for p in prompt_lens]
-    ref_model = AutoModelForCausalLM.from_pretrained(model_06b, dtype=torch.bfloat16).cuda().eval()
-    with torch.no_grad():
-        refs = [ref_model(torch.tensor([s], device="cuda")).logits[0, :-1].float() for s in streams]
-    del ref_model
-    torch.cuda.empty_cache()
-    llm = LLM(model_06b, max_model_len=1024, enforce_eager=enforce_eager, num_kvcache_blocks=256,
-              gpu_memory_utilization=0.5)
+    refs = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        ref_model = AutoModelForCausalLM.from_pretrained(model_06b, dtype=dtype).cuda().eval()
+        with torch.no_grad():
+            refs[dtype] = torch.cat([ref_model(torch.tensor([s], device="cuda")).logits[0, :-1].float()
+                                     for s in streams])
+        del ref_model
+        torch.cuda.empty_cache()
+    llm = LLM(model_06b, max_model_len=1024, enforce_eager=enforce_eager, num_kvcache_blocks=256)
     assert llm.engine.executor.runner.dtype == torch.bfloat16
     assert (llm.engine.executor.runner.graphs is None) == enforce_eager
-    ours = [o.float() for o in _teacher_forced(llm, streams, prompt_lens)]
-    agree = sum((o.argmax(-1) == r.argmax(-1)).sum().item() for o, r in zip(ours, refs))
-    total = sum(r.shape[0] for r in refs)
-    err = max(((o - r).abs().max() / r.abs().max()).item() for o, r in zip(ours, refs))
-    mean_err = sum((o - r).abs().mean().item() for o, r in zip(ours, refs)) / len(refs)
-    print(f"argmax agreement {agree}/{total}; max |diff| / max |logit| {err:.4f}; mean |diff| {mean_err:.4f}")
-    assert agree >= 0.99 * total
-    assert err < 0.05 and mean_err < 0.1
+    ours = torch.cat([o.float() for o in _teacher_forced(llm, streams, prompt_lens)])
+    truth, hf16 = refs[torch.float32], refs[torch.bfloat16]
+    top2 = truth.topk(2, -1).values
+    decisive = (top2[:, 0] - top2[:, 1]) > 0.02 * truth.abs().amax(-1)
+    agree = (ours.argmax(-1) == truth.argmax(-1)).float()
+    hf_agree = (hf16.argmax(-1) == truth.argmax(-1)).float()
+    ours_vs_hf16 = (ours.argmax(-1) == hf16.argmax(-1)).float().mean().item()
+    err = ((ours - hf16).abs().amax() / hf16.abs().amax()).item()
+    print(f"positions {len(agree)}, decisive {int(decisive.sum())}; argmax agreement with fp32: ours "
+          f"{agree.mean():.4f}, transformers bf16 {hf_agree.mean():.4f}; on decisive positions ours "
+          f"{agree[decisive].mean():.4f}; ours vs transformers bf16 {ours_vs_hf16:.4f}; "
+          f"max |diff| / max |logit| vs transformers bf16 {err:.4f}")
+    assert agree.mean() >= hf_agree.mean() - 0.01
+    assert agree[decisive].mean() >= 0.99
+    assert err < 0.05
 
 
 def test_cuda_graph_replay_equals_eager(model_06b):
