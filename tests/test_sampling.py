@@ -15,7 +15,8 @@ def _tensors(n: int, temperature=1.0, top_k=8, top_p=1.0, min_p=0.0, seeds=None,
     return SamplingTensors(
         temperatures=torch.full((n,), temperature), top_ks=torch.full((n,), top_k, dtype=torch.int64),
         top_ps=torch.full((n,), top_p), min_ps=torch.full((n,), min_p), seeds=seeds or [None] * n,
-        positions=positions or [0] * n, all_greedy=temperature == 0, any_top_k=top_k < 8, any_top_p=top_p < 1,
+        positions=positions or [0] * n, all_greedy=temperature == 0, any_greedy=temperature == 0,
+        any_top_k=top_k < 8, any_top_p=top_p < 1,
         any_min_p=min_p > 0, max_logprobs=None)
 
 
@@ -54,7 +55,7 @@ def test_greedy_rows_take_the_argmax_in_a_mixed_batch():
     logits = PROBS.log().expand(4, -1).clone()
     t = _tensors(4)
     t.temperatures = torch.tensor([0.0, 1.0, 0.0, 1.0])
-    t.all_greedy = False
+    t.all_greedy, t.any_greedy = False, True
     for _ in range(20):
         tokens = sample(logits, t).token_ids
         assert tokens[0] == 0 and tokens[2] == 0

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import logging
 import math
-from itertools import accumulate
+from itertools import accumulate, chain
 
 import numpy as np
 import torch
 
 from nanovllm_ray.config import Config
 from nanovllm_ray.executor.step import StepInput, StepOutput
+from nanovllm_ray.layers import ops
 from nanovllm_ray.layers.attention import Attention, AttentionMetadata, select_backend
 from nanovllm_ray.layers.parallel import tp_rank, tp_size
 from nanovllm_ray.layers.sampler import SamplingTensors, sample
@@ -52,6 +53,8 @@ class ModelRunner:
         self.head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
         self.num_kv_heads = max(1, cfg.get("num_key_value_heads", cfg["num_attention_heads"]) // tp_size())
         self.vocab_size = cfg["vocab_size"]
+        if self.device.type == "cuda" and not config.enforce_eager:
+            ops.enable_compiled_ops()  # fuse the small element-wise ops (measured: most decode kernels)
         default_dtype = torch.get_default_dtype()
         torch.set_default_dtype(self.dtype)
         try:
@@ -137,16 +140,17 @@ class ModelRunner:
     def prepare(self, step: StepInput) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
         dev = self.device
 
-        def t(x: list, dtype: torch.dtype) -> torch.Tensor:
-            return _to_device(torch.tensor(x, dtype=dtype), dev)
-
-        input_ids = t(step.input_ids, torch.int64)
-        positions = t(step.positions, torch.int64)
+        n, m = len(step.input_ids), len(step.seq_lens)
+        ints = _to_device(torch.from_numpy(np.fromiter(
+            chain(step.input_ids, step.positions, step.slot_mapping, [0], accumulate(step.query_lens), step.seq_lens),
+            dtype=np.int64, count=3 * n + 2 * m + 1)), dev)
+        input_ids, positions, slot_mapping = ints[:n], ints[n:2 * n], ints[2 * n:3 * n]
+        qsl, seq_lens = ints[3 * n:3 * n + m + 1].int(), ints[3 * n + m + 1:].int()
         meta = AttentionMetadata(
             backend=self.backend,
-            slot_mapping=t(step.slot_mapping, torch.int64),
-            query_start_loc=t([0, *accumulate(step.query_lens)], torch.int32),
-            seq_lens=t(step.seq_lens, torch.int32),
+            slot_mapping=slot_mapping,
+            query_start_loc=qsl,
+            seq_lens=seq_lens,
             block_tables=_to_device(_pad_tables(step.block_tables), dev),
             max_query_len=max(step.query_lens),
             max_seq_len=max(step.seq_lens),
@@ -159,16 +163,20 @@ class ModelRunner:
         return input_ids, positions, meta
 
     def sampling_tensors(self, step: StepInput) -> SamplingTensors:
-        dev = self.device
         top_ks = [k if k > 0 else self.vocab_size for k in step.top_ks]
+        all_greedy = all(x == 0 for x in step.temperatures)
+        if all_greedy:  # sample() reads none of the tensors
+            floats, ks = torch.empty(3, 0), torch.empty(0, dtype=torch.int64)
+        else:
+            floats = _to_device(torch.tensor([step.temperatures, step.top_ps, step.min_ps], dtype=torch.float32),
+                                self.device)
+            ks = _to_device(torch.tensor(top_ks, dtype=torch.int64), self.device)
         return SamplingTensors(
-            temperatures=torch.tensor(step.temperatures, dtype=torch.float32, device=dev),
-            top_ks=torch.tensor(top_ks, dtype=torch.int64, device=dev),
-            top_ps=torch.tensor(step.top_ps, dtype=torch.float32, device=dev),
-            min_ps=torch.tensor(step.min_ps, dtype=torch.float32, device=dev),
+            temperatures=floats[0], top_ks=ks, top_ps=floats[1], min_ps=floats[2],
             seeds=step.seeds,
             positions=[step.seq_lens[r] for r in step.sample_rows],
-            all_greedy=all(x == 0 for x in step.temperatures),
+            all_greedy=all_greedy,
+            any_greedy=any(x == 0 for x in step.temperatures),
             any_top_k=any(k < self.vocab_size for k in top_ks),
             any_top_p=any(p < 1.0 for p in step.top_ps),
             any_min_p=any(p > 0 for p in step.min_ps),

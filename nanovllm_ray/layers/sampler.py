@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
+from nanovllm_ray.layers import ops
+
 
 @dataclass(slots=True)
 class SamplingTensors:
@@ -23,6 +25,7 @@ class SamplingTensors:
     seeds: list[int | None]  # per row: None = the global generator
     positions: list[int]  # per row: the position of the token being sampled (seeds the per-row noise)
     all_greedy: bool
+    any_greedy: bool
     any_top_k: bool
     any_top_p: bool
     any_min_p: bool
@@ -63,18 +66,21 @@ def apply_filters(logits: torch.Tensor, t: SamplingTensors) -> torch.Tensor:
 def sample(logits: torch.Tensor, t: SamplingTensors) -> SamplerOutput:
     """logits: [n, vocab] (any float dtype) -> sampled token ids and, if asked, logprobs of the raw model."""
     logits = logits.float()
-    greedy = logits.argmax(-1)
     if t.all_greedy:
-        tokens = greedy
+        tokens = logits.argmax(-1)
     else:
-        probs = apply_filters(logits, t).softmax(-1)
-        noise = torch.empty_like(probs).exponential_()
+        noise = torch.empty_like(logits).exponential_()
         for i, seed in enumerate(t.seeds):
             if seed is not None:
-                g = torch.Generator(device=probs.device).manual_seed((seed * 1_000_003 + t.positions[i]) % 2**63)
-                noise[i] = torch.empty(probs.shape[1], device=probs.device).exponential_(generator=g)
-        sampled = (probs / noise).argmax(-1)
-        tokens = torch.where(t.temperatures > 0, sampled, greedy)
+                g = torch.Generator(device=logits.device).manual_seed((seed * 1_000_003 + t.positions[i]) % 2**63)
+                noise[i] = torch.empty(logits.shape[1], device=logits.device).exponential_(generator=g)
+        temps = torch.where(t.temperatures > 0, t.temperatures, torch.ones_like(t.temperatures))
+        if t.any_top_k or t.any_top_p or t.any_min_p:
+            tokens = (apply_filters(logits, t).softmax(-1) / noise).argmax(-1)
+        else:
+            tokens = ops.exponential_race(logits, temps, noise)
+        if t.any_greedy:
+            tokens = torch.where(t.temperatures > 0, tokens, logits.argmax(-1))
     out = SamplerOutput(tokens)
     if t.max_logprobs is not None:
         logprobs = logits.log_softmax(-1)

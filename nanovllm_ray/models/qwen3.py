@@ -7,6 +7,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from nanovllm_ray.layers import ops
 from nanovllm_ray.layers.activation import SiluAndMul
 from nanovllm_ray.layers.attention import Attention, AttentionMetadata
 from nanovllm_ray.layers.embed_head import ParallelLMHead, VocabParallelEmbedding
@@ -48,9 +49,9 @@ class Qwen3Attention(nn.Module):
     def forward(self, positions: torch.Tensor, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         n = x.shape[0]
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = self.q_norm(q.view(n, self.num_heads, self.head_dim))
-        k = self.k_norm(k.view(n, self.num_kv_heads, self.head_dim))
-        q, k = self.rotary_emb(positions, q, k)
+        q, k = ops.qk_norm_rope(q.view(n, self.num_heads, self.head_dim), k.view(n, self.num_kv_heads, self.head_dim),
+                                self.q_norm.weight, self.k_norm.weight, self.q_norm.eps,
+                                self.rotary_emb.cos_sin_cache, positions)
         o = self.attn(q, k, v.view(n, self.num_kv_heads, self.head_dim), meta)
         return self.o_proj(o.reshape(n, self.q_size))
 
