@@ -30,6 +30,7 @@ class Config:
     enable_prefix_caching: bool = True
     enable_chunked_prefill: bool = True
     enable_kv_cache_events: bool = False  # record block stored/removed events for a prefix-aware router
+    async_scheduling: bool = True  # launch step t+1 before applying step t's tokens (one rank only)
     scheduling_policy: str = "mixed"  # mixed (vLLM v1) | prefill_first (nano-vllm)
     attention_backend: str = "auto"  # auto | torch | triton | flash_attn
     block_size: int = 16

@@ -74,19 +74,21 @@ def test_fresh_then_shared_prefix(case):
     assert_no_leak(llm.engine)
 
 
-def test_chunked_prefill(case):
+@pytest.mark.parametrize("async_scheduling", [True, False])
+def test_chunked_prefill(case, async_scheduling):
     path, first, _, ref1, _ = case
-    llm = LLM(path, num_kvcache_blocks=512, max_model_len=1024, max_num_batched_tokens=64)
+    llm = LLM(path, num_kvcache_blocks=512, max_model_len=1024, max_num_batched_tokens=64,
+              async_scheduling=async_scheduling)
     assert [o.token_ids for o in _generate(llm, first)] == ref1
     assert_no_leak(llm.engine)
 
 
-@pytest.mark.parametrize("policy", ["mixed", "prefill_first"])
-def test_preemption(case, policy):
+@pytest.mark.parametrize("policy, async_scheduling", [("mixed", True), ("mixed", False), ("prefill_first", True)])
+def test_preemption(case, policy, async_scheduling):
     path, first, _, ref1, _ = case
     # 48 blocks of 16 = 768 tokens, while the batch needs about 1,260: requests must be preempted and resumed.
     llm = LLM(path, num_kvcache_blocks=48, max_model_len=1024, max_num_batched_tokens=512,
-              scheduling_policy=policy)
+              scheduling_policy=policy, async_scheduling=async_scheduling)
     assert [o.token_ids for o in _generate(llm, first)] == ref1
     assert llm.engine.scheduler.num_preemptions > 0
     assert_no_leak(llm.engine)

@@ -53,7 +53,8 @@ class Sim:
     def __post_init__(self) -> None:
         self.bm = BlockManager(self.num_blocks, self.block_size, self.caching)
         cfg = SimpleNamespace(max_num_seqs=self.max_num_seqs, max_num_batched_tokens=self.budget,
-                              enable_chunked_prefill=self.chunked, scheduling_policy=self.policy)
+                              enable_chunked_prefill=self.chunked, scheduling_policy=self.policy,
+                              max_model_len=1 << 20)
         self.sched = Scheduler(cfg, self.bm)
 
     def add(self, tokens: list[int], max_tokens: int) -> Sequence:

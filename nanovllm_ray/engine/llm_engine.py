@@ -13,9 +13,9 @@ from dataclasses import dataclass, field
 from nanovllm_ray.config import Config
 from nanovllm_ray.engine.block_manager import BlockManager, KVCacheEvent
 from nanovllm_ray.engine.scheduler import ScheduledBatch, Scheduler
-from nanovllm_ray.engine.sequence import Sequence, SequenceStatus
+from nanovllm_ray.engine.sequence import PENDING, Sequence, SequenceStatus
 from nanovllm_ray.executor.base import Executor, InProcessExecutor
-from nanovllm_ray.executor.step import StepInput, StepOutput
+from nanovllm_ray.executor.step import PendingOutput, StepInput
 from nanovllm_ray.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -65,6 +65,8 @@ class LLMEngine:
                                           config.enable_prefix_caching, config.enable_kv_cache_events)
         self.scheduler = Scheduler(config, self.block_manager)
         self.requests: dict[str, Sequence] = {}
+        self.async_scheduling = config.async_scheduling and self.executor.supports_async
+        self.inflight: tuple[list[Sequence], list[int], PendingOutput] | None = None  # launched, not applied
         logger.info("KV cache: %d blocks of %d tokens (%d tokens, %.2f GiB)", self.block_manager.num_blocks,
                     config.block_size, self.block_manager.num_blocks * config.block_size,
                     self.block_manager.num_blocks * self.executor.block_bytes / 2**30)
@@ -113,7 +115,7 @@ class LLMEngine:
         return True
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return self.scheduler.has_unfinished() or self.inflight is not None
 
     def get_sequence(self, request_id: str) -> Sequence | None:
         return self.requests.get(request_id)
@@ -121,15 +123,31 @@ class LLMEngine:
     # ---- steps ---------------------------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
+        """Schedule and launch a step, then apply the sampled tokens of the step before it (async scheduling:
+        the driver's work overlaps the device's) or of this one (sync). Returns what changed per request."""
         batch = self.scheduler.schedule()
-        if not batch.seqs:
-            if self.scheduler.has_unfinished():
-                raise RuntimeError("scheduler made no progress with requests pending (KV cache too small?)")
-            return []
-        step_input, sampled = self._build_step(batch)
-        output = self.executor.execute(step_input)
-        self.scheduler.finish_step(batch)
-        return self._apply(sampled, output)
+        launched = None
+        if batch.seqs:
+            step_input, sampled = self._build_step(batch)
+            handle = (self.executor.execute_async(step_input) if self.async_scheduling
+                      else PendingOutput(self.executor.execute(step_input)))
+            # The device runs steps in order, so the driver may count this step's KV as computed already.
+            self.scheduler.finish_step(batch)
+            for row, seq in enumerate(sampled):
+                seq.token_ids.append(PENDING)
+                seq.num_pending_tokens += 1
+                seq.pending_row = row
+            launched = (sampled, [len(s.token_ids) - 1 for s in sampled], handle)
+        elif self.inflight is None and self.scheduler.has_unfinished():
+            raise RuntimeError("scheduler made no progress with requests pending (KV cache too small?)")
+        if not self.async_scheduling:
+            return self._apply(*launched) if launched else []
+        outputs = self._apply(*self.inflight) if self.inflight else []
+        self.inflight = launched
+        if launched and all(seq.is_finished for seq in launched[0]):  # every request in it just stopped
+            self._apply(*launched)
+            self.inflight = None
+        return outputs
 
     def _build_step(self, batch: ScheduledBatch) -> tuple[StepInput, list[Sequence]]:
         bs = self.config.block_size
@@ -138,10 +156,16 @@ class LLMEngine:
         slots: list[int] = []
         seq_lens: list[int] = []
         rows: list[int] = []
+        pending_dst: list[int] = []
+        pending_src: list[int] = []
         sampled: list[Sequence] = []
         for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_new_tokens)):
             start = seq.num_computed_tokens
             end = start + n
+            if seq.num_pending_tokens:  # at most one, the last: sampled by the step in flight
+                assert seq.num_pending_tokens == 1 and end == seq.num_tokens
+                pending_dst.append(len(input_ids) + n - 1)
+                pending_src.append(seq.pending_row)
             input_ids += seq.token_ids[start:end]
             positions += range(start, end)
             table = seq.block_table
@@ -157,16 +181,18 @@ class LLMEngine:
             seq_lens=seq_lens, block_tables=[s.block_table for s in batch.seqs], sample_rows=rows,
             temperatures=[p.temperature for p in params], top_ks=[p.top_k for p in params],
             top_ps=[p.top_p for p in params], min_ps=[p.min_p for p in params], seeds=[p.seed for p in params],
-            max_logprobs=max_lp)
+            max_logprobs=max_lp, pending_dst=pending_dst, pending_src=pending_src)
         return step, sampled
 
-    def _apply(self, sampled: list[Sequence], out: StepOutput) -> list[RequestOutput]:
+    def _apply(self, sampled: list[Sequence], indices: list[int], handle: PendingOutput) -> list[RequestOutput]:
+        out = handle.result()
         outputs = []
         now = time.monotonic()
-        for i, (seq, token) in enumerate(zip(sampled, out.token_ids)):
-            if seq.is_finished:  # aborted while the step ran
+        for i, (seq, index, token) in enumerate(zip(sampled, indices, out.token_ids)):
+            if seq.is_finished:  # aborted, or stopped by the token before this one
                 continue
-            seq.token_ids.append(token)
+            seq.token_ids[index] = token
+            seq.num_pending_tokens -= 1
             if seq.first_token_time is None:
                 seq.first_token_time = now
             k = seq.sampling_params.logprobs
@@ -187,9 +213,13 @@ class LLMEngine:
             reason, seq.stop_reason = "stop", token
         elif p.stop and self._truncate_at_stop_string(seq):
             reason = "stop"
-        elif seq.num_completion_tokens >= p.max_tokens or seq.num_tokens >= self.max_model_len:
+        elif (len(seq.completion_token_ids) >= p.max_tokens
+              or seq.num_tokens - seq.num_pending_tokens >= self.max_model_len):
             reason = "length"
         if reason is not None:
+            if seq.num_pending_tokens:  # tokens sampled after this one by a step in flight: dropped
+                del seq.token_ids[-seq.num_pending_tokens:]
+                seq.num_pending_tokens = 0
             self.scheduler.finish(seq, reason)
 
     def _truncate_at_stop_string(self, seq: Sequence) -> bool:
@@ -214,9 +244,10 @@ class LLMEngine:
             seq.detok_prefix_offset, seq.detok_read_offset = seq.detok_read_offset, len(ids)
 
     def _report(self, seq: Sequence) -> RequestOutput:
-        new_ids = seq.token_ids[seq.num_prompt_tokens + seq.num_returned_tokens:]
+        known = len(seq.token_ids) - seq.num_pending_tokens
+        new_ids = seq.token_ids[seq.num_prompt_tokens + seq.num_returned_tokens:known]
         new_lp = seq.logprobs[seq.num_returned_tokens:] if seq.logprobs else []
-        seq.num_returned_tokens = seq.num_completion_tokens
+        seq.num_returned_tokens = known - seq.num_prompt_tokens
         finished = seq.status == SequenceStatus.FINISHED
         end = len(seq.output_text)
         if not finished and seq.sampling_params.stop:
@@ -230,7 +261,7 @@ class LLMEngine:
         return RequestOutput(
             request_id=seq.request_id, new_token_ids=new_ids, new_text=new_text, finished=finished,
             finish_reason=seq.finish_reason, num_prompt_tokens=seq.num_prompt_tokens,
-            num_cached_tokens=max(seq.num_cached_tokens, 0), num_generated_tokens=seq.num_completion_tokens,
+            num_cached_tokens=max(seq.num_cached_tokens, 0), num_generated_tokens=seq.num_returned_tokens,
             new_logprobs=new_lp, stop_reason=seq.stop_reason)
 
     # ---- observability -------------------------------------------------------------------------------------

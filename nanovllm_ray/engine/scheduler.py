@@ -35,6 +35,7 @@ class Scheduler:
         self.chunked_prefill = config.enable_chunked_prefill
         self.prefill_first = config.scheduling_policy == "prefill_first"
         self.block_manager = block_manager
+        self.max_model_len = config.max_model_len
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # in admission order: the last is preempted first
         self.num_preemptions = 0
@@ -69,6 +70,9 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
+            if seq.num_pending_tokens and seq.reaches_length_limit(self.max_model_len):
+                i += 1  # finishes when its in-flight token arrives
+                continue
             remaining = seq.num_uncomputed_tokens
             if prefills is not None and (remaining > 1) != prefills:
                 i += 1
@@ -92,6 +96,8 @@ class Scheduler:
     def _schedule_waiting(self, batch: ScheduledBatch, budget: int) -> int:
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
+            if seq.num_pending_tokens:
+                break  # preempted while its last token was in flight: it resumes once the token arrives
             cached = self.block_manager.find_cached_prefix(seq)
             num_new = seq.num_tokens - len(cached) * self.block_manager.block_size
             if num_new > budget:

@@ -15,6 +15,9 @@ class SequenceStatus(Enum):
     FINISHED = auto()
 
 
+PENDING = -1  # placeholder token id: sampled by a step still in flight (async scheduling)
+
+
 class Sequence:
     _ids = count()
 
@@ -41,6 +44,8 @@ class Sequence:
         self.detok_read_offset = 0
         self.num_returned_tokens = 0  # generated tokens already handed to the caller by step()
         self.num_returned_chars = 0  # characters of output_text already handed to the caller
+        self.num_pending_tokens = 0  # trailing PENDING placeholders: sampled by a launched step, value unknown
+        self.pending_row = -1  # row of the last placeholder in its step's sampled tokens
 
     def __len__(self) -> int:
         return len(self.token_ids)
@@ -55,7 +60,13 @@ class Sequence:
 
     @property
     def completion_token_ids(self) -> list[int]:
-        return self.token_ids[self.num_prompt_tokens:]
+        """Generated tokens whose values are known (placeholders of in-flight steps excluded)."""
+        return self.token_ids[self.num_prompt_tokens:len(self.token_ids) - self.num_pending_tokens]
+
+    def reaches_length_limit(self, max_model_len: int) -> bool:
+        """Counting in-flight tokens, seq has all the tokens it may have: scheduling it again would be waste."""
+        return (self.num_completion_tokens >= self.sampling_params.max_tokens
+                or len(self.token_ids) >= max_model_len)
 
     @property
     def is_finished(self) -> bool:

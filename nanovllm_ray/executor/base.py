@@ -6,16 +6,21 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 
 from nanovllm_ray.config import Config
-from nanovllm_ray.executor.step import StepInput, StepOutput
+from nanovllm_ray.executor.step import PendingOutput, StepInput, StepOutput
 
 
 class Executor(ABC):
     num_kv_blocks: int
     block_bytes: int
+    supports_async: bool = False  # execute_async overlaps the step with the driver's work, and takes pending tokens
 
     @abstractmethod
     def execute(self, step: StepInput) -> StepOutput:
         """Run one step on every rank; rank 0's sampled tokens come back."""
+
+    def execute_async(self, step: StepInput) -> PendingOutput:
+        """Launch one step; the returned handle's result() waits for it."""
+        return PendingOutput(self.execute(step))
 
     def shutdown(self) -> None:  # noqa: B027 (optional hook)
         pass
@@ -23,6 +28,8 @@ class Executor(ABC):
 
 class InProcessExecutor(Executor):
     """One rank, in this process."""
+
+    supports_async = True
 
     def __init__(self, config: Config) -> None:
         if config.tensor_parallel_size != 1:
@@ -37,3 +44,6 @@ class InProcessExecutor(Executor):
 
     def execute(self, step: StepInput) -> StepOutput:
         return self.runner.execute(step)
+
+    def execute_async(self, step: StepInput) -> PendingOutput:
+        return self.runner.execute_async(step)

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from nanovllm_ray.config import Config
-from nanovllm_ray.executor.step import StepInput, StepOutput
+from nanovllm_ray.executor.step import PendingOutput, StepInput, StepOutput
 from nanovllm_ray.layers import ops
 from nanovllm_ray.layers.attention import Attention, AttentionMetadata, select_backend
 from nanovllm_ray.layers.parallel import tp_rank, tp_size
@@ -68,6 +68,7 @@ class ModelRunner:
                                       self.dtype)
         self.attn_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
         self.graphs = None
+        self.prev_sampled = torch.zeros(0, dtype=torch.int64, device=self.device)  # last step's sampled tokens
         self.num_kv_blocks = self._allocate_kv_cache()
         if self.device.type == "cuda" and not config.enforce_eager and self.backend.supports_cuda_graphs:
             from nanovllm_ray.executor.cuda_graph import DecodeGraphs
@@ -140,12 +141,16 @@ class ModelRunner:
     def prepare(self, step: StepInput) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
         dev = self.device
 
-        n, m = len(step.input_ids), len(step.seq_lens)
+        n, m, p = len(step.input_ids), len(step.seq_lens), len(step.pending_dst)
         ints = _to_device(torch.from_numpy(np.fromiter(
-            chain(step.input_ids, step.positions, step.slot_mapping, [0], accumulate(step.query_lens), step.seq_lens),
-            dtype=np.int64, count=3 * n + 2 * m + 1)), dev)
+            chain(step.input_ids, step.positions, step.slot_mapping, [0], accumulate(step.query_lens), step.seq_lens,
+                  step.pending_dst, step.pending_src),
+            dtype=np.int64, count=3 * n + 2 * m + 1 + 2 * p)), dev)
         input_ids, positions, slot_mapping = ints[:n], ints[n:2 * n], ints[2 * n:3 * n]
-        qsl, seq_lens = ints[3 * n:3 * n + m + 1].int(), ints[3 * n + m + 1:].int()
+        qsl, seq_lens = ints[3 * n:3 * n + m + 1].int(), ints[3 * n + m + 1:3 * n + 2 * m + 1].int()
+        if p:  # tokens the previous step sampled, still on the device: no round trip through the driver
+            tail = ints[3 * n + 2 * m + 1:]
+            input_ids[tail[:p]] = self.prev_sampled[tail[p:]]
         meta = AttentionMetadata(
             backend=self.backend,
             slot_mapping=slot_mapping,
@@ -195,22 +200,49 @@ class ModelRunner:
         if not step.sample_rows:
             return None
         ends = meta.query_start_loc[1:].long() - 1
-        rows = torch.tensor(step.sample_rows, dtype=torch.int64).to(self.device, non_blocking=True)
+        rows = _to_device(torch.tensor(step.sample_rows, dtype=torch.int64), self.device)  # pinned: no stream sync
         return self.model.compute_logits(hidden[ends[rows]])
 
     @torch.inference_mode()
     def execute(self, step: StepInput) -> StepOutput | None:
+        out = self.execute_async(step)
+        return out.result() if out is not None else None
+
+    @torch.inference_mode()
+    def execute_async(self, step: StepInput) -> PendingOutput | None:
+        """Launch the step; rank 0 gets a handle whose result() waits for the sampled tokens (copied to the host
+        without blocking), other ranks None. The sampled tokens stay on the device for the next step."""
         input_ids, positions, meta = self.prepare(step)
         logits = self.run_model(input_ids, positions, meta, step)
-        if logits is None or self.rank != 0:
-            return None if self.rank != 0 else StepOutput([])
+        if self.rank != 0:
+            return None
+        if logits is None:
+            return PendingOutput(StepOutput([]))
         out = sample(logits, self.sampling_tensors(step))
-        result = StepOutput(out.token_ids.tolist())
-        if out.logprobs is not None:
-            result.logprobs = out.logprobs.tolist()
-            if out.top_ids is not None:
-                result.top_ids, result.top_logprobs = out.top_ids.tolist(), out.top_logprobs.tolist()
-        return result
+        self.prev_sampled = out.token_ids
+        tensors = [out.token_ids] + ([out.logprobs] if out.logprobs is not None else []) + (
+            [out.top_ids, out.top_logprobs] if out.top_ids is not None else [])
+        if self.device.type == "cuda":
+            host = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in tensors]
+            for h, t in zip(host, tensors):
+                h.copy_(t, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record()
+            tensors = host
+        else:
+            done = None
+
+        def fetch() -> StepOutput:
+            if done is not None:
+                done.synchronize()
+            result = StepOutput(tensors[0].tolist())
+            if len(tensors) > 1:
+                result.logprobs = tensors[1].tolist()
+            if len(tensors) > 2:
+                result.top_ids, result.top_logprobs = tensors[2].tolist(), tensors[3].tolist()
+            return result
+
+        return PendingOutput(fetch=fetch)
 
     @torch.inference_mode()
     def forward_logits(self, step: StepInput) -> torch.Tensor:

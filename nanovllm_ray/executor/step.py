@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass(slots=True)
@@ -20,6 +20,10 @@ class StepInput:
     min_ps: list[float]
     seeds: list[int | None]
     max_logprobs: int | None  # None: no logprobs this step
+    # Async scheduling: input_ids[pending_dst[i]] is the token the previous step sampled in row pending_src[i],
+    # still on the device when this step was built (input_ids holds a placeholder there).
+    pending_dst: list[int] = field(default_factory=list)
+    pending_src: list[int] = field(default_factory=list)
 
     @property
     def is_decode_only(self) -> bool:
@@ -32,3 +36,15 @@ class StepOutput:
     logprobs: list[float] | None = None  # chosen-token logprob per sampled row
     top_ids: list[list[int]] | None = None
     top_logprobs: list[list[float]] | None = None
+
+
+class PendingOutput:
+    """The result of a launched step: result() waits for it (a finished step on the CPU)."""
+
+    def __init__(self, result: StepOutput | None = None, fetch=None) -> None:
+        self._result, self._fetch = result, fetch
+
+    def result(self) -> StepOutput:
+        if self._result is None:
+            self._result, self._fetch = self._fetch(), None
+        return self._result

@@ -1,0 +1,450 @@
+"""Attention over the paged KV cache: decode (one query token per sequence) and prefill (chunked, cached prefix).
+
+Both kernels read K/V straight from the cache through the block table (no gather copy), pack the query heads of a
+GQA group into one program so every K/V tile is loaded once per kv head, and run an fp32 online softmax (base 2).
+
+Layout (fixed, shared with the engine):
+    k_cache, v_cache: [num_blocks, block_size, num_kv_heads, head_dim], contiguous; slot = block_id * block_size + off
+    block_tables:     [num_seqs, max_blocks_per_seq] int32, padded with -1 or 0 (never read past seq_len)
+    seq_lens:         [num_seqs] int32, context length including this step's tokens
+    query_start_loc:  [num_seqs + 1] int32, cumulative query lengths (prefill only)
+The query of a sequence is the last q_len tokens of its context, so the causal mask is bottom-right aligned.
+
+Everything is CUDA-graph friendly: no host syncs, and scratch buffers are sized from shapes and python ints only.
+"""
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+# Split-KV choice, tuned on H100 (benchmarks/kernel_bench.py --cudagraph --splits ...): small batches are fastest with
+# about 4 programs per SM and one 64-token tile per split at least; from ~1.5 programs per SM on, splitting only adds
+# the reduce pass.
+MAX_SPLITS = 32  # split-KV partitions per (sequence, kv head) at most
+MIN_SPLIT_LEN = 64  # tokens per split at least
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Shared device helpers
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _load_kv_tile(
+    k_cache_ptr,
+    v_cache_ptr,
+    bt_row_ptr,  # this sequence's row of the block table
+    cols,  # [BLOCK_N] absolute key positions
+    col_mask,  # [BLOCK_N] positions that exist (False -> never dereference the block table entry)
+    head_off,  # kv_head * stride_ch
+    stride_co,  # elements per slot: num_kv_heads * head_dim
+    block_shift,  # log2(block_size); a runtime value, so block sizes share one compiled kernel
+    HEAD_DIM: tl.constexpr,
+):
+    # A tile may span several cache blocks (block_size < BLOCK_N), so look the block id up per position.
+    blk = tl.load(bt_row_ptr + (cols >> block_shift), mask=col_mask, other=0).to(tl.int64)
+    slot = (blk << block_shift) + (cols & ((1 << block_shift) - 1))  # [BLOCK_N]
+    off = slot * stride_co + head_off
+    d = tl.arange(0, HEAD_DIM)
+    k = tl.load(k_cache_ptr + off[:, None] + d[None, :], mask=col_mask[:, None], other=0.0)  # [BLOCK_N, HEAD_DIM]
+    v = tl.load(v_cache_ptr + off[:, None] + d[None, :], mask=col_mask[:, None], other=0.0)  # [BLOCK_N, HEAD_DIM]
+    return k, v
+
+
+@triton.jit
+def _softmax_step(
+    q,  # [M, HEAD_DIM]
+    k,  # [BLOCK_N, HEAD_DIM]
+    v,  # [BLOCK_N, HEAD_DIM]
+    acc,  # [M, HEAD_DIM] fp32
+    m_i,  # [M] running max (base-2 logits)
+    l_i,  # [M] running sum
+    mask,  # [M, BLOCK_N] or [1, BLOCK_N]; ignored when HAS_MASK is False
+    qk_scale,  # softmax scale * log2(e)
+    HAS_MASK: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # [M, BLOCK_N] fp32
+    s = s * qk_scale
+    if HAS_MASK:
+        s = tl.where(mask, s, float("-inf"))
+    # Every row sees at least one unmasked key in the first tile it processes, so m_new is finite from then on.
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+    return acc, m_new, l_i
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Decode
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _decode_kernel(
+    q_ptr,  # [num_seqs, num_heads, HEAD_DIM]
+    k_cache_ptr,
+    v_cache_ptr,
+    block_tables_ptr,
+    seq_lens_ptr,
+    out_ptr,  # [num_seqs, num_heads, HEAD_DIM], written when not SPLIT
+    part_out_ptr,  # [num_seqs, num_heads, num_splits, HEAD_DIM] fp32, normalised partial outputs
+    part_lse_ptr,  # [num_seqs, num_heads, num_splits] fp32, base-2 log-sum-exp of each split
+    qk_scale,
+    num_splits,  # runtime, so that every split count shares one compiled kernel
+    stride_qs,
+    stride_qh,
+    stride_os,
+    stride_oh,
+    stride_bt,
+    stride_co,
+    stride_ch,
+    block_shift,
+    GROUP: tl.constexpr,  # query heads per kv head
+    # GROUP padded to a power of two >= 16 (tl.dot's minimum). The mostly-padding tensor-core tile was measured 2-3x
+    # faster on H100 than a broadcast multiply-sum over the bare group (group 2): decode is bound by loads, not MMA.
+    BLOCK_G: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    SPLIT: tl.constexpr,  # num_splits > 1: write partials for _decode_reduce_kernel
+    DOT_PRECISION: tl.constexpr,
+):
+    seq = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    num_heads = tl.num_programs(1) * GROUP
+
+    seq_len = tl.load(seq_lens_ptr + seq)
+    if SPLIT:
+        # Splits cover BLOCK_N-aligned chunks; trailing splits of short sequences are empty.
+        chunk = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
+        start = split * chunk
+        end = tl.minimum(start + chunk, seq_len)
+    else:
+        start = 0
+        end = seq_len
+
+    g = tl.arange(0, BLOCK_G)
+    d = tl.arange(0, HEAD_DIM)
+    head = kv_head * GROUP + g  # [BLOCK_G]
+    g_mask = g < GROUP
+    q = tl.load(q_ptr + seq * stride_qs + head[:, None] * stride_qh + d[None, :], mask=g_mask[:, None], other=0.0)
+
+    m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_G, HEAD_DIM], dtype=tl.float32)
+    bt_row_ptr = block_tables_ptr + seq.to(tl.int64) * stride_bt
+    head_off = kv_head * stride_ch
+    for n_start in range(start, end, BLOCK_N):
+        cols = n_start + tl.arange(0, BLOCK_N)
+        col_mask = cols < end
+        k, v = _load_kv_tile(
+            k_cache_ptr, v_cache_ptr, bt_row_ptr, cols, col_mask, head_off, stride_co, block_shift, HEAD_DIM
+        )
+        acc, m_i, l_i = _softmax_step(q, k, v, acc, m_i, l_i, col_mask[None, :], qk_scale, True, DOT_PRECISION)
+
+    # Empty splits (and seq_len == 0 padding rows) have l_i == 0: write zeros and lse = -inf, never NaN.
+    l_safe = tl.where(l_i > 0, l_i, 1.0)
+    o = acc / l_safe[:, None]
+    if SPLIT:
+        row = (seq * num_heads + head).to(tl.int64) * num_splits + split  # [BLOCK_G]
+        tl.store(part_out_ptr + row[:, None] * HEAD_DIM + d[None, :], o, mask=g_mask[:, None])
+        lse = tl.where(l_i > 0, m_i + tl.log2(l_safe), float("-inf"))
+        tl.store(part_lse_ptr + row, lse, mask=g_mask)
+    else:
+        o_ptrs = out_ptr + seq * stride_os + head[:, None] * stride_oh + d[None, :]
+        tl.store(o_ptrs, o.to(out_ptr.dtype.element_ty), mask=g_mask[:, None])
+
+
+@triton.jit
+def _decode_reduce_kernel(
+    part_out_ptr,  # [num_seqs, num_heads, num_splits, HEAD_DIM] fp32
+    part_lse_ptr,  # [num_seqs, num_heads, num_splits] fp32
+    out_ptr,  # [num_seqs, num_heads, HEAD_DIM]
+    stride_os,
+    stride_oh,
+    num_splits,
+    BLOCK_S: tl.constexpr,  # num_splits rounded up to a power of two
+    HEAD_DIM: tl.constexpr,
+):
+    seq = tl.program_id(0)
+    head = tl.program_id(1)
+    row = (seq * tl.num_programs(1) + head).to(tl.int64) * num_splits
+    s = tl.arange(0, BLOCK_S)
+    d = tl.arange(0, HEAD_DIM)
+    s_mask = s < num_splits
+    lse = tl.load(part_lse_ptr + row + s, mask=s_mask, other=float("-inf"))  # [BLOCK_S]
+    m = tl.max(lse, axis=0)
+    m = tl.where(m == float("-inf"), 0.0, m)  # all splits empty (seq_len == 0): weights all 0
+    w = tl.exp2(lse - m)
+    o = tl.load(part_out_ptr + (row + s)[:, None] * HEAD_DIM + d[None, :], mask=s_mask[:, None], other=0.0)
+    denom = tl.sum(w, axis=0)
+    o = tl.sum(w[:, None] * o, axis=0) / tl.where(denom > 0, denom, 1.0)
+    tl.store(out_ptr + seq * stride_os + head * stride_oh + d, o.to(out_ptr.dtype.element_ty))
+
+
+@functools.cache
+def _sm_count(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 132  # the interpreter on CPU: pretend to be an H100 so split choices match
+
+
+def choose_num_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int, device: torch.device) -> int:
+    """Split-KV partitions so that num_seqs * num_kv_heads * splits fills the GPU, each split >= MIN_SPLIT_LEN."""
+    programs = num_seqs * num_kv_heads
+    num_sms = _sm_count(device)
+    if 2 * programs >= 3 * num_sms:
+        return 1
+    splits = min(triton.cdiv(4 * num_sms, programs), triton.cdiv(max_seq_len, MIN_SPLIT_LEN), MAX_SPLITS)
+    return max(splits, 1)
+
+
+def _check_cache(k_cache: torch.Tensor, v_cache: torch.Tensor, head_dim: int) -> tuple[int, int]:
+    assert k_cache.shape == v_cache.shape and k_cache.dim() == 4, (k_cache.shape, v_cache.shape)
+    assert k_cache.is_contiguous() and v_cache.is_contiguous()
+    _, block_size, num_kv_heads, cache_head_dim = k_cache.shape
+    assert cache_head_dim == head_dim, (cache_head_dim, head_dim)
+    assert head_dim >= 16 and head_dim & (head_dim - 1) == 0, f"head_dim must be a power of two >= 16, got {head_dim}"
+    assert block_size & (block_size - 1) == 0, f"block_size must be a power of two, got {block_size}"
+    return block_size, num_kv_heads
+
+
+def decode_config(group: int, head_dim: int, dtype: torch.dtype) -> dict:
+    """Tile sizes and launch options of _decode_kernel (benchmarks/kernel_bench.py --sweep times the alternatives)."""
+    block_n = 32 if dtype == torch.float32 or head_dim > 128 else 64  # fp32 "ieee" dots are FMA loops: keep them small
+    return dict(BLOCK_N=block_n, num_warps=4, num_stages=3)
+
+
+def prefill_config(group: int, head_dim: int, dtype: torch.dtype) -> dict:
+    """Tile sizes and launch options of _prefill_kernel; BLOCK_M rows hold BLOCK_M // group tokens x group heads."""
+    if dtype == torch.float32 or head_dim > 128:
+        return dict(BLOCK_M=max(32, triton.next_power_of_2(group)), BLOCK_N=32, num_warps=4, num_stages=2)
+    return dict(BLOCK_M=max(64, triton.next_power_of_2(group)), BLOCK_N=64, num_warps=4, num_stages=3)
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    # tf32 would cost fp32 caches ~1e-3 relative error; bf16/fp16 ignore the setting.
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def paged_decode_attention(
+    q: torch.Tensor,  # [num_seqs, num_heads, head_dim], unit stride on head_dim
+    k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    v_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    block_tables: torch.Tensor,  # [num_seqs, max_blocks_per_seq] int32
+    seq_lens: torch.Tensor,  # [num_seqs] int32, >= 1 (0 gives a zero output row)
+    scale: float,
+    out: torch.Tensor | None = None,  # [num_seqs, num_heads, head_dim]
+    num_splits: int | None = None,
+    max_seq_len: int | None = None,  # upper bound on seq_lens, only used to choose num_splits
+) -> torch.Tensor:
+    num_seqs, num_heads, head_dim = q.shape
+    block_size, num_kv_heads = _check_cache(k_cache, v_cache, head_dim)
+    assert num_heads % num_kv_heads == 0, (num_heads, num_kv_heads)
+    assert q.stride(2) == 1, "head_dim must be the innermost, unit-stride dimension of q"
+    assert block_tables.dim() == 2 and block_tables.shape[0] >= num_seqs, block_tables.shape
+    assert block_tables.stride(1) == 1
+    if out is None:
+        out = torch.empty((num_seqs, num_heads, head_dim), dtype=q.dtype, device=q.device)
+    assert out.shape == q.shape and out.stride(2) == 1, (out.shape, out.stride())
+    if num_seqs == 0:
+        return out
+
+    group = num_heads // num_kv_heads
+    if num_splits is None:
+        bound = max_seq_len if max_seq_len is not None else block_tables.shape[1] * block_size
+        num_splits = choose_num_splits(num_seqs, num_kv_heads, bound, q.device)
+    assert 1 <= num_splits <= 1024, num_splits
+    cfg = decode_config(group, head_dim, k_cache.dtype)
+    block_g = max(triton.next_power_of_2(group), 16)
+
+    if num_splits == 1:
+        part_out = part_lse = out  # unused
+    else:
+        part_out = torch.empty((num_seqs, num_heads, num_splits, head_dim), dtype=torch.float32, device=q.device)
+        part_lse = torch.empty((num_seqs, num_heads, num_splits), dtype=torch.float32, device=q.device)
+    _decode_kernel[(num_seqs, num_kv_heads, num_splits)](
+        q,
+        k_cache,
+        v_cache,
+        block_tables,
+        seq_lens,
+        out,
+        part_out,
+        part_lse,
+        scale * LOG2E,
+        num_splits,
+        q.stride(0),
+        q.stride(1),
+        out.stride(0),
+        out.stride(1),
+        block_tables.stride(0),
+        k_cache.stride(1),
+        k_cache.stride(2),
+        block_size.bit_length() - 1,
+        GROUP=group,
+        BLOCK_G=block_g,
+        HEAD_DIM=head_dim,
+        SPLIT=num_splits > 1,
+        DOT_PRECISION=_dot_precision(k_cache.dtype),
+        **cfg,
+    )
+    if num_splits > 1:
+        _decode_reduce_kernel[(num_seqs, num_heads)](
+            part_out,
+            part_lse,
+            out,
+            out.stride(0),
+            out.stride(1),
+            num_splits,
+            BLOCK_S=triton.next_power_of_2(num_splits),
+            HEAD_DIM=head_dim,
+            num_warps=1 if head_dim <= 64 else 2,
+        )
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Prefill (plain, over a cached prefix, chunked)
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _prefill_kernel(
+    q_ptr,  # [num_tokens, num_heads, HEAD_DIM]
+    k_cache_ptr,
+    v_cache_ptr,
+    out_ptr,  # [num_tokens, num_heads, HEAD_DIM]
+    query_start_loc_ptr,
+    seq_lens_ptr,
+    block_tables_ptr,
+    qk_scale,
+    stride_qt,
+    stride_qh,
+    stride_ot,
+    stride_oh,
+    stride_bt,
+    stride_co,
+    stride_ch,
+    block_shift,
+    GROUP: tl.constexpr,
+    TOKENS: tl.constexpr,  # query tokens per tile; rows = TOKENS x GROUP heads (+ padding up to BLOCK_M)
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    tile_rev = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    seq = tl.program_id(2)
+
+    q_start = tl.load(query_start_loc_ptr + seq)
+    q_len = tl.load(query_start_loc_ptr + seq + 1) - q_start
+    num_tiles = tl.cdiv(q_len, TOKENS)
+    if tile_rev >= num_tiles:  # the grid is sized for max_query_len
+        return
+    tile = num_tiles - 1 - tile_rev  # launch the most expensive (last) tiles first
+    seq_len = tl.load(seq_lens_ptr + seq)
+    prefix = seq_len - q_len  # keys before this chunk (cached prefix or earlier chunks)
+
+    r = tl.arange(0, BLOCK_M)
+    d = tl.arange(0, HEAD_DIM)
+    first_tok = tile * TOKENS
+    tok = first_tok + r // GROUP  # [BLOCK_M] token index within the chunk
+    head = kv_head * GROUP + r % GROUP  # [BLOCK_M]
+    row_mask = (r < TOKENS * GROUP) & (tok < q_len)
+    q_rows = (q_start + tok).to(tl.int64)
+    q = tl.load(
+        q_ptr + q_rows[:, None] * stride_qt + head[:, None] * stride_qh + d[None, :], mask=row_mask[:, None], other=0.0
+    )
+    limit = prefix + tok  # [BLOCK_M] last key position each row may attend to
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    bt_row_ptr = block_tables_ptr + seq.to(tl.int64) * stride_bt
+    head_off = kv_head * stride_ch
+
+    last_tok = tl.minimum(first_tok + TOKENS, q_len) - 1
+    kv_end = prefix + last_tok + 1  # exclusive; keys past it are masked for every row of the tile
+    full_end = (prefix + first_tok + 1) // BLOCK_N * BLOCK_N  # keys below it are visible to every row
+    all_cols = tl.full([BLOCK_N], 1, dtype=tl.int1)
+    for n_start in range(0, full_end, BLOCK_N):
+        cols = n_start + tl.arange(0, BLOCK_N)
+        k, v = _load_kv_tile(
+            k_cache_ptr, v_cache_ptr, bt_row_ptr, cols, all_cols, head_off, stride_co, block_shift, HEAD_DIM
+        )
+        acc, m_i, l_i = _softmax_step(q, k, v, acc, m_i, l_i, all_cols[None, :], qk_scale, False, DOT_PRECISION)
+    for n_start in range(full_end, kv_end, BLOCK_N):  # the diagonal: causal mask
+        cols = n_start + tl.arange(0, BLOCK_N)
+        col_mask = cols < kv_end
+        k, v = _load_kv_tile(
+            k_cache_ptr, v_cache_ptr, bt_row_ptr, cols, col_mask, head_off, stride_co, block_shift, HEAD_DIM
+        )
+        # cols <= limit implies cols < seq_len for real rows; padding rows are never stored.
+        causal = cols[None, :] <= limit[:, None]
+        acc, m_i, l_i = _softmax_step(q, k, v, acc, m_i, l_i, causal, qk_scale, True, DOT_PRECISION)
+
+    o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+    o_ptrs = out_ptr + q_rows[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :]
+    tl.store(o_ptrs, o.to(out_ptr.dtype.element_ty), mask=row_mask[:, None])
+
+
+def paged_prefill_attention(
+    q: torch.Tensor,  # [num_tokens, num_heads, head_dim], unit stride on head_dim
+    k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]; this step's K/V already stored
+    v_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    query_start_loc: torch.Tensor,  # [num_seqs + 1] int32
+    seq_lens: torch.Tensor,  # [num_seqs] int32, >= this sequence's q_len
+    block_tables: torch.Tensor,  # [num_seqs, max_blocks_per_seq] int32
+    max_query_len: int,  # >= every q_len; sizes the grid
+    scale: float,
+    out: torch.Tensor | None = None,  # [num_tokens, num_heads, head_dim]
+) -> torch.Tensor:
+    num_tokens, num_heads, head_dim = q.shape
+    block_size, num_kv_heads = _check_cache(k_cache, v_cache, head_dim)
+    assert num_heads % num_kv_heads == 0, (num_heads, num_kv_heads)
+    assert q.stride(2) == 1, "head_dim must be the innermost, unit-stride dimension of q"
+    num_seqs = seq_lens.shape[0]
+    assert query_start_loc.shape == (num_seqs + 1,), (query_start_loc.shape, num_seqs)
+    assert block_tables.dim() == 2 and block_tables.shape[0] >= num_seqs and block_tables.stride(1) == 1
+    if out is None:
+        out = torch.empty((num_tokens, num_heads, head_dim), dtype=q.dtype, device=q.device)
+    assert out.shape == q.shape and out.stride(2) == 1, (out.shape, out.stride())
+    if num_tokens == 0 or num_seqs == 0 or max_query_len <= 0:
+        return out
+
+    group = num_heads // num_kv_heads
+    cfg = prefill_config(group, head_dim, k_cache.dtype)
+    tokens = cfg["BLOCK_M"] // group  # non-power-of-two groups (e.g. 5) leave BLOCK_M % group rows idle
+    grid = (triton.cdiv(max_query_len, tokens), num_kv_heads, num_seqs)
+    _prefill_kernel[grid](
+        q,
+        k_cache,
+        v_cache,
+        out,
+        query_start_loc,
+        seq_lens,
+        block_tables,
+        scale * LOG2E,
+        q.stride(0),
+        q.stride(1),
+        out.stride(0),
+        out.stride(1),
+        block_tables.stride(0),
+        k_cache.stride(1),
+        k_cache.stride(2),
+        block_size.bit_length() - 1,
+        GROUP=group,
+        TOKENS=tokens,
+        HEAD_DIM=head_dim,
+        DOT_PRECISION=_dot_precision(k_cache.dtype),
+        **cfg,
+    )
+    return out
