@@ -1,0 +1,322 @@
+"""The Triton KV-cache kernels against a PyTorch reference, compiled for the GPU.
+
+The same checks as tests/test_kernels_interpret.py on realistic shapes and dtypes. Triton and the kernels are imported
+inside a fixture, never at collection time, so that a CPU-only session can still interpret them in the other module.
+"""
+
+import os
+
+import pytest
+import torch
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+    pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="TRITON_INTERPRET=1: kernels are interpreted"),
+]
+
+DEVICE = "cuda"
+TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 5e-3}
+
+
+@pytest.fixture(scope="module")
+def kernels():
+    pytest.importorskip("triton")
+    from nanovllm_ray.kernels import kv_store, paged_attention
+
+    return kv_store, paged_attention
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Reference and fixtures
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def reference_attention(q, k_cache, v_cache, query_start_loc, seq_lens, block_tables, scale):
+    """fp32 attention of each sequence's queries over its cached context, bottom-right causal mask."""
+    _, block_size, num_kv_heads, _ = k_cache.shape
+    group = q.shape[1] // num_kv_heads
+    out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+    query_start_loc, seq_lens, block_tables = query_start_loc.tolist(), seq_lens.tolist(), block_tables.cpu()
+    for i, seq_len in enumerate(seq_lens):
+        start, end = query_start_loc[i], query_start_loc[i + 1]
+        q_len = end - start
+        if seq_len == 0:
+            continue
+        blocks = block_tables[i, : -(-seq_len // block_size)].long().to(q.device)
+        k = k_cache[blocks].flatten(0, 1)[:seq_len].float().repeat_interleave(group, dim=1)  # [seq_len, H, D]
+        v = v_cache[blocks].flatten(0, 1)[:seq_len].float().repeat_interleave(group, dim=1)
+        s = torch.einsum("qhd,khd->hqk", q[start:end].float(), k) * scale
+        q_pos = seq_len - q_len + torch.arange(q_len, device=q.device)
+        s = s.masked_fill(torch.arange(seq_len, device=q.device)[None, :] > q_pos[:, None], float("-inf"))
+        out[start:end] = torch.einsum("hqk,khd->qhd", s.softmax(-1), v)
+    return out
+
+
+def make_cache(seq_lens, block_size, num_kv_heads, head_dim, dtype, extra_blocks=7):
+    """A randomly filled cache and a block table of shuffled block ids padded with -1."""
+    blocks_per_seq = [-(-n // block_size) for n in seq_lens]
+    num_blocks = sum(blocks_per_seq) + extra_blocks
+    shape = (num_blocks, block_size, num_kv_heads, head_dim)
+    k_cache = torch.randn(shape, device=DEVICE).to(dtype)
+    v_cache = torch.randn(shape, device=DEVICE).to(dtype)
+    ids = torch.randperm(num_blocks).tolist()
+    block_tables = torch.full((len(seq_lens), max(max(blocks_per_seq), 1) + 2), -1, dtype=torch.int32)
+    for i, n in enumerate(blocks_per_seq):
+        block_tables[i, :n] = torch.tensor([ids.pop() for _ in range(n)], dtype=torch.int32)
+    return k_cache, v_cache, block_tables.to(DEVICE)
+
+
+def fused_qkv_views(num_tokens, num_heads, num_kv_heads, head_dim, dtype):
+    """q, k, v as non-contiguous views of one fused projection output, as the model produces them."""
+    qkv = torch.randn(num_tokens, (num_heads + 2 * num_kv_heads) * head_dim, device=DEVICE).to(dtype)
+    q, k, v = qkv.split([num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim], dim=-1)
+    return (
+        q.view(num_tokens, num_heads, head_dim),
+        k.view(num_tokens, num_kv_heads, head_dim),
+        v.view(num_tokens, num_kv_heads, head_dim),
+    )
+
+
+def cumulative(lengths):
+    return torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=DEVICE)
+
+
+def int32(values):
+    return torch.tensor(values, dtype=torch.int32, device=DEVICE)
+
+
+GQA = [(8, 8), (16, 8), (32, 8), (32, 4)]  # (num_heads, num_kv_heads): ratios 1, 2, 4, 8
+DTYPES = [torch.float32, torch.bfloat16]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# store_kvcache
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("num_kv_heads,head_dim", [(8, 128), (2, 32), (3, 64)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("slot_dtype", [torch.int32, torch.int64])
+def test_store_kvcache(kernels, num_kv_heads, head_dim, dtype, slot_dtype):
+    kv_store, _ = kernels
+    torch.manual_seed(0)
+    num_blocks, block_size, num_tokens = 20, 16, 100
+    _, k, v = fused_qkv_views(num_tokens, 2 * num_kv_heads, num_kv_heads, head_dim, dtype)
+    k_cache = torch.randn(num_blocks, block_size, num_kv_heads, head_dim, device=DEVICE).to(dtype)
+    v_cache = torch.randn_like(k_cache)
+    k_before, v_before = k_cache.clone(), v_cache.clone()
+    slots = torch.randperm(num_blocks * block_size, device=DEVICE)[:num_tokens]
+    slots[::7] = -1  # padding tokens
+    kv_store.store_kvcache(k, v, k_cache, v_cache, slots.to(slot_dtype))
+
+    expected_k, expected_v = k_before.flatten(0, 1), v_before.flatten(0, 1)
+    keep = slots >= 0
+    expected_k[slots[keep]] = k[keep]
+    expected_v[slots[keep]] = v[keep]
+    torch.testing.assert_close(k_cache.flatten(0, 1), expected_k, atol=0, rtol=0)
+    torch.testing.assert_close(v_cache.flatten(0, 1), expected_v, atol=0, rtol=0)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Decode
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("num_heads,num_kv_heads", GQA)
+@pytest.mark.parametrize("head_dim", [32, 128])
+@pytest.mark.parametrize("block_size", [16, 32, 256])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_decode_matches_reference(kernels, num_heads, num_kv_heads, head_dim, block_size, dtype):
+    _, attn = kernels
+    torch.manual_seed(1)
+    seq_lens = [1, 17, 255, 257, 1000, 64, 2049]
+    k_cache, v_cache, block_tables = make_cache(seq_lens, block_size, num_kv_heads, head_dim, dtype)
+    q, _, _ = fused_qkv_views(len(seq_lens), num_heads, num_kv_heads, head_dim, dtype)
+    lens = int32(seq_lens)
+    scale = head_dim**-0.5
+    expected = reference_attention(q, k_cache, v_cache, cumulative([1] * len(seq_lens)), lens, block_tables, scale)
+    tol = TOLERANCE[dtype]
+    for num_splits in (1, 2, 7, 16, None):
+        out = attn.paged_decode_attention(q, k_cache, v_cache, block_tables, lens, scale, num_splits=num_splits)
+        assert out.dtype == dtype and out.shape == q.shape
+        torch.testing.assert_close(out.float(), expected, atol=tol, rtol=0, msg=f"num_splits={num_splits}")
+
+
+@pytest.mark.parametrize("num_seqs", [1, 3, 64, 300])
+def test_decode_split_kv_on_and_off_agree(kernels, num_seqs):
+    _, attn = kernels
+    torch.manual_seed(2)
+    seq_lens = torch.randint(1, 1500, (num_seqs,)).tolist()
+    k_cache, v_cache, block_tables = make_cache(seq_lens, 16, 8, 128, torch.bfloat16)
+    q = torch.randn(num_seqs, 32, 128, device=DEVICE).to(torch.bfloat16)
+    lens = int32(seq_lens)
+    no_split = attn.paged_decode_attention(q, k_cache, v_cache, block_tables, lens, 128**-0.5, num_splits=1)
+    split = attn.paged_decode_attention(q, k_cache, v_cache, block_tables, lens, 128**-0.5, num_splits=8)
+    auto = attn.paged_decode_attention(q, k_cache, v_cache, block_tables, lens, 128**-0.5, max_seq_len=1500)
+    torch.testing.assert_close(split.float(), no_split.float(), atol=1e-2, rtol=0)
+    torch.testing.assert_close(auto.float(), no_split.float(), atol=1e-2, rtol=0)
+    expected = reference_attention(q, k_cache, v_cache, cumulative([1] * num_seqs), lens, block_tables, 128**-0.5)
+    torch.testing.assert_close(no_split.float(), expected, atol=2e-2, rtol=0)
+
+
+@pytest.mark.parametrize("num_splits", [1, 4])
+def test_decode_padding_rows_give_zeros(kernels, num_splits):
+    """seq_len 0 rows (CUDA-graph padding, block table all -1) give zeros, not NaN; `out` is written in place."""
+    _, attn = kernels
+    torch.manual_seed(3)
+    seq_lens = [40, 0, 300, 0]
+    k_cache, v_cache, block_tables = make_cache(seq_lens, 16, 2, 32, torch.float32)
+    q = torch.randn(4, 8, 32, device=DEVICE)
+    lens = int32(seq_lens)
+    out = torch.full_like(q, float("nan"))
+    result = attn.paged_decode_attention(q, k_cache, v_cache, block_tables, lens, 0.2, out=out, num_splits=num_splits)
+    assert result is out
+    expected = reference_attention(q, k_cache, v_cache, cumulative([1] * 4), lens, block_tables, 0.2)
+    torch.testing.assert_close(out, expected, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("num_splits", [1, 8])
+def test_decode_cuda_graph_replay(kernels, num_splits):
+    """Captured once, replayed with new lengths and block tables written into the same buffers."""
+    _, attn = kernels
+    torch.manual_seed(4)
+    num_seqs, max_blocks, block_size = 8, 64, 16
+    k_cache, v_cache, _ = make_cache([max_blocks * block_size] * num_seqs, block_size, 4, 64, torch.bfloat16)
+    q = torch.randn(num_seqs, 16, 64, device=DEVICE).to(torch.bfloat16)
+    lens = torch.ones(num_seqs, dtype=torch.int32, device=DEVICE)
+    tables = torch.zeros(num_seqs, max_blocks, dtype=torch.int32, device=DEVICE)
+    out = torch.empty_like(q)
+    run = lambda: attn.paged_decode_attention(  # noqa: E731
+        q, k_cache, v_cache, tables, lens, 0.125, out=out, num_splits=num_splits
+    )
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        run()  # compile outside capture
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        run()
+
+    for _ in range(3):
+        new_lens = torch.randint(1, max_blocks * block_size, (num_seqs,), dtype=torch.int32)
+        new_lens[-1] = 0  # a padding row
+        lens.copy_(new_lens)
+        tables.copy_(torch.randperm(k_cache.shape[0])[: num_seqs * max_blocks].view(num_seqs, max_blocks))
+        q.copy_(torch.randn_like(q, dtype=torch.float32))
+        graph.replay()
+        expected = reference_attention(q, k_cache, v_cache, cumulative([1] * num_seqs), lens, tables, 0.125)
+        torch.testing.assert_close(out.float(), expected, atol=2e-2, rtol=0)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Prefill
+# ---------------------------------------------------------------------------------------------------------------------
+
+# (q_lens, seq_lens) per batch: plain prefill, cached prefix (q shorter than k), decode-like rows, mixed lengths.
+PREFILL_BATCHES = [
+    ([7, 130, 1, 33], [7, 257, 1000, 33]),
+    ([1, 7, 33, 130, 300], [1, 17, 255, 1000, 1300]),
+]
+
+
+@pytest.mark.parametrize("num_heads,num_kv_heads", GQA)
+@pytest.mark.parametrize("head_dim", [32, 128])
+@pytest.mark.parametrize("block_size", [16, 32, 256])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("batch", range(len(PREFILL_BATCHES)))
+def test_prefill_matches_reference(kernels, num_heads, num_kv_heads, head_dim, block_size, dtype, batch):
+    _, attn = kernels
+    torch.manual_seed(5)
+    q_lens, seq_lens = PREFILL_BATCHES[batch]
+    k_cache, v_cache, block_tables = make_cache(seq_lens, block_size, num_kv_heads, head_dim, dtype)
+    q, _, _ = fused_qkv_views(sum(q_lens), num_heads, num_kv_heads, head_dim, dtype)
+    qsl, lens = cumulative(q_lens), int32(seq_lens)
+    scale = head_dim**-0.5
+    out = attn.paged_prefill_attention(q, k_cache, v_cache, qsl, lens, block_tables, max(q_lens), scale)
+    assert out.dtype == dtype and out.shape == q.shape
+    expected = reference_attention(q, k_cache, v_cache, qsl, lens, block_tables, scale)
+    torch.testing.assert_close(out.float(), expected, atol=TOLERANCE[dtype], rtol=0)
+
+
+@pytest.mark.parametrize("num_heads,num_kv_heads", [(40, 8), (12, 4), (64, 8)])  # groups 5, 3, 8 (Qwen3-14B/32B)
+def test_prefill_and_decode_other_groups(kernels, num_heads, num_kv_heads):
+    _, attn = kernels
+    torch.manual_seed(6)
+    q_lens, seq_lens = [100, 1, 17], [612, 90, 17]
+    k_cache, v_cache, block_tables = make_cache(seq_lens, 16, num_kv_heads, 128, torch.bfloat16)
+    q, _, _ = fused_qkv_views(sum(q_lens), num_heads, num_kv_heads, 128, torch.bfloat16)
+    qsl, lens = cumulative(q_lens), int32(seq_lens)
+    out = attn.paged_prefill_attention(q, k_cache, v_cache, qsl, lens, block_tables, 100, 128**-0.5)
+    expected = reference_attention(q, k_cache, v_cache, qsl, lens, block_tables, 128**-0.5)
+    torch.testing.assert_close(out.float(), expected, atol=2e-2, rtol=0)
+    q = q[:3]
+    expected = reference_attention(q, k_cache, v_cache, cumulative([1] * 3), lens, block_tables, 128**-0.5)
+    for num_splits in (1, 5):
+        out = attn.paged_decode_attention(q, k_cache, v_cache, block_tables, lens, 128**-0.5, num_splits=num_splits)
+        torch.testing.assert_close(out.float(), expected, atol=2e-2, rtol=0)
+
+
+@pytest.mark.parametrize("num_heads", [8, 32])
+def test_prefill_diagonal_at_tile_edges(kernels, num_heads):
+    """Prefixes around multiples of the KV tile, where the unmasked/masked tile boundary moves."""
+    _, attn = kernels
+    torch.manual_seed(9)
+    prefixes = [p for base in (64, 128, 256) for p in range(base - 3, base + 3)]
+    q_lens = [3] * len(prefixes) + [130, 129]
+    seq_lens = [prefix + 3 for prefix in prefixes] + [258, 257]
+    k_cache, v_cache, block_tables = make_cache(seq_lens, 16, 8, 64, torch.float32)
+    q = torch.randn(sum(q_lens), num_heads, 64, device=DEVICE)
+    qsl, lens = cumulative(q_lens), int32(seq_lens)
+    out = attn.paged_prefill_attention(q, k_cache, v_cache, qsl, lens, block_tables, 130, 0.125)
+    expected = reference_attention(q, k_cache, v_cache, qsl, lens, block_tables, 0.125)
+    torch.testing.assert_close(out, expected, atol=1e-4, rtol=0)
+
+
+def test_long_prefill_fp16(kernels):
+    _, attn = kernels
+    torch.manual_seed(7)
+    q_lens, seq_lens = [4096, 1500], [4096, 2000]
+    k_cache, v_cache, block_tables = make_cache(seq_lens, 16, 8, 128, torch.float16)
+    q, _, _ = fused_qkv_views(sum(q_lens), 16, 8, 128, torch.float16)
+    qsl, lens = cumulative(q_lens), int32(seq_lens)
+    out = attn.paged_prefill_attention(q, k_cache, v_cache, qsl, lens, block_tables, 4096, 128**-0.5)
+    expected = reference_attention(q, k_cache, v_cache, qsl, lens, block_tables, 128**-0.5)
+    torch.testing.assert_close(out.float(), expected, atol=5e-3, rtol=0)
+
+
+def test_store_then_chunked_prefill_then_decode(kernels):
+    """The engine's order of calls: store each chunk's K/V, attend over prefix + chunk, then decode one token."""
+    kv_store, attn = kernels
+    torch.manual_seed(8)
+    num_heads, num_kv_heads, head_dim, block_size = 16, 8, 128, 16
+    chunks = [100, 37, 64]
+    total = sum(chunks) + 1
+    k_cache = torch.zeros(40, block_size, num_kv_heads, head_dim, device=DEVICE)
+    v_cache = torch.zeros_like(k_cache)
+    table = torch.randperm(40)[: -(-total // block_size)].to(torch.int32)
+    block_table = table[None].to(DEVICE)
+    positions = torch.arange(total)
+    slot_of = (table[positions // block_size].long() * block_size + positions % block_size).to(DEVICE)
+
+    all_q, all_k, all_v = fused_qkv_views(total, num_heads, num_kv_heads, head_dim, torch.float32)
+    k = all_k.repeat_interleave(2, dim=1)
+    v = all_v.repeat_interleave(2, dim=1)
+    s = torch.einsum("qhd,khd->hqk", all_q, k) * 0.09
+    s = s.masked_fill(torch.ones(s.shape[1:], dtype=torch.bool, device=DEVICE).triu(1), float("-inf"))
+    dense = torch.einsum("hqk,khd->qhd", s.softmax(-1), v)
+
+    start = 0
+    for chunk in chunks + [1]:
+        end = start + chunk
+        kv_store.store_kvcache(all_k[start:end], all_v[start:end], k_cache, v_cache, slot_of[start:end])
+        lens = int32([end])
+        if chunk > 1:
+            out = attn.paged_prefill_attention(
+                all_q[start:end], k_cache, v_cache, cumulative([chunk]), lens, block_table, chunk, 0.09
+            )
+        else:
+            out = attn.paged_decode_attention(all_q[start:end], k_cache, v_cache, block_table, lens, 0.09)
+        torch.testing.assert_close(out, dense[start:end], atol=1e-4, rtol=0, msg=f"chunk {start}:{end}")
+        start = end
