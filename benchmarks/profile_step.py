@@ -1,0 +1,102 @@
+"""Where a decode step's time goes: the driver's phases, and the device's top kernels (torch.profiler).
+
+    python benchmarks/profile_step.py [--model DIR] [--batch-sizes 1,64,256] [--context 1024]
+
+For each batch size it fills the engine with that many requests (prompt --context tokens), lets them reach the
+decode phase, then times --steps engine steps: wall time per step, and inside it the scheduler + step building,
+the launch, the wait for the device, and applying the tokens. A torch.profiler pass over a few steps prints the
+kernels with the most device time. Prints tables and writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+from random import Random
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.common import demo_checkpoint, device_name, print_table, write_result  # noqa: E402
+
+
+def instrument(engine) -> dict[str, float]:
+    """Wrap the engine's phases with timers (accumulated seconds per phase)."""
+    acc: dict[str, float] = defaultdict(float)
+
+    def timed(name, fn):
+        def wrapper(*args, **kwargs):
+            t = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                acc[name] += time.perf_counter() - t
+        return wrapper
+
+    engine.scheduler.schedule = timed("schedule", engine.scheduler.schedule)
+    engine._build_step = timed("build_step", engine._build_step)
+    engine.executor.execute_async = timed("launch", engine.executor.execute_async)
+    engine.executor.execute = timed("execute_sync", engine.executor.execute)
+    engine._apply = timed("apply (incl. wait)", engine._apply)
+    return acc
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--shape", default="qwen3-0.6b")
+    ap.add_argument("--batch-sizes", default="1,64,256")
+    ap.add_argument("--context", type=int, default=1024)
+    ap.add_argument("--steps", type=int, default=50)
+    ap.add_argument("--sync", action="store_true", help="async_scheduling off")
+    ap.add_argument("--temperature", type=float, default=0.6)
+    args = ap.parse_args()
+
+    import torch
+
+    from nanovllm_ray import LLM, SamplingParams
+
+    llm = LLM(demo_checkpoint(args.shape, args.model), max_model_len=4096, async_scheduling=not args.sync)
+    engine, rng, cuda = llm.engine, Random(0), torch.cuda.is_available()
+    acc = instrument(engine)
+    rows, kernels = [], {}
+    for bs in [int(b) for b in args.batch_sizes.split(",")]:
+        sp = SamplingParams(temperature=args.temperature, max_tokens=args.steps * 3 + 20, ignore_eos=True,
+                            detokenize=False)
+        for i in range(bs):
+            engine.add_request(f"p{bs}-{i}", [rng.randrange(0, 10000) for _ in range(args.context)], sp)
+        while any(s.num_computed_tokens < s.num_prompt_tokens for s in engine.requests.values()):
+            engine.step()  # prefill
+        for _ in range(5):
+            engine.step()
+        acc.clear()
+        t = time.perf_counter()
+        for _ in range(args.steps):
+            engine.step()
+        wall = (time.perf_counter() - t) / args.steps
+        row = {"batch": bs, "step_ms": wall * 1e3}
+        row.update({f"{k}_ms": v / args.steps * 1e3 for k, v in acc.items()})
+        rows.append(row)
+        if cuda:
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+                for _ in range(5):
+                    engine.step()
+                torch.cuda.synchronize()
+            table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=12)
+            print(f"\n--- batch {bs}: top kernels over 5 steps ---\n{table}")
+            kernels[bs] = table
+        for rid in list(engine.requests):
+            engine.abort_request(rid)
+        while engine.has_unfinished_requests():
+            engine.step()
+    keys = sorted({k for r in rows for k in r}, key=lambda k: (k != "batch", k != "step_ms", k))
+    print_table([{k: r.get(k, 0.0) for k in keys} for r in rows])
+    path = write_result("profile_step", {"benchmark": "profile_step", "device": device_name(),
+                                         "config": vars(args), "rows": rows, "kernels": kernels})
+    print("wrote", path)
+
+
+if __name__ == "__main__":
+    main()

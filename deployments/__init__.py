@@ -1,0 +1,1 @@
+"""Ray Serve: the app builder, the OpenAI ingress and the LLMServer deployment."""

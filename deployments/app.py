@@ -1,0 +1,150 @@
+"""The application builder that `serve_config.yaml` names (`import_path: deployments.app:build_app`).
+
+    serve run serve_config.yaml                                   # the tiny demo model, CPU when there is no GPU
+    serve run deployments.app:build_app model=/path/to/Qwen3-8B tensor_parallel_size=2
+
+Its `args` are checked by LLMAppArgs before anything starts; a bad value fails the deploy with its name and
+limit. The app is two deployments: OpenAIIngress (HTTP, tokenization, validation) -> LLMServer (one engine per
+replica; its tensor-parallel ranks are Ray actors in the replica's placement group, one bundle per rank).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from ray import serve
+from ray.serve import Application
+
+from deployments.ingress import OpenAIIngress
+from deployments.llm_server import LLMServer
+from nanovllm_ray.config import Config
+
+logger = logging.getLogger("ray.serve")
+
+DEFAULT_MODEL = "checkpoints/qwen3-tiny"
+_ENGINE_KEYS = ("tensor_parallel_size", "max_model_len", "max_num_seqs", "max_num_batched_tokens",
+                "gpu_memory_utilization", "kv_cache_memory_gb", "num_kvcache_blocks", "block_size", "dtype", "device",
+                "enable_prefix_caching", "enable_chunked_prefill", "enforce_eager", "attention_backend",
+                "scheduling_policy", "seed")
+
+
+class LLMAppArgs(BaseModel):
+    """Everything a user tunes, with vLLM's names for the engine's keys."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    # -- the model
+    model: str = Field(DEFAULT_MODEL, description="Hugging Face Qwen3 directory (relative to the launch dir)")
+    demo_shape: Literal["tiny", "tiny-untied", "qwen3-0.6b", "qwen3-8b"] | None = Field(
+        None, description="write a demo checkpoint of this shape (random weights) at `model` if it is absent; "
+                          "the default model gets the tiny one")
+    served_model_name: str | None = Field(None, description="the model id clients send (default: directory name)")
+    # -- the engine (nanovllm_ray.Config)
+    tensor_parallel_size: int = Field(1, ge=1)
+    max_model_len: int | None = Field(None, ge=2)
+    max_num_seqs: int = Field(256, ge=1)
+    max_num_batched_tokens: int = Field(8192, ge=1)
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
+    kv_cache_memory_gb: float = Field(1.0, gt=0, description="KV pool on CPU")
+    num_kvcache_blocks: int | None = Field(None, ge=1)
+    block_size: int = Field(16, ge=1)
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    device: Literal["auto", "cuda", "cpu"] = "auto"
+    enable_prefix_caching: bool = True
+    enable_chunked_prefill: bool = True
+    enforce_eager: bool = False
+    attention_backend: Literal["auto", "torch", "triton", "flash_attn"] = "auto"
+    scheduling_policy: Literal["mixed", "prefill_first"] = "mixed"
+    seed: int = 0
+    # -- the ranks
+    executor: Literal["auto", "inprocess", "ray"] = Field(
+        "auto", description="auto: in the replica's process for one rank, Ray actors for more")
+    dispatch: Literal["compiled", "remote"] = Field("compiled", description="how the driver sends each step")
+    replica_num_cpus: float = Field(1.0, ge=0, description="CPUs of an LLMServer replica that runs its one rank")
+    worker_num_cpus: float = Field(1.0, gt=0, description="CPUs of each rank's bundle when ranks are actors")
+    # -- the service
+    api_key: str | None = Field(None, description="require 'Authorization: Bearer <key>' (or set NANOVLLM_API_KEY)")
+    num_replicas: int | Literal["auto"] = Field(1, description="LLMServer replicas (engines); 'auto' autoscales")
+    autoscaling_config: dict[str, Any] | None = None
+    max_ongoing_requests: int = Field(256, ge=1, description="requests one LLMServer replica takes at once")
+    max_queued_requests: int = Field(512, ge=-1, description="requests waiting for a replica; beyond: 503/429")
+    ingress_num_replicas: int = Field(1, ge=1)
+    ingress_num_cpus: float = Field(0.0, ge=0)
+    ingress_max_ongoing_requests: int = Field(1024, ge=1)
+    ingress_max_queued_requests: int = Field(2048, ge=-1)
+    overload_status_code: Literal[429, 503] = 503
+    retry_after_s: float | None = Field(None, ge=0)
+    max_request_body_bytes: int = Field(2 * 1024 * 1024, ge=1024)
+    max_prompts_per_request: int = Field(64, ge=1, description="prompts x n in one request")
+    default_max_tokens: int | None = Field(None, ge=1, description="cap when a chat request sets no max_tokens")
+    engine_kwargs: dict[str, Any] = Field(default_factory=dict, description="any other nanovllm_ray.Config key")
+
+    @model_validator(mode="after")
+    def _check(self) -> LLMAppArgs:
+        both = sorted(set(self.engine_kwargs) & set(_ENGINE_KEYS))
+        if both:
+            raise ValueError(f"set {both} as top-level args, not in engine_kwargs")
+        return self
+
+    def config_kwargs(self) -> dict[str, Any]:
+        return {**{k: getattr(self, k) for k in _ENGINE_KEYS}, **self.engine_kwargs}
+
+
+def build_app(args: dict[str, Any] | LLMAppArgs | None = None) -> Application:
+    args = args if isinstance(args, LLMAppArgs) else LLMAppArgs.model_validate(args or {})
+    model = os.path.abspath(args.model)  # replicas may start in another directory
+    shape = args.demo_shape or ("tiny" if args.model == DEFAULT_MODEL else None)
+    if shape is not None and not os.path.isfile(os.path.join(model, "config.json")):
+        from nanovllm_ray.demo_model import ensure_demo_checkpoint
+
+        logger.info("writing a %s demo checkpoint (random weights) to %s", shape, model)
+        ensure_demo_checkpoint(model, shape)
+    engine_kwargs = args.config_kwargs()
+    config = Config.from_kwargs(model, **engine_kwargs)  # a bad value fails here, before any replica starts
+    name = args.served_model_name or os.path.basename(model.rstrip("/"))
+    api_key = args.api_key or os.environ.get("NANOVLLM_API_KEY") or None
+    tp = config.tensor_parallel_size
+    use_ray = args.executor == "ray" or (args.executor == "auto" and tp > 1)
+    use_gpu = _use_gpu(config.device)
+
+    llm_options: dict[str, Any] = dict(
+        max_ongoing_requests=args.max_ongoing_requests, max_queued_requests=args.max_queued_requests,
+        backpressure_config={"status_code": args.overload_status_code, "retry_after_s": args.retry_after_s})
+    if args.num_replicas == "auto" or args.autoscaling_config is not None:
+        llm_options["autoscaling_config"] = args.autoscaling_config or {"min_replicas": 1, "max_replicas": 4}
+    else:
+        llm_options["num_replicas"] = args.num_replicas
+    if use_ray:
+        # The replica (the driver) shares bundle 0 with rank 0; rank i holds bundle i. STRICT_PACK: one node.
+        bundle = {"CPU": args.worker_num_cpus, **({"GPU": 1} if use_gpu else {})}
+        llm_options.update(ray_actor_options={"num_cpus": 0, "num_gpus": 0},
+                           placement_group_bundles=[dict(bundle) for _ in range(tp)],
+                           placement_group_strategy="STRICT_PACK")
+    else:
+        llm_options["ray_actor_options"] = {"num_cpus": args.replica_num_cpus, "num_gpus": 1 if use_gpu else 0}
+    llm = LLMServer.options(**llm_options).bind(
+        model, engine_kwargs, name, executor="ray" if use_ray else "inprocess", dispatch=args.dispatch,
+        worker_num_cpus=args.worker_num_cpus)
+    ingress = serve.deployment(OpenAIIngress).options(
+        num_replicas=args.ingress_num_replicas, ray_actor_options={"num_cpus": args.ingress_num_cpus},
+        max_ongoing_requests=args.ingress_max_ongoing_requests, max_queued_requests=args.ingress_max_queued_requests,
+        backpressure_config={"status_code": args.overload_status_code, "retry_after_s": args.retry_after_s})
+    return ingress.bind(llm, model, name, engine_kwargs, api_key=api_key,
+                        max_request_body_bytes=args.max_request_body_bytes,
+                        max_prompts_per_request=args.max_prompts_per_request,
+                        default_max_tokens=args.default_max_tokens)
+
+
+def _use_gpu(device: str) -> bool:
+    if device != "auto":
+        return device == "cuda"
+    import ray
+
+    if ray.is_initialized():
+        return ray.cluster_resources().get("GPU", 0) >= 1
+    import torch
+
+    return torch.cuda.is_available()

@@ -1,0 +1,376 @@
+"""The OpenAI-compatible ingress: FastAPI under `serve.ingress`. It checks the API key and the body, tokenizes
+and applies the chat template (nanovllm_ray/serving), then calls the LLMServer through a DeploymentHandle with
+the token ids as the first argument, one call per choice, and streams Server-Sent Events or answers JSON."""
+
+# No `from __future__ import annotations` here: FastAPI reads the endpoints' annotations at run time.
+import asyncio
+import hmac
+import json
+import logging
+import math
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, ValidationError
+from ray import serve
+from ray.serve.exceptions import BackPressureError
+from ray.serve.handle import DeploymentHandle
+
+from nanovllm_ray.config import Config
+from nanovllm_ray.engine.llm_engine import RequestError, RequestOutput, load_tokenizer
+from nanovllm_ray.serving.openai_protocol import (
+    ChatChoiceLogprobs,
+    ChatCompletionChoice,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatCompletionStreamChoice,
+    ChatCompletionStreamResponse,
+    ChatResponseMessage,
+    ChatTokenLogprob,
+    CompletionChoice,
+    CompletionLogprobs,
+    CompletionRequest,
+    CompletionResponse,
+    DeltaMessage,
+    ModelCard,
+    ModelList,
+    OpenAIError,
+    PromptTokensDetails,
+    TopLogprob,
+    UsageInfo,
+)
+from nanovllm_ray.serving.request_processor import Choice, RequestProcessor
+
+logger = logging.getLogger("ray.serve")
+
+app = FastAPI(title="nanovllm-ray", description="OpenAI-compatible API of a nano-vllm-style Qwen3 engine")
+
+
+@app.exception_handler(OpenAIError)
+async def _openai_error(request: Request, e: OpenAIError) -> JSONResponse:
+    headers = {"Retry-After": str(math.ceil(e.retry_after_s))} if e.retry_after_s is not None else None
+    return JSONResponse(e.body(), status_code=e.status, headers=headers)
+
+
+class _Choice:
+    """What one choice has produced so far."""
+
+    __slots__ = ("choice", "text", "token_ids", "logprobs", "finish_reason", "stop_reason", "num_prompt_tokens",
+                 "num_cached_tokens", "num_generated_tokens")
+
+    def __init__(self, choice: Choice) -> None:
+        self.choice = choice
+        self.text = ""
+        self.token_ids: list[int] = []
+        self.logprobs: list[tuple[float, list[tuple[int, float]]]] = []
+        self.finish_reason: str | None = None
+        self.stop_reason: int | str | None = None
+        self.num_prompt_tokens = len(choice.prompt_token_ids)
+        self.num_cached_tokens = 0
+        self.num_generated_tokens = 0
+
+    def add(self, outs: list[RequestOutput]) -> tuple[str, list[int], list]:
+        """Apply a batch of deltas; returns the batch's (text, token ids, logprobs)."""
+        text = "".join(o.new_text for o in outs)
+        ids = [t for o in outs for t in o.new_token_ids]
+        lps = [lp for o in outs for lp in o.new_logprobs]
+        self.text += text
+        self.token_ids += ids
+        self.logprobs += lps
+        last = outs[-1]
+        self.num_prompt_tokens, self.num_cached_tokens = last.num_prompt_tokens, last.num_cached_tokens
+        self.num_generated_tokens = last.num_generated_tokens
+        if last.finished:
+            self.finish_reason, self.stop_reason = last.finish_reason, last.stop_reason
+        return text, ids, lps
+
+
+class _Run:
+    """The LLMServer calls of one HTTP request, one per choice, merged into one stream of events."""
+
+    def __init__(self, llm: DeploymentHandle, request_id: str, choices: list[Choice]) -> None:
+        self.request_id = request_id
+        self.states = [_Choice(c) for c in choices]
+        self._llm = llm
+        self._queue: asyncio.Queue = asyncio.Queue()
+        self._tasks: list[asyncio.Task] = []
+        self._gens: list = []
+        self._pending: list[tuple[int, Any]] = []  # what arrived before the response started
+        self._open = len(choices)
+
+    async def start(self) -> None:
+        """Send every choice, and wait until each has its first output: a refusal becomes an error response
+        before any byte of a stream is sent."""
+        for i, c in enumerate(self.states):
+            gen = self._llm.generate.remote(c.choice.prompt_token_ids, c.choice.params,
+                                            f"{self.request_id}-{c.choice.index}")
+            self._gens.append(gen)
+            self._tasks.append(asyncio.create_task(self._pump(i, gen)))
+        started: set[int] = set()
+        try:
+            while len(started) < len(self.states):
+                i, item = await self._queue.get()
+                if isinstance(item, BaseException):
+                    raise _as_openai_error(item)
+                started.add(i)
+                self._pending.append((i, item))
+        except BaseException:
+            self.cancel()
+            raise
+
+    async def _pump(self, i: int, gen) -> None:
+        try:
+            async for outs in gen:
+                self._queue.put_nowait((i, outs))
+            self._queue.put_nowait((i, None))
+        except asyncio.CancelledError:
+            raise
+        except BaseException as e:  # handed to the reader, which raises it as an OpenAI error
+            self._queue.put_nowait((i, e))
+
+    async def events(self) -> AsyncIterator[tuple[int, str, list[int], list]]:
+        """(choice, new text, new token ids, new logprobs) as the engine produces them."""
+        try:
+            while self._open:
+                if self._pending:
+                    i, item = self._pending.pop(0)
+                else:
+                    i, item = await self._queue.get()
+                if item is None:
+                    self._open -= 1
+                    continue
+                if isinstance(item, BaseException):
+                    raise _as_openai_error(item)
+                text, ids, lps = self.states[i].add(item)
+                yield i, text, ids, lps
+        finally:
+            self.cancel()
+
+    async def drain(self) -> None:
+        async for _ in self.events():
+            pass
+
+    def cancel(self) -> None:
+        """Stop every call still running (a client gone away): the LLMServer aborts those requests."""
+        for gen, task in zip(self._gens, self._tasks):
+            if not task.done():
+                task.cancel()
+                gen.cancel()
+
+
+def _as_openai_error(e: BaseException) -> OpenAIError:
+    cause = getattr(e, "cause", None)
+    for err in (e, cause):
+        if isinstance(err, OpenAIError):
+            return err
+        if isinstance(err, RequestError):
+            return OpenAIError(str(err.args[0]) if err.args else str(err))
+        if isinstance(err, BackPressureError):
+            return OpenAIError(f"the server is overloaded: {err.message} Retry later.", status=err.status_code,
+                               code="overloaded", retry_after_s=err.retry_after_s)
+    logger.error("request failed: %r", e)
+    return OpenAIError(f"internal error: {type(e).__name__}: {e}", status=500)
+
+
+def _event(chunk: BaseModel) -> str:
+    return f"data: {chunk.model_dump_json()}\n\n"
+
+
+def _sse(events: AsyncIterator[str]) -> StreamingResponse:
+    async def body() -> AsyncIterator[str]:
+        try:
+            async for e in events:
+                yield e
+        except OpenAIError as e:  # after the stream started: an error event, as vLLM sends
+            yield f"data: {json.dumps(e.body())}\n\n"
+        yield "data: [DONE]\n\n"
+
+    return StreamingResponse(body(), media_type="text/event-stream")
+
+
+@serve.ingress(app)
+class OpenAIIngress:
+    def __init__(self, llm: DeploymentHandle, model: str, served_model_name: str, engine_kwargs: dict[str, Any],
+                 api_key: str | None = None, max_request_body_bytes: int = 2 * 1024 * 1024,
+                 max_prompts_per_request: int = 64, default_max_tokens: int | None = None) -> None:
+        config = Config.from_kwargs(model, **engine_kwargs)
+        self.model_name = served_model_name
+        self.model_path = model
+        self.max_model_len = config.max_model_len
+        self.processor = RequestProcessor(load_tokenizer(config.tokenizer or model), served_model_name,
+                                          config.max_model_len, config.hf_config["vocab_size"],
+                                          max_prompts_per_request, default_max_tokens)
+        self.api_key = api_key
+        self.max_body = max_request_body_bytes
+        self.llm = llm.options(stream=True)
+        self.llm_unary = llm
+
+    # ---- endpoints -----------------------------------------------------------------------------------------
+
+    @app.get("/health")
+    async def health(self) -> Response:
+        try:
+            await asyncio.wait_for(self.llm_unary.stats.remote(), timeout=10)
+        except BackPressureError:
+            pass  # alive, only busy
+        except Exception as e:  # the LLMServer is down or not answering
+            return JSONResponse(OpenAIError(f"engine unavailable: {e}", status=503).body(), status_code=503)
+        return Response(status_code=200)
+
+    @app.get("/v1/models")
+    async def models(self, request: Request) -> ModelList:
+        self._authorize(request)
+        return ModelList(data=[ModelCard(id=self.model_name, root=self.model_path, max_model_len=self.max_model_len)])
+
+    @app.post("/v1/completions")
+    async def completions(self, request: Request) -> Response:
+        self._authorize(request)
+        req = await self._parse(request, CompletionRequest)
+        choices = self.processor.completion(req)
+        rid = f"cmpl-{uuid.uuid4().hex}"
+        run = _Run(self.llm, rid, choices)
+        await run.start()
+        if req.stream:
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            return _sse(self._stream_completion(run, req, include_usage))
+        await run.drain()
+        return JSONResponse(self._completion_response(run, req).model_dump())
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(self, request: Request) -> Response:
+        self._authorize(request)
+        req = await self._parse(request, ChatCompletionRequest)
+        choices = self.processor.chat(req)
+        rid = f"chatcmpl-{uuid.uuid4().hex}"
+        run = _Run(self.llm, rid, choices)
+        await run.start()
+        if req.stream:
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            return _sse(self._stream_chat(run, req, include_usage))
+        await run.drain()
+        return JSONResponse(self._chat_response(run, req).model_dump())
+
+    # ---- request checks ------------------------------------------------------------------------------------
+
+    def _authorize(self, request: Request) -> None:
+        if self.api_key is None:
+            return
+        auth = request.headers.get("authorization", "")
+        scheme, _, token = auth.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self.api_key.encode()):
+            raise OpenAIError("Incorrect or missing API key: send 'Authorization: Bearer <key>'", status=401,
+                              code="invalid_api_key")
+
+    async def _parse(self, request: Request, model: type[BaseModel]):
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_body:
+            raise OpenAIError(f"request body of {length} bytes is over the limit of {self.max_body}", status=413)
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > self.max_body:
+                raise OpenAIError(f"request body is over the limit of {self.max_body} bytes", status=413)
+        try:
+            data = json.loads(body)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise OpenAIError(f"request body is not valid JSON: {e}") from e
+        if not isinstance(data, dict):
+            raise OpenAIError(f"request body must be a JSON object, not {type(data).__name__}")
+        try:
+            return model.model_validate(data)
+        except ValidationError as e:
+            err = e.errors()[0]
+            param = ".".join(str(x) for x in err["loc"]) or None
+            raise OpenAIError(f"{param}: {err['msg']}" if param else err["msg"], param=param) from e
+
+    # ---- responses -----------------------------------------------------------------------------------------
+
+    def _usage(self, run: _Run) -> UsageInfo:
+        # A prompt counts once however many samples it has (n), as in vLLM.
+        prompts: dict[int, _Choice] = {}
+        for c in run.states:
+            prompts.setdefault(c.choice.prompt_index, c)
+        prompt_tokens = sum(c.num_prompt_tokens for c in prompts.values())
+        completion = sum(c.num_generated_tokens for c in run.states)
+        return UsageInfo(prompt_tokens=prompt_tokens, completion_tokens=completion,
+                         total_tokens=prompt_tokens + completion,
+                         prompt_tokens_details=PromptTokensDetails(
+                             cached_tokens=sum(c.num_cached_tokens for c in prompts.values())))
+
+    def _completion_logprobs_for(self, ids: list[int], lps: list, offset: int) -> CompletionLogprobs:
+        out = CompletionLogprobs()
+        for tid, (lp, top) in zip(ids, lps):
+            tok = self.processor.token_text(tid)
+            out.tokens.append(tok)
+            out.token_logprobs.append(lp)
+            out.top_logprobs.append({self.processor.token_text(t): v for t, v in top})
+            out.text_offset.append(offset)
+            offset += len(tok)
+        return out
+
+    def _chat_logprobs(self, ids: list[int], lps: list) -> ChatChoiceLogprobs:
+        content = []
+        for tid, (lp, top) in zip(ids, lps):
+            tok = self.processor.token_text(tid)
+            content.append(ChatTokenLogprob(
+                token=tok, logprob=lp, bytes=list(tok.encode()),
+                top_logprobs=[TopLogprob(token=(s := self.processor.token_text(t)), logprob=v, bytes=list(s.encode()))
+                              for t, v in top]))
+        return ChatChoiceLogprobs(content=content)
+
+    def _completion_response(self, run: _Run, req: CompletionRequest) -> CompletionResponse:
+        choices = []
+        for c in run.states:
+            lp = (self._completion_logprobs_for(c.token_ids, c.logprobs, 0)
+                  if c.choice.params.logprobs is not None else None)
+            choices.append(CompletionChoice(index=c.choice.index, text=c.text, logprobs=lp,
+                                            finish_reason=c.finish_reason, stop_reason=c.stop_reason,
+                                            token_ids=c.token_ids if req.return_token_ids else None))
+        return CompletionResponse(id=run.request_id, model=self.model_name, choices=choices, usage=self._usage(run))
+
+    def _chat_response(self, run: _Run, req: ChatCompletionRequest) -> ChatCompletionResponse:
+        choices = []
+        for c in run.states:
+            lp = self._chat_logprobs(c.token_ids, c.logprobs) if req.logprobs else None
+            choices.append(ChatCompletionChoice(index=c.choice.index, message=ChatResponseMessage(content=c.text),
+                                                logprobs=lp, finish_reason=c.finish_reason,
+                                                stop_reason=c.stop_reason))
+        return ChatCompletionResponse(id=run.request_id, model=self.model_name, choices=choices,
+                                      usage=self._usage(run))
+
+    async def _stream_completion(self, run: _Run, req: CompletionRequest, include_usage: bool) -> AsyncIterator[str]:
+        offsets = [0] * len(run.states)
+        async for i, text, ids, lps in run.events():
+            c = run.states[i]
+            if not (text or ids or c.finish_reason):
+                continue
+            lp = None
+            if c.choice.params.logprobs is not None:
+                lp = self._completion_logprobs_for(ids, lps, offsets[i])
+            offsets[i] += len(text)
+            chunk = CompletionResponse(id=run.request_id, model=self.model_name, choices=[CompletionChoice(
+                index=c.choice.index, text=text, logprobs=lp, finish_reason=c.finish_reason,
+                stop_reason=c.stop_reason, token_ids=ids if req.return_token_ids else None)])
+            yield _event(chunk)
+        if include_usage:
+            yield _event(CompletionResponse(id=run.request_id, model=self.model_name, choices=[],
+                                            usage=self._usage(run)))
+
+    async def _stream_chat(self, run: _Run, req: ChatCompletionRequest, include_usage: bool) -> AsyncIterator[str]:
+        for c in run.states:  # OpenAI opens each choice with the role
+            yield _event(ChatCompletionStreamResponse(id=run.request_id, model=self.model_name, choices=[
+                ChatCompletionStreamChoice(index=c.choice.index, delta=DeltaMessage(role="assistant", content=""))]))
+        async for i, text, ids, lps in run.events():
+            c = run.states[i]
+            if not (text or c.finish_reason or (req.logprobs and ids)):
+                continue
+            yield _event(ChatCompletionStreamResponse(id=run.request_id, model=self.model_name, choices=[
+                ChatCompletionStreamChoice(index=c.choice.index, delta=DeltaMessage(content=text or None),
+                                           logprobs=self._chat_logprobs(ids, lps) if req.logprobs else None,
+                                           finish_reason=c.finish_reason, stop_reason=c.stop_reason)]))
+        if include_usage:
+            yield _event(ChatCompletionStreamResponse(id=run.request_id, model=self.model_name, choices=[],
+                                                      usage=self._usage(run)))
