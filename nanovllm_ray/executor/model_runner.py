@@ -42,7 +42,9 @@ def resolve_dtype(config: Config, device: torch.device) -> torch.dtype:
 
 
 class ModelRunner:
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, defer_graphs: bool = False) -> None:
+        """defer_graphs: leave CUDA-graph capture to a later capture_cuda_graphs() (after resize_kv_cache: graphs
+        bake in the KV cache's addresses)."""
         self.config = config
         self.rank = tp_rank()
         self.device = resolve_device(config)
@@ -70,7 +72,11 @@ class ModelRunner:
         self.graphs = None
         self.prev_sampled = torch.zeros(0, dtype=torch.int64, device=self.device)  # last step's sampled tokens
         self.num_kv_blocks = self._allocate_kv_cache()
-        if self.device.type == "cuda" and not config.enforce_eager and self.backend.supports_cuda_graphs:
+        if not defer_graphs:
+            self.capture_cuda_graphs()
+
+    def capture_cuda_graphs(self) -> None:
+        if self.device.type == "cuda" and not self.config.enforce_eager and self.backend.supports_cuda_graphs:
             from nanovllm_ray.executor.cuda_graph import DecodeGraphs
 
             self.graphs = DecodeGraphs(self)
@@ -99,6 +105,13 @@ class ModelRunner:
                                "max_num_batched_tokens or raise gpu_memory_utilization")
         self._set_kv_cache(num_blocks)
         return num_blocks
+
+    def resize_kv_cache(self, num_blocks: int) -> None:
+        """Replace the KV pool with one of num_blocks blocks (ranks agree on the smallest); before graphs."""
+        assert self.graphs is None, "CUDA graphs hold the old pool's addresses"
+        self.kv_cache = None  # free the old pool first
+        self._set_kv_cache(num_blocks)
+        self.num_kv_blocks = num_blocks
 
     def _set_kv_cache(self, num_blocks: int) -> None:
         # [2, num_layers, num_blocks, block_size, num_kv_heads, head_dim]

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import socket
-from dataclasses import replace
 
 import torch
 
@@ -41,22 +40,15 @@ class TPWorker:
         dist.init_process_group(backend="nccl" if use_gpu else "gloo", init_method=f"tcp://{addr}:{port}",
                                 rank=self.rank, world_size=self.world_size)
         # CUDA graphs bake in the KV cache's addresses: build without them, agree on the block count, then capture.
-        cfg = self.config
-        self.runner = runner = ModelRunner(replace(cfg, enforce_eager=True))
+        self.runner = runner = ModelRunner(self.config, defer_graphs=True)
         # Every rank must hold the same number of blocks: the driver's block ids index all of them. Rank 0 gathers
         # the logits, so its profile can leave it fewer blocks than the others.
         n = torch.tensor([runner.num_kv_blocks], dtype=torch.int64, device=runner.device)
         dist.all_reduce(n, op=dist.ReduceOp.MIN)
         agreed = int(n.item())
         if agreed != runner.num_kv_blocks:
-            runner.kv_cache = None  # free the larger pool before allocating the smaller one
-            runner._set_kv_cache(agreed)
-            runner.num_kv_blocks = agreed
-        runner.config = cfg
-        if runner.device.type == "cuda" and not cfg.enforce_eager and runner.backend.supports_cuda_graphs:
-            from nanovllm_ray.executor.cuda_graph import DecodeGraphs
-
-            runner.graphs = DecodeGraphs(runner)
+            runner.resize_kv_cache(agreed)
+        runner.capture_cuda_graphs()
         return agreed, runner.block_bytes
 
     def execute(self, step: StepInput | None) -> StepOutput | None:
