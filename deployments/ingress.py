@@ -227,31 +227,25 @@ class OpenAIIngress:
 
     @app.post("/v1/completions")
     async def completions(self, request: Request) -> Response:
-        self._authorize(request)
-        req = await self._parse(request, CompletionRequest)
-        choices = self.processor.completion(req)
-        rid = f"cmpl-{uuid.uuid4().hex}"
-        run = _Run(self.llm, rid, choices)
-        await run.start()
-        if req.stream:
-            include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return _sse(self._stream_completion(run, req, include_usage))
-        await run.drain()
-        return JSONResponse(self._completion_response(run, req).model_dump())
+        return await self._serve(request, CompletionRequest, self.processor.completion, "cmpl",
+                                 self._stream_completion, self._completion_response)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(self, request: Request) -> Response:
+        return await self._serve(request, ChatCompletionRequest, self.processor.chat, "chatcmpl",
+                                 self._stream_chat, self._chat_response)
+
+    async def _serve(self, request: Request, model, make_choices, id_prefix: str, stream, respond) -> Response:
+        """Authorize, validate, start one engine request per choice; stream (SSE) or answer once all finish."""
         self._authorize(request)
-        req = await self._parse(request, ChatCompletionRequest)
-        choices = self.processor.chat(req)
-        rid = f"chatcmpl-{uuid.uuid4().hex}"
-        run = _Run(self.llm, rid, choices)
+        req = await self._parse(request, model)
+        run = _Run(self.llm, f"{id_prefix}-{uuid.uuid4().hex}", make_choices(req))
         await run.start()
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return _sse(self._stream_chat(run, req, include_usage))
+            return _sse(stream(run, req, include_usage))
         await run.drain()
-        return JSONResponse(self._chat_response(run, req).model_dump())
+        return JSONResponse(respond(run, req).model_dump())
 
     # ---- request checks ------------------------------------------------------------------------------------
 
