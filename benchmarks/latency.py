@@ -29,11 +29,12 @@ from benchmarks.common import (  # noqa: E402
 )
 
 
-def run_batch(engine, batch: int, prompt_len: int, output_len: int, rng: Random) -> tuple[float, float]:
+def run_batch(engine, batch: int, prompt_len: int, output_len: int, rng: Random, detokenize: bool = False
+              ) -> tuple[float, float]:
     """Mean TTFT and mean time per output token (after the first) over one batch."""
     from nanovllm_ray import SamplingParams
 
-    sp = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True, detokenize=False)
+    sp = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True, detokenize=detokenize)
     start = time.perf_counter()
     first: dict[str, float] = {}
     last: dict[str, float] = {}

@@ -27,28 +27,7 @@ from random import Random
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import demo_checkpoint, device_name, print_table, write_result  # noqa: E402
-
-
-def engine_batch(engine, batch: int, prompt_len: int, output_len: int, rng: Random) -> tuple[float, float]:
-    """Mean TTFT and mean time per output token of one batch, engine alone."""
-    from nanovllm_ray import SamplingParams
-
-    sp = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True)
-    start = time.perf_counter()
-    first: dict[str, float] = {}
-    last: dict[str, float] = {}
-    for i in range(batch):
-        engine.add_request(f"e-{rng.random()}-{i}", [rng.randrange(0, 150000) for _ in range(prompt_len)], sp)
-    while engine.has_unfinished_requests():
-        outs = engine.step()
-        now = time.perf_counter()
-        for o in outs:
-            first.setdefault(o.request_id, now)
-            if o.finished:
-                last[o.request_id] = now
-    ttft = statistics.mean(t - start for t in first.values())
-    tpot = statistics.mean((last[r] - first[r]) / (output_len - 1) for r in first)
-    return ttft, tpot
+from benchmarks.latency import run_batch  # noqa: E402
 
 
 async def http_one(client, url: str, prompt: list[int], output_len: int) -> tuple[float, float]:
@@ -125,9 +104,10 @@ def main() -> None:
         executor = RayExecutor(config, dispatch=args.dispatch)
     engine = LLMEngine(config, executor=executor)
     rng = Random(0)
-    engine_batch(engine, 2, args.prompt_len, 8, rng)  # warm-up
+    run_batch(engine, 2, args.prompt_len, 8, rng, detokenize=True)  # warm-up
     for b in batches:
-        res = [engine_batch(engine, b, args.prompt_len, args.output_len, rng) for _ in range(args.repeats)]
+        res = [run_batch(engine, b, args.prompt_len, args.output_len, rng, detokenize=True)
+               for _ in range(args.repeats)]
         rows[b]["engine_ttft_ms"] = statistics.median(r[0] for r in res) * 1e3
         rows[b]["engine_tpot_ms"] = statistics.median(r[1] for r in res) * 1e3
     engine.shutdown()
