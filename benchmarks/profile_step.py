@@ -67,8 +67,20 @@ def main() -> None:
                             detokenize=False)
         for i in range(bs):
             engine.add_request(f"p{bs}-{i}", [rng.randrange(0, 10000) for _ in range(args.context)], sp)
+        first = True
         while any(s.num_computed_tokens < s.num_prompt_tokens for s in engine.requests.values()):
-            engine.step()  # prefill
+            if first and cuda:  # the first prefill step: where does a time to first token go?
+                acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+                torch.cuda.synchronize()
+                t = time.perf_counter()
+                with torch.profiler.profile(activities=acts) as prof:
+                    engine.step()
+                    torch.cuda.synchronize()
+                print(f"\n--- batch {bs}: first prefill step {1e3 * (time.perf_counter() - t):.1f} ms (profiled) ---\n"
+                      + prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
+                first = False
+            else:
+                engine.step()  # prefill
         for _ in range(5):
             engine.step()
         acc.clear()
