@@ -1,0 +1,40 @@
+"""The engine loads Hugging Face checkpoints split over several safetensors files and stored in bf16/fp16."""
+
+import pytest
+import torch
+
+from nanovllm_ray import LLM, SamplingParams
+from nanovllm_ray.demo_model import make_demo_checkpoint
+
+PROMPTS = [[11, 22, 33, 44, 55] * 5, list(range(500, 540))]
+GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_untied_model):
+    return [o.token_ids for o in LLM(tiny_untied_model, num_kvcache_blocks=64).generate(PROMPTS, GREEDY,
+                                                                                         use_tqdm=False)]
+
+
+def test_sharded_checkpoint(tmp_path, reference):
+    path = make_demo_checkpoint(tmp_path / "sharded", "tiny-untied", num_shards=3)
+    assert len(list(path.glob("*.safetensors"))) == 3 and (path / "model.safetensors.index.json").exists()
+    llm = LLM(str(path), num_kvcache_blocks=64)
+    assert [o.token_ids for o in llm.generate(PROMPTS, GREEDY, use_tqdm=False)] == reference
+
+
+@pytest.mark.parametrize("stored", ["bfloat16", "float16"])
+def test_half_precision_checkpoint(tmp_path, stored):
+    path = make_demo_checkpoint(tmp_path / stored, "tiny", dtype=stored)
+    auto = LLM(str(path), num_kvcache_blocks=64)
+    runner = auto.engine.executor.runner
+    assert runner.dtype == torch.float32  # auto on the CPU computes in fp32
+    assert runner.model.model.embed_tokens.weight.dtype == torch.float32
+    half = LLM(str(path), num_kvcache_blocks=64, dtype=stored)
+    assert half.engine.executor.runner.model.model.embed_tokens.weight.dtype == getattr(torch, stored)
+    a = auto.generate(PROMPTS, GREEDY, use_tqdm=False)
+    b = half.generate(PROMPTS, GREEDY, use_tqdm=False)
+    assert all(o.num_generated_tokens == 12 for o in a + b)
+    # The same weights computed in half precision mostly agree with fp32 (random weights have near-ties).
+    agree = sum(x == y for oa, ob in zip(a, b) for x, y in zip(oa.token_ids, ob.token_ids))
+    assert agree >= 0.5 * 24
