@@ -40,7 +40,7 @@ def ray_cluster(num_cpus: int = 2) -> Iterator[int]:
     if ray.is_initialized():
         ray.shutdown()
     metrics_port = free_port()
-    ray.init(num_cpus=num_cpus, include_dashboard=False, _metrics_export_port=metrics_port,
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, _metrics_export_port=metrics_port,
              logging_level="WARNING", log_to_driver=False)
     try:
         yield metrics_port

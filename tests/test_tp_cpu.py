@@ -77,3 +77,14 @@ def test_serve_app_with_tp2(cluster, tiny_untied_model):
         assert [c.text for c in r.choices] == refs
         stats = service.llm_stats("tp")
         assert stats["num_running"] == 0 and stats["num_free_blocks"] == stats["num_blocks"]
+
+
+def test_offline_llm_with_tp2(cluster, tiny_untied_model, reference):
+    """LLM(..., tensor_parallel_size=2) drives its ranks as Ray actors without being told."""
+    llm = LLM(tiny_untied_model, tensor_parallel_size=2, **ENGINE)
+    try:
+        assert type(llm.engine.executor).__name__ == "RayExecutor"
+        assert [o.token_ids for o in llm.generate(_prompts(), GREEDY, use_tqdm=False)] == reference
+        assert_no_leak(llm.engine)
+    finally:
+        llm.engine.shutdown()

@@ -14,7 +14,7 @@ from nanovllm_ray.config import Config
 from nanovllm_ray.engine.block_manager import BlockManager, KVCacheEvent
 from nanovllm_ray.engine.scheduler import ScheduledBatch, Scheduler
 from nanovllm_ray.engine.sequence import PENDING, Sequence, SequenceStatus
-from nanovllm_ray.executor.base import Executor, InProcessExecutor
+from nanovllm_ray.executor.base import Executor, default_executor
 from nanovllm_ray.executor.step import PendingOutput, StepInput
 from nanovllm_ray.sampling_params import SamplingParams
 
@@ -58,7 +58,7 @@ class LLMEngine:
         if tokenizer is None:
             tokenizer = load_tokenizer(config.tokenizer or config.model)
         self.tokenizer = tokenizer
-        self.executor = executor or InProcessExecutor(config)
+        self.executor = executor or default_executor(config)
         self.eos_token_ids = set(config.eos_token_ids)
         self.vocab_size = config.hf_config["vocab_size"]
         self.block_manager = BlockManager(self.executor.num_kv_blocks, config.block_size,

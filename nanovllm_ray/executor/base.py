@@ -47,3 +47,12 @@ class InProcessExecutor(Executor):
 
     def execute_async(self, step: StepInput) -> PendingOutput:
         return self.runner.execute_async(step)
+
+
+def default_executor(config: Config) -> Executor:
+    """One rank runs in this process; more run as Ray actors (a local Ray instance is started if none is)."""
+    if config.tensor_parallel_size == 1:
+        return InProcessExecutor(config)
+    from nanovllm_ray.executor.ray_executor import RayExecutor
+
+    return RayExecutor(config)
