@@ -20,7 +20,9 @@ from ray.serve import Application
 
 from deployments.ingress import OpenAIIngress
 from deployments.llm_server import LLMServer
+from deployments.router import prefix_request_router_config
 from nanovllm_ray.config import Config
+from nanovllm_ray.router import PrefixRoutingConfig
 
 logger = logging.getLogger("ray.serve")
 
@@ -69,6 +71,11 @@ class LLMAppArgs(BaseModel):
     api_key: str | None = Field(None, description="require 'Authorization: Bearer <key>' (or set NANOVLLM_API_KEY)")
     num_replicas: int | Literal["auto"] = Field(1, description="LLMServer replicas (engines); 'auto' autoscales")
     autoscaling_config: dict[str, Any] | None = None
+    routing: Literal["auto", "prefix_aware", "ray"] = Field(
+        "auto", description="how the ingress picks an LLMServer replica: prefix_aware (by cached prefix against "
+                            "load), ray (Serve's power of two choices); auto: prefix_aware with more than one")
+    prefix_routing: dict[str, Any] = Field(
+        default_factory=dict, description="tunables of prefix-aware routing (nanovllm_ray.router.PrefixRoutingConfig)")
     max_ongoing_requests: int = Field(256, ge=1, description="requests one LLMServer replica takes at once")
     max_queued_requests: int = Field(512, ge=-1, description="requests waiting for a replica; beyond: 503/429")
     ingress_num_replicas: int = Field(1, ge=1)
@@ -87,7 +94,19 @@ class LLMAppArgs(BaseModel):
         both = sorted(set(self.engine_kwargs) & set(_ENGINE_KEYS))
         if both:
             raise ValueError(f"set {both} as top-level args, not in engine_kwargs")
+        PrefixRoutingConfig.from_kwargs(**self.prefix_routing)
+        if self.routing == "prefix_aware" and not self.enable_prefix_caching:
+            raise ValueError("routing='prefix_aware' needs enable_prefix_caching=true")
         return self
+
+    def use_prefix_routing(self) -> bool:
+        if self.routing != "auto":
+            return self.routing == "prefix_aware"
+        if not self.enable_prefix_caching:
+            return False
+        if self.num_replicas == "auto" or self.autoscaling_config is not None:
+            return int((self.autoscaling_config or {}).get("max_replicas", 4)) > 1
+        return self.num_replicas > 1
 
     def config_kwargs(self) -> dict[str, Any]:
         return {**{k: getattr(self, k) for k in _ENGINE_KEYS}, **self.engine_kwargs}
@@ -125,9 +144,13 @@ def build_app(args: dict[str, Any] | LLMAppArgs | None = None) -> Application:
                            placement_group_strategy="STRICT_PACK")
     else:
         llm_options["ray_actor_options"] = {"num_cpus": args.replica_num_cpus, "num_gpus": 1 if use_gpu else 0}
+    prefix_routing = None
+    if args.use_prefix_routing():  # the ingress's handle routes by cached prefix (deployments/router.py)
+        prefix_routing = PrefixRoutingConfig.from_kwargs(**args.prefix_routing).to_dict()
+        llm_options["request_router_config"] = prefix_request_router_config(config.block_size, prefix_routing)
     llm = LLMServer.options(**llm_options).bind(
         model, engine_kwargs, name, executor="ray" if use_ray else "inprocess", dispatch=args.dispatch,
-        worker_num_cpus=args.worker_num_cpus)
+        worker_num_cpus=args.worker_num_cpus, prefix_routing=prefix_routing)
     ingress = serve.deployment(OpenAIIngress).options(
         num_replicas=args.ingress_num_replicas, ray_actor_options={"num_cpus": args.ingress_num_cpus},
         max_ongoing_requests=args.ingress_max_ongoing_requests, max_queued_requests=args.ingress_max_queued_requests,

@@ -138,7 +138,7 @@ def test_engine_on_gpu_matches_transformers_fp32(tiny, kwargs):
     outs2 = llm.generate(second, sp, use_tqdm=False)
     got += [o.token_ids for o in outs2]
     assert got == refs
-    if "num_kvcache_blocks" in kwargs and kwargs["num_kvcache_blocks"] <= 48:
+    if kwargs.get("num_kvcache_blocks") == 48:  # 768 tokens of KV for a batch that needs about 1,260
         assert llm.engine.scheduler.num_preemptions > 0
     bm = llm.engine.block_manager
     assert bm.num_free_blocks == bm.num_blocks
