@@ -107,7 +107,18 @@ def hf_config(shape: str = "tiny", dtype: str | None = None) -> dict:
         "use_cache": True,
         "use_sliding_window": False,
         "vocab_size": VOCAB_SIZE,
+        # as save_pretrained writes it; without it transformers 5.x warns about a Mistral regex on loading
+        "transformers_version": _transformers_version(),
     }
+
+
+def _transformers_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("transformers")
+    except Exception:  # not installed: the engine itself does not need it
+        return "5.0.0"
 
 
 def weight_specs(config: dict) -> list[tuple[str, tuple[int, ...]]]:
