@@ -7,10 +7,12 @@ import random
 
 import openai
 import pytest
+import torch
 from conftest import assert_no_leak
 from serve_harness import ray_cluster, serve_apps
 
 from nanovllm_ray import LLM, Config, LLMEngine, SamplingParams
+from nanovllm_ray.executor.step import StepInput
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
@@ -88,3 +90,44 @@ def test_offline_llm_with_tp2(cluster, tiny_untied_model, reference):
         assert_no_leak(llm.engine)
     finally:
         llm.engine.shutdown()
+
+
+def _forward_positions(forward_logits, streams: list[list[int]], prompt_lens: list[int], bs: int) -> torch.Tensor:
+    """Logits of every stream, teacher forced: one prefill step of the prompts, then decode steps of the streams'
+    own next tokens. Sequence i owns blocks [i * width, (i + 1) * width)."""
+    width = (max(map(len, streams)) + bs - 1) // bs
+    tables = [list(range(i * width, (i + 1) * width)) for i in range(len(streams))]
+
+    def step(chunks: list[list[int]], starts: list[int]) -> torch.Tensor:
+        pos = [list(range(s, s + len(c))) for c, s in zip(chunks, starts)]
+        slots = [t[q // bs] * bs + q % bs for t, ps in zip(tables, pos) for q in ps]
+        ends = [s + len(c) for c, s in zip(chunks, starts)]
+        return forward_logits(StepInput(sum(chunks, []), sum(pos, []), slots, list(map(len, chunks)), ends, tables,
+                                        [], [], [], [], [], [], None))
+
+    rows = [step([s[:p] for s, p in zip(streams, prompt_lens)], [0] * len(streams))]
+    for t in range(len(streams[0]) - prompt_lens[0]):
+        rows.append(step([[s[p + t]] for s, p in zip(streams, prompt_lens)], [p + t for p in prompt_lens]))
+    return torch.cat(rows)
+
+
+def test_tp2_forward_logits_match_tp1(cluster, tiny_untied_model):
+    """The teacher-forced hook of the GPU tests: every rank runs the step, rank 0's logits come back (fp32, gloo)."""
+    import ray
+
+    rng = random.Random(2)
+    prompt_lens = [40, 17, 5]
+    streams = [[rng.randrange(0, 150000) for _ in range(p + 6)] for p in prompt_lens]
+    one = LLM(tiny_untied_model, **ENGINE)
+    want = _forward_positions(one.engine.executor.runner.forward_logits, streams, prompt_lens, one.config.block_size)
+    two = LLM(tiny_untied_model, tensor_parallel_size=2, **ENGINE)
+    try:
+        executor = two.engine.executor
+        assert ray.get([w.__ray_call__.remote(lambda w: str(w.runner.dtype)) for w in executor.workers]) == [
+            "torch.float32"] * 2
+        got = _forward_positions(executor.forward_logits, streams, prompt_lens, two.config.block_size)
+        assert_no_leak(two.engine)
+    finally:
+        two.engine.shutdown()
+    assert got.shape == (sum(prompt_lens) + 3 * 6, want.shape[1])
+    torch.testing.assert_close(got, want, atol=1e-4 * want.abs().max().item(), rtol=0)

@@ -12,6 +12,8 @@ import logging
 import time
 from typing import Literal
 
+import torch
+
 from nanovllm_ray.config import Config
 from nanovllm_ray.executor.base import Executor
 from nanovllm_ray.executor.step import StepInput, StepOutput
@@ -91,6 +93,19 @@ class RayExecutor(Executor):
         else:
             outs = ray.get([w.execute.remote(step) for w in self.workers])
         return outs[0]
+
+    def forward_logits(self, step: StepInput) -> torch.Tensor:
+        """Logits of every token of the step, from rank 0 (every rank runs it; CUDA graphs for decode): for
+        teacher-forced comparisons. Plain remote calls: the compiled graph's loop runs on another thread."""
+        import ray
+
+        return ray.get([w.forward_logits.remote(step) for w in self.workers])[0]
+
+    def measure_allreduce(self, num_tokens: int, calls: int, iters: int = 20) -> float:
+        """Seconds for `calls` all-reduces of [num_tokens, hidden] activations on the ranks (the slowest rank's)."""
+        import ray
+
+        return max(ray.get([w.measure_allreduce.remote(num_tokens, calls, iters) for w in self.workers]))
 
     def measure_dispatch(self, n: int = 200, warmup: int = 20) -> float:
         """Seconds per no-op step sent to every rank and back: the executor's own cost beside a model step."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 
 import torch
 
@@ -56,6 +57,42 @@ class TPWorker:
         if step is None:
             return None
         return self.runner.execute(step)
+
+    def forward_logits(self, step: StepInput) -> torch.Tensor | None:
+        """Logits of every token of the step (teacher-forced tests): run on every rank, rank 0 returns them on the
+        CPU, the others None."""
+        logits = self.runner.forward_logits(step)
+        return logits.cpu() if self.rank == 0 else None
+
+    def measure_allreduce(self, num_tokens: int, calls: int, iters: int = 20) -> float:
+        """Seconds for `calls` back-to-back all-reduces of [num_tokens, hidden] activations in the model's dtype:
+        a step's communication without its compute. Run on every rank at once. On GPU the burst is one CUDA graph,
+        as a decode step runs."""
+        import torch.distributed as dist
+
+        runner = self.runner
+        x = torch.zeros(num_tokens, self.config.hf_config["hidden_size"], dtype=runner.dtype, device=runner.device)
+
+        def burst() -> None:
+            for _ in range(calls):
+                dist.all_reduce(x)  # zeros stay zeros
+
+        burst()  # warm-up (and on gloo every rank has arrived; on NCCL the synchronize below waits for them)
+        run, graph = burst, None
+        if runner.device.type == "cuda":
+            graph = torch.cuda.CUDAGraph()
+            # thread_local: the compiled graph's loop waits on its own thread meanwhile
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+                burst()
+            run = graph.replay
+            run()
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        for _ in range(iters):
+            run()
+        if graph is not None:
+            torch.cuda.synchronize()
+        return (time.perf_counter() - t) / iters
 
     def shutdown(self) -> None:
         import torch.distributed as dist
