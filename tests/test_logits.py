@@ -8,11 +8,7 @@ from nanovllm_ray.executor.step import StepInput
 
 
 def _step(tokens, start, table, block_size) -> StepInput:
-    end = start + len(tokens)
-    return StepInput(input_ids=tokens, positions=list(range(start, end)),
-                     slot_mapping=[table[p // block_size] * block_size + p % block_size for p in range(start, end)],
-                     query_lens=[len(tokens)], seq_lens=[end], block_tables=[table], sample_rows=[],
-                     temperatures=[], top_ks=[], top_ps=[], min_ps=[], seeds=[], max_logprobs=None)
+    return StepInput.forward_only([tokens], [start], [table], block_size)
 
 
 @pytest.mark.parametrize("fixture", ["tiny_model", "tiny_untied_model"])

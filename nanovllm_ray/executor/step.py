@@ -25,6 +25,21 @@ class StepInput:
     pending_dst: list[int] = field(default_factory=list)
     pending_src: list[int] = field(default_factory=list)
 
+    @classmethod
+    def forward_only(cls, seqs: list[list[int]], starts: list[int], tables: list[list[int]], block_size: int
+                     ) -> StepInput:
+        """A step that computes seqs[i] at positions starts[i].. through block table tables[i] and samples
+        nothing (teacher-forced logits in tests and benchmarks)."""
+        ids, pos, slots, qlens, slens = [], [], [], [], []
+        for toks, start, table in zip(seqs, starts, tables):
+            end = start + len(toks)
+            ids += toks
+            pos += range(start, end)
+            slots += [table[p // block_size] * block_size + p % block_size for p in range(start, end)]
+            qlens.append(len(toks))
+            slens.append(end)
+        return cls(ids, pos, slots, qlens, slens, tables, [], [], [], [], [], [], None)
+
     @property
     def is_decode_only(self) -> bool:
         return all(q == 1 for q in self.query_lens)

@@ -18,16 +18,7 @@ def model_06b(tmp_path_factory):
     return str(make_demo_checkpoint(tmp_path_factory.mktemp("ckpt") / "qwen3-0.6b", "qwen3-0.6b"))
 
 
-def _step(seqs: list[list[int]], starts: list[int], tables: list[list[int]], bs: int) -> StepInput:
-    ids, pos, slots, qlens, slens = [], [], [], [], []
-    for toks, start, table in zip(seqs, starts, tables):
-        end = start + len(toks)
-        ids += toks
-        pos += range(start, end)
-        slots += [table[p // bs] * bs + p % bs for p in range(start, end)]
-        qlens.append(len(toks))
-        slens.append(end)
-    return StepInput(ids, pos, slots, qlens, slens, tables, [], [], [], [], [], [], None)
+_step = StepInput.forward_only
 
 
 def _teacher_forced(llm: LLM, streams: list[list[int]], prompt_lens: list[int]) -> list[torch.Tensor]:

@@ -24,16 +24,7 @@ PROMPT_LENS = [300, 151, 77, 33]
 GREEDY = SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True)
 
 
-def _step(seqs: list[list[int]], starts: list[int], tables: list[list[int]], bs: int) -> StepInput:
-    ids, pos, slots, qlens, slens = [], [], [], [], []
-    for toks, start, table in zip(seqs, starts, tables):
-        end = start + len(toks)
-        ids += toks
-        pos += range(start, end)
-        slots += [table[p // bs] * bs + p % bs for p in range(start, end)]
-        qlens.append(len(toks))
-        slens.append(end)
-    return StepInput(ids, pos, slots, qlens, slens, tables, [], [], [], [], [], [], None)
+_step = StepInput.forward_only
 
 
 def _teacher_forced(forward_logits: Callable[[StepInput], torch.Tensor], bs: int, streams: list[list[int]],
