@@ -67,6 +67,17 @@ def model_shape(path: str) -> dict:
             "flops_per_token": 2 * (params - embed)}  # the LM head runs on sampled rows only
 
 
+async def stream_completion(client, url: str, body: dict):
+    """POST a streaming completion; yields (arrival time, parsed chunk) for each `data: {...}` server event."""
+    import json as _json
+
+    async with client.stream("POST", url, json={**body, "stream": True}) as r:
+        r.raise_for_status()
+        async for line in r.aiter_lines():
+            if line.startswith("data: {"):
+                yield time.perf_counter(), _json.loads(line[6:])
+
+
 def device_name() -> str:
     return torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu-{platform.machine()}"
 

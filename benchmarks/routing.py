@@ -29,7 +29,13 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import demo_checkpoint, device_name, print_table, write_result  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    demo_checkpoint,
+    device_name,
+    print_table,
+    stream_completion,
+    write_result,
+)
 from benchmarks.prefix_cache import Chat, ReuseBound, make_chats, random_ids  # noqa: E402
 
 
@@ -54,17 +60,12 @@ async def one_request(client, url: str, prompt: list[int], max_tokens: int) -> d
     first = None
     ids: list[int] = []
     usage = None
-    async with client.stream("POST", url, json=body) as r:
-        r.raise_for_status()
-        async for line in r.aiter_lines():
-            if not line.startswith("data: {"):
-                continue
-            chunk = json.loads(line[6:])
-            if chunk["choices"]:
-                first = first or time.perf_counter()
-                ids += chunk["choices"][0].get("token_ids") or []
-            if chunk.get("usage"):
-                usage = chunk["usage"]
+    async for now, chunk in stream_completion(client, url, body):
+        if chunk["choices"]:
+            first = first or now
+            ids += chunk["choices"][0].get("token_ids") or []
+        if chunk.get("usage"):
+            usage = chunk["usage"]
     assert first is not None and usage is not None and len(ids) == max_tokens, (usage, len(ids))
     return {"ttft": first - start, "e2e": time.perf_counter() - start, "ids": ids,
             "prompt_tokens": usage["prompt_tokens"], "cached": usage["prompt_tokens_details"]["cached_tokens"]}

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
-import json
 import os
 import statistics
 import sys
@@ -26,7 +25,13 @@ from random import Random
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import demo_checkpoint, device_name, print_table, write_result  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    demo_checkpoint,
+    device_name,
+    print_table,
+    stream_completion,
+    write_result,
+)
 from benchmarks.latency import run_batch  # noqa: E402
 
 
@@ -36,18 +41,12 @@ async def http_one(client, url: str, prompt: list[int], output_len: int) -> tupl
     start = time.perf_counter()
     first = last = None
     tokens = 0
-    async with client.stream("POST", url, json=body) as r:
-        r.raise_for_status()
-        async for line in r.aiter_lines():
-            if not line.startswith("data: {"):
-                continue
-            chunk = json.loads(line[6:])
-            now = time.perf_counter()
-            if chunk["choices"]:
-                first = first or now
-                last = now
-            if chunk.get("usage"):
-                tokens = chunk["usage"]["completion_tokens"]
+    async for now, chunk in stream_completion(client, url, body):
+        if chunk["choices"]:
+            first = first or now
+            last = now
+        if chunk.get("usage"):
+            tokens = chunk["usage"]["completion_tokens"]
     assert tokens == output_len and first is not None, (tokens, output_len)
     return first - start, (last - first) / (tokens - 1)
 
