@@ -43,6 +43,36 @@ def floor_seconds(prompts: list[list[int]], max_tokens: list[int], shape: dict, 
     return (kv_tokens * shape["kv_bytes_per_token"] + max(max_tokens) * shape["weight_bytes"]) / bandwidth
 
 
+def trace_steps(scheduler) -> list[tuple[float, int, int]]:
+    """Record (start time, sequences, tokens) of every scheduled step."""
+    trace: list[tuple[float, int, int]] = []
+    schedule = scheduler.schedule
+
+    def traced():
+        batch = schedule()
+        if batch.seqs:
+            trace.append((time.perf_counter(), len(batch.seqs), batch.num_tokens))
+        return batch
+
+    scheduler.schedule = traced
+    return trace
+
+
+def summarize_trace(trace: list[tuple[float, int, int]], end: float) -> list[dict]:
+    """Wall time by kind of step: steps with prefill tokens, and decode-only steps by batch size. A step's time
+    runs from its scheduling to the next's (with async scheduling the device work overlaps: this is the pace)."""
+    buckets: dict[str, list[float]] = {}
+    for (t, seqs, tokens), nxt in zip(trace, [x[0] for x in trace[1:]] + [end]):
+        if tokens > seqs:
+            key = "prefill"
+        else:
+            low = next(b for b in (256, 128, 64, 16, 1) if seqs >= b)
+            key = f"decode {low}+"
+        buckets.setdefault(key, []).append(nxt - t)
+    return [{"steps": k, "count": len(v), "seconds": round(sum(v), 3), "mean_ms": round(1e3 * sum(v) / len(v), 3)}
+            for k, v in sorted(buckets.items())]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None, help="checkpoint (default: the qwen3-0.6b demo checkpoint)")
@@ -77,9 +107,11 @@ def main() -> None:
     llm.generate(["Benchmark: "], SamplingParams(), use_tqdm=False)  # warm-up
     if torch.cuda.is_available():
         torch.cuda.synchronize()
+    trace = trace_steps(llm.engine.scheduler)
     t = time.perf_counter()
     outs = llm.generate(prompts, params, use_tqdm=False)
     seconds = time.perf_counter() - t
+    phases = summarize_trace(trace, time.perf_counter())
     generated = sum(o.num_generated_tokens for o in outs)
     assert generated == sum(max_tokens)
     shape = model_shape(path)
@@ -88,10 +120,11 @@ def main() -> None:
            "floor_s": round(floor, 3), "floor_tokens_per_s": round(generated / floor, 1),
            "fraction_of_floor": round(floor / seconds, 3)}
     print_table([row])
+    print_table(phases)
     stats = llm.engine.stats()
     data = {"benchmark": "throughput", "device": device_name(), "bandwidth_bytes_per_s": bandwidth,
             "model": path, "shape": shape, "num_kv_blocks": llm.engine.block_manager.num_blocks,
-            "preemptions": stats.num_preemptions, "config": {k: v for k, v in vars(args).items()}, **row}
+            "preemptions": stats.num_preemptions, "config": vars(args), "phases": phases, **row}
     print(f"bandwidth {bandwidth / 1e12:.2f} TB/s on {device_name()}; preemptions {stats.num_preemptions}; "
           f"KV blocks {llm.engine.block_manager.num_blocks}")
     print("wrote", write_result("throughput" + (f"-{args.tag}" if args.tag else ""), data))

@@ -1,7 +1,13 @@
 """CUDA graphs for decode steps: one graph per padded batch size, all sharing one memory pool.
 
-A decode step of n sequences replays the graph of the smallest captured size >= n. Padded rows write no KV
+A decode step of n sequences replays the graph of the smallest captured size bs >= n. Padded rows write no KV
 (slot -1) and attend over one token of block 0, so they cost almost nothing and never touch real sequences.
+
+With one rank the graph holds the whole step: the tokens the previous step sampled are gathered on the device,
+then the model, the LM head and the sampler (temperature + Gumbel-max, or argmax) run, and the new tokens land in
+`tokens`, where the next step's graph reads them. The driver's per-step work is then one copy of a packed int64
+vector (ids, positions, slots, lengths, pending sources, temperatures) and one of the block tables, then replay.
+Requests that need more (top-k/p, min-p, seeds, logprobs) sample from the graph's logits outside it.
 """
 
 from __future__ import annotations
@@ -9,12 +15,20 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 
+from nanovllm_ray.executor.step import StepInput
+from nanovllm_ray.layers import ops
 from nanovllm_ray.layers.attention import AttentionMetadata
+from nanovllm_ray.layers.parallel import tp_size
 
 if TYPE_CHECKING:
     from nanovllm_ray.executor.model_runner import ModelRunner
+
+# Sections of the packed per-step vector, each `bs` long for a graph of bs rows.
+IDS, POS, SLOTS, LENS, SRC, TEMPS = range(6)
+SECTIONS = 6
 
 
 def graph_batch_sizes(max_num_seqs: int) -> list[int]:
@@ -30,58 +44,115 @@ class DecodeGraphs:
         self.max_bs = self.sizes[-1]
         dev = runner.device
         max_blocks = math.ceil(cfg.max_model_len / cfg.block_size)
-        hidden_size = cfg.hf_config["hidden_size"]
-        # Static inputs and output that every graph reads and writes.
-        self.input_ids = torch.zeros(self.max_bs, dtype=torch.int64, device=dev)
-        self.positions = torch.zeros(self.max_bs, dtype=torch.int64, device=dev)
-        self.slot_mapping = torch.full((self.max_bs,), -1, dtype=torch.int64, device=dev)
-        self.seq_lens = torch.ones(self.max_bs, dtype=torch.int32, device=dev)
+        # The LM head and sampler go in the graph only with one rank (several gather logits to rank 0).
+        self.with_head = tp_size() == 1
+        # Static inputs and outputs that every graph reads and writes.
+        self.vec = torch.zeros(SECTIONS * self.max_bs, dtype=torch.int64, device=dev)
         self.block_tables = torch.zeros(self.max_bs, max_blocks, dtype=torch.int32, device=dev)
         self.query_start_loc = torch.arange(self.max_bs + 1, dtype=torch.int32, device=dev)
-        self.hidden = torch.zeros(self.max_bs, hidden_size, dtype=runner.dtype, device=dev)
+        self.hidden = torch.zeros(self.max_bs, cfg.hf_config["hidden_size"], dtype=runner.dtype, device=dev)
+        # Sampled tokens, rows of the last step (its sampled rows may be more than max_bs after a mixed step).
+        self.tokens = torch.zeros(max(cfg.max_num_seqs, self.max_bs), dtype=torch.int64, device=dev)
+        self.logits = None
+        if self.with_head:
+            self.logits = torch.zeros(self.max_bs, runner.vocab_size, dtype=runner.dtype, device=dev)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.metas: dict[int, AttentionMetadata] = {}
         self._capture()
+
+    def section(self, bs: int, k: int) -> torch.Tensor:
+        return self.vec[k * bs:(k + 1) * bs]
 
     def _meta(self, bs: int) -> AttentionMetadata:
         max_len = self.runner.config.max_model_len
         meta = AttentionMetadata(
-            backend=self.runner.backend, slot_mapping=self.slot_mapping[:bs],
-            query_start_loc=self.query_start_loc[:bs + 1], seq_lens=self.seq_lens[:bs],
+            backend=self.runner.backend, slot_mapping=self.section(bs, SLOTS),
+            query_start_loc=self.query_start_loc[:bs + 1], seq_lens=self.section(bs, LENS),
             block_tables=self.block_tables[:bs], max_query_len=1, max_seq_len=max_len, query_lens_cpu=[1] * bs,
             seq_lens_cpu=[max_len] * bs, is_decode_only=True, no_cached_context=False)
         self.runner.backend.prepare(meta)
         return meta
 
+    def _forward(self, bs: int, meta: AttentionMetadata) -> None:
+        """The captured work: gather pending tokens, model, and (one rank) LM head and sampling."""
+        model = self.runner.model
+        ids = ops.merge_pending(self.section(bs, IDS), self.section(bs, SRC), self.tokens)
+        hidden = model(ids, self.section(bs, POS), meta)
+        self.hidden[:bs] = hidden
+        if self.with_head:
+            from nanovllm_ray.kernels.sampling import sample_tokens
+
+            torch.mm(hidden, model.lm_head.weight.t(), out=self.logits[:bs])
+            sample_tokens(self.logits[:bs], self.section(bs, TEMPS).view(torch.float64), out=self.tokens[:bs])
+
     @torch.inference_mode()
     def _capture(self) -> None:
-        model = self.runner.model
         pool = None
         for bs in reversed(self.sizes):
+            self._reset_padding(bs)
             meta = self._meta(bs)
-            self.hidden[:bs] = model(self.input_ids[:bs], self.positions[:bs], meta)  # warm-up (Triton JIT)
+            self._forward(bs, meta)  # warm-up (Triton JIT, compiled ops)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool):
-                self.hidden[:bs] = model(self.input_ids[:bs], self.positions[:bs], meta)
+                self._forward(bs, meta)
             pool = pool or graph.pool()
-            self.graphs[bs], self.metas[bs] = graph, meta
+            self.graphs[bs] = graph
             torch.cuda.synchronize()
+
+    def _reset_padding(self, bs: int) -> None:
+        """Valid inputs for bs empty rows: slot -1, length 1, no pending source, greedy."""
+        for k, value in ((IDS, 0), (POS, 0), (SLOTS, -1), (LENS, 1), (SRC, -1), (TEMPS, 0)):
+            self.section(bs, k).fill_(value)
 
     def can_run(self, num_seqs: int) -> bool:
         return num_seqs <= self.max_bs
 
+    def padded(self, n: int) -> int:
+        return next(s for s in self.sizes if s >= n)
+
+    def launch(self, step: StepInput, prev_tokens: torch.Tensor | None) -> int:
+        """Replay the graph for a decode step from the driver's lists: one host-to-device copy of the packed
+        vector and one of the block tables. prev_tokens: the previous step's sampled tokens when they are not
+        already in self.tokens. Returns the padded batch size."""
+        n = len(step.seq_lens)
+        bs = self.padded(n)
+        host = torch.empty(SECTIONS * bs, dtype=torch.int64, pin_memory=True)
+        a = host.numpy().reshape(SECTIONS, bs)
+        for k, values, pad in ((IDS, step.input_ids, 0), (POS, step.positions, 0), (SLOTS, step.slot_mapping, -1),
+                               (LENS, step.seq_lens, 1)):
+            a[k, :n] = values
+            a[k, n:] = pad
+        a[SRC] = -1
+        if step.pending_dst:
+            a[SRC, step.pending_dst] = step.pending_src
+        temps = a[TEMPS].view(np.float64)
+        temps[n:] = 0.0
+        if len(step.temperatures) == n:
+            temps[:n] = step.temperatures
+        else:  # not every row samples (a one-token prefill chunk): those rows' tokens are ignored
+            temps[:n] = 0.0
+            temps[step.sample_rows] = step.temperatures
+        if prev_tokens is not None:
+            self.tokens[:prev_tokens.shape[0]].copy_(prev_tokens)
+        self.vec[:SECTIONS * bs].copy_(host, non_blocking=True)
+        width = max(map(len, step.block_tables))
+        tables = np.zeros((n, width), dtype=np.int32)
+        for i, b in enumerate(step.block_tables):
+            tables[i, :len(b)] = b
+        self.block_tables[:n, :width].copy_(torch.from_numpy(tables).pin_memory(), non_blocking=True)
+        self.graphs[bs].replay()
+        return bs
+
     def run(self, input_ids: torch.Tensor, positions: torch.Tensor, slot_mapping: torch.Tensor,
             seq_lens: torch.Tensor, block_tables: torch.Tensor) -> torch.Tensor:
-        """Replay the decode graph for n = len(input_ids) sequences; returns hidden states [n, hidden]."""
+        """Replay for device tensors already built by the runner (teacher forcing, several ranks); returns the
+        hidden states [n, hidden]."""
         n = input_ids.shape[0]
-        bs = next(s for s in self.sizes if s >= n)
-        self.input_ids[:n] = input_ids
-        self.positions[:n] = positions
-        self.slot_mapping[:n] = slot_mapping
-        self.slot_mapping[n:bs] = -1
-        self.seq_lens[:n] = seq_lens
-        self.seq_lens[n:bs] = 1
+        bs = self.padded(n)
+        self._reset_padding(bs)
+        self.section(bs, IDS)[:n] = input_ids
+        self.section(bs, POS)[:n] = positions
+        self.section(bs, SLOTS)[:n] = slot_mapping
+        self.section(bs, LENS)[:n] = seq_lens
         self.block_tables[:n, :block_tables.shape[1]] = block_tables
-        self.block_tables[n:bs] = 0
         self.graphs[bs].replay()
         return self.hidden[:n]

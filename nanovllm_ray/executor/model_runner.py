@@ -3,6 +3,7 @@ into tensors, runs the model, and samples on rank 0."""
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import math
 from itertools import accumulate, chain
@@ -14,8 +15,9 @@ from nanovllm_ray.config import Config
 from nanovllm_ray.executor.step import PendingOutput, StepInput, StepOutput
 from nanovllm_ray.layers import ops
 from nanovllm_ray.layers.attention import Attention, AttentionMetadata, select_backend
+from nanovllm_ray.layers.linear import enable_skinny_gemm
 from nanovllm_ray.layers.parallel import tp_rank, tp_size
-from nanovllm_ray.layers.sampler import SamplingTensors, sample
+from nanovllm_ray.layers.sampler import SamplerOutput, SamplingTensors, sample
 from nanovllm_ray.models.loader import load_model
 from nanovllm_ray.models.qwen3 import Qwen3ForCausalLM
 
@@ -57,6 +59,8 @@ class ModelRunner:
         self.vocab_size = cfg["vocab_size"]
         if self.device.type == "cuda" and not config.enforce_eager:
             ops.enable_compiled_ops()  # fuse the small element-wise ops (measured: most decode kernels)
+            if importlib.util.find_spec("triton") is not None:
+                enable_skinny_gemm()  # decode-sized matmuls where the Triton kernel beat cuBLAS
         default_dtype = torch.get_default_dtype()
         torch.set_default_dtype(self.dtype)
         try:
@@ -71,6 +75,7 @@ class ModelRunner:
         self.attn_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
         self.graphs = None
         self.prev_sampled = torch.zeros(0, dtype=torch.int64, device=self.device)  # last step's sampled tokens
+        self.prev_in_graph = False  # prev_sampled is the decode graphs' own token buffer
         self.num_kv_blocks = self._allocate_kv_cache()
         if not defer_graphs:
             self.capture_cuda_graphs()
@@ -225,6 +230,9 @@ class ModelRunner:
     def execute_async(self, step: StepInput) -> PendingOutput | None:
         """Launch the step; rank 0 gets a handle whose result() waits for the sampled tokens (copied to the host
         without blocking), other ranks None. The sampled tokens stay on the device for the next step."""
+        g = self.graphs
+        if g is not None and g.with_head and step.is_decode_only and g.can_run(len(step.seq_lens)):
+            return self._finish(self._execute_graph(step))
         input_ids, positions, meta = self.prepare(step)
         logits = self.run_model(input_ids, positions, meta, step)
         if self.rank != 0:
@@ -232,7 +240,27 @@ class ModelRunner:
         if logits is None:
             return PendingOutput(StepOutput([]))
         out = sample(logits, self.sampling_tensors(step))
+        self.prev_sampled, self.prev_in_graph = out.token_ids, False
+        return self._finish(out)
+
+    def _execute_graph(self, step: StepInput) -> SamplerOutput:
+        """A decode step replayed whole (one rank): inputs, model, LM head and, for temperature-only requests,
+        sampling. Others sample from the graph's logits."""
+        g, n = self.graphs, len(step.seq_lens)
+        g.launch(step, None if self.prev_in_graph else self.prev_sampled)
+        every_row = len(step.sample_rows) == n
+        if every_row and _temperature_only(step):
+            out = SamplerOutput(g.tokens[:n])
+            self.prev_in_graph = True
+        else:
+            logits = g.logits[:n] if every_row else g.logits[torch.tensor(step.sample_rows, device=self.device)]
+            out = sample(logits, self.sampling_tensors(step))
+            self.prev_in_graph = False
         self.prev_sampled = out.token_ids
+        return out
+
+    def _finish(self, out: SamplerOutput) -> PendingOutput:
+        """Copy the sampled tokens (and logprobs) to the host without blocking; result() waits for them."""
         tensors = [out.token_ids] + ([out.logprobs] if out.logprobs is not None else []) + (
             [out.top_ids, out.top_logprobs] if out.top_ids is not None else [])
         if self.device.type == "cuda":
@@ -262,6 +290,12 @@ class ModelRunner:
         """Logits of every token of the step, through the same path as execute() (CUDA graphs for decode)."""
         input_ids, positions, meta = self.prepare(step)
         return self.model.compute_logits(self._hidden(input_ids, positions, meta))
+
+
+def _temperature_only(step: StepInput) -> bool:
+    """The step's sampling fits the graph's sampler: no top-k/top-p/min-p, seeds or logprobs."""
+    return (step.max_logprobs is None and all(k <= 0 for k in step.top_ks) and all(p >= 1.0 for p in step.top_ps)
+            and all(p <= 0.0 for p in step.min_ps) and all(s is None for s in step.seeds))
 
 
 def _pad_tables(tables: list[list[int]], width: int | None = None) -> torch.Tensor:

@@ -45,8 +45,13 @@ def exponential_race(logits: torch.Tensor, temperatures: torch.Tensor, noise: to
     return (logits / temperatures.unsqueeze(1) - noise.log()).argmax(-1)
 
 
+def merge_pending(input_ids: torch.Tensor, src: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """input_ids with row i replaced by tokens[src[i]] where src[i] >= 0 (tokens sampled on the device)."""
+    return torch.where(src >= 0, tokens[src.clamp(min=0)], input_ids)
+
+
 _PLAIN = {name: globals()[name] for name in ("rms_norm", "add_rms_norm", "silu_and_mul", "qk_norm_rope",
-                                             "exponential_race")}
+                                             "exponential_race", "merge_pending")}
 
 
 def enable_compiled_ops(enabled: bool = True) -> None:

@@ -7,11 +7,14 @@ what else is in the batch or on preemptions.
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass
 
 import torch
 
 from nanovllm_ray.layers import ops
+
+HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 
 @dataclass(slots=True)
@@ -30,6 +33,11 @@ class SamplingTensors:
     any_top_p: bool
     any_min_p: bool
     max_logprobs: int | None  # None: no logprobs this step
+
+    @property
+    def plain(self) -> bool:
+        """Temperature only: no filters, no per-request seeds."""
+        return not (self.any_top_k or self.any_top_p or self.any_min_p) and all(s is None for s in self.seeds)
 
 
 @dataclass(slots=True)
@@ -65,6 +73,10 @@ def apply_filters(logits: torch.Tensor, t: SamplingTensors) -> torch.Tensor:
 
 def sample(logits: torch.Tensor, t: SamplingTensors) -> SamplerOutput:
     """logits: [n, vocab] (any float dtype) -> sampled token ids and, if asked, logprobs of the raw model."""
+    if logits.is_cuda and HAS_TRITON and not t.all_greedy and t.plain:  # one read of the logits, no noise tensor
+        from nanovllm_ray.kernels.sampling import sample_tokens
+
+        return _add_logprobs(SamplerOutput(sample_tokens(logits, t.temperatures)), logits, t)
     logits = logits.float()
     if t.all_greedy:
         tokens = logits.argmax(-1)
@@ -81,9 +93,13 @@ def sample(logits: torch.Tensor, t: SamplingTensors) -> SamplerOutput:
             tokens = ops.exponential_race(logits, temps, noise)
         if t.any_greedy:
             tokens = torch.where(t.temperatures > 0, tokens, logits.argmax(-1))
-    out = SamplerOutput(tokens)
+    return _add_logprobs(SamplerOutput(tokens), logits, t)
+
+
+def _add_logprobs(out: SamplerOutput, logits: torch.Tensor, t: SamplingTensors) -> SamplerOutput:
+    tokens = out.token_ids
     if t.max_logprobs is not None:
-        logprobs = logits.log_softmax(-1)
+        logprobs = logits.float().log_softmax(-1)
         out.logprobs = logprobs.gather(-1, tokens.unsqueeze(1)).squeeze(1)
         if t.max_logprobs > 0:
             out.top_logprobs, out.top_ids = logprobs.topk(t.max_logprobs, -1)
