@@ -3,22 +3,35 @@
     python -m benchmarks.kernel_bench                       # decode, Qwen3-0.6B/1.7B attention shape
     python -m benchmarks.kernel_bench --heads 32 --kv-heads 8 --block-size 256 --prefill
     python -m benchmarks.kernel_bench --sweep               # also try other decode tile configs
+    python -m benchmarks.kernel_bench --cudagraph --contexts 640 --max-seq-len 4096   # splits as in the engine's graphs
+    python -m benchmarks.kernel_bench --gemm                # skinny GEMM vs cuBLAS, Qwen3-0.6B decode linears
+    python -m benchmarks.kernel_bench --gemm --gemm-model 8b --gemm-m 1 16 64
 
-Decode is memory bound: GB/s = K and V bytes read / time (H100 SXM HBM3 peaks near 3,350 GB/s).
+Decode is memory bound: GB/s = K and V bytes read / time (H100 SXM HBM3 peaks near 3,350 GB/s). Where a decode
+splits the KV, it is timed with the split-KV merge fused into the kernel and with the separate reduce kernel
+(--reduce); --max-seq-len chooses the split count for a longer bound than the context, as the engine's CUDA graphs do
+(captured for max_model_len, replayed at whatever the batch's context is).
 Prefill reports causal TFLOP/s (4 * heads * head_dim per visible query-key pair).
+--gemm times y = x @ W^T for each M: F.linear (cuBLAS), skinny_linear with gemm_config's choice and a sweep of tile
+configs, all replayed from CUDA graphs over enough weight copies to miss L2 (as a model's layers do); GB/s = (W + x +
+y bytes) / time. It prints a TUNED table to paste into nanovllm_ray/kernels/skinny_gemm.py.
 """
 
 import argparse
 import functools
+import itertools
 import json
+import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.testing
 
-from nanovllm_ray.kernels import paged_attention
+from nanovllm_ray.kernels import paged_attention, skinny_gemm
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -50,8 +63,10 @@ def bench_decode(args, dtype, decode_config=None):
     original = paged_attention.decode_config
     if decode_config is not None:
         paged_attention.decode_config = lambda *_: dict(decode_config)
+    reduces = {"fused": [True], "two-kernel": [False], "both": [True, False]}[args.reduce]
     try:
         for context in args.contexts:
+            bound = max(args.max_seq_len or context, context)  # the split choice's max_seq_len
             for batch in args.batches:
                 seq_lens = [context] * batch
                 q, k_cache, v_cache, tables, lens = make_inputs(
@@ -59,30 +74,52 @@ def bench_decode(args, dtype, decode_config=None):
                 )
                 out = torch.empty_like(q)
                 kv_bytes = 2 * sum(seq_lens) * args.kv_heads * args.head_dim * q.element_size()
-                for splits in args.splits:
-                    fn = functools.partial(
-                        paged_attention.paged_decode_attention,
-                        *(q, k_cache, v_cache, tables, lens, args.head_dim**-0.5),
-                        out=out,
-                        num_splits=splits or None,
-                        max_seq_len=context,
-                    )
-                    ms = timer(args)(fn)
-                    chosen = paged_attention.choose_num_splits(batch, args.kv_heads, context, q.device)
-                    rows.append(
-                        dict(
-                            kernel="decode",
-                            config=decode_config or "default",
-                            batch=batch,
-                            context=context,
-                            num_splits=splits or chosen,
-                            us=ms * 1e3,
-                            gb_s=kv_bytes / (ms * 1e-3) / 1e9,
+                chosen = paged_attention.choose_num_splits(batch, args.kv_heads, bound, q.device)
+                for num_splits in dict.fromkeys(splits or chosen for splits in args.splits):  # 0 = automatic
+                    for fused in reduces if num_splits > 1 else [True]:  # one split: nothing to merge
+                        fn = functools.partial(
+                            paged_attention.paged_decode_attention,
+                            *(q, k_cache, v_cache, tables, lens, args.head_dim**-0.5),
+                            out=out,
+                            num_splits=num_splits,
+                            fused_reduce=fused,
                         )
-                    )
+                        ms = timer(args)(fn)
+                        rows.append(
+                            dict(
+                                kernel="decode",
+                                config=decode_config or "default",
+                                batch=batch,
+                                context=context,
+                                max_seq_len=bound,
+                                num_splits=num_splits,
+                                reduce=("fused" if fused else "two-kernel") if num_splits > 1 else "-",
+                                us=ms * 1e3,
+                                gb_s=kv_bytes / (ms * 1e-3) / 1e9,
+                            )
+                        )
     finally:
         paged_attention.decode_config = original
     return rows
+
+
+def print_decode_reduce(rows: list[dict]) -> None:
+    """Fused split-KV merge against the separate reduce kernel, where both were timed."""
+    decode = [r for r in rows if r["kernel"] == "decode"]
+    key = lambda r: (str(r["config"]), r["batch"], r["context"], r["max_seq_len"], r["num_splits"])  # noqa: E731
+    two_kernel = {key(r): r["us"] for r in decode if r["reduce"] == "two-kernel"}
+    pairs = [(r, two_kernel[key(r)]) for r in decode if r["reduce"] == "fused" and key(r) in two_kernel]
+    if not pairs:
+        return
+    print(
+        f"\n{'config':>60} {'batch':>6} {'ctx':>6} {'bound':>6} {'splits':>6} {'fused us':>9} {'2-kernel us':>11} "
+        f"{'speedup':>7}"
+    )
+    for r, us in pairs:
+        print(
+            f"{str(r['config']):>60} {r['batch']:6d} {r['context']:6d} {r['max_seq_len']:6d} {r['num_splits']:6d} "
+            f"{r['us']:9.1f} {us:11.1f} {us / r['us']:6.2f}x"
+        )
 
 
 def bench_prefill(args, dtype, prefill_config=None):
@@ -125,6 +162,179 @@ def _bench_prefill(args, dtype, config):
     return rows
 
 
+# ---------------------------------------------------------------------------------------------------------------------
+# Skinny GEMM (--gemm)
+# ---------------------------------------------------------------------------------------------------------------------
+
+# (N, K) of a decode step's linears; weights are [N, K].
+GEMM_SHAPES = {
+    "0.6b": {"qkv_proj": (4096, 1024), "o_proj": (1024, 2048), "gate_up_proj": (6144, 1024), "down_proj": (1024, 3072)},
+    "8b": {"qkv_proj": (6144, 4096), "o_proj": (4096, 4096), "gate_up_proj": (24576, 4096), "down_proj": (4096, 12288)},
+}
+GEMM_M = [1, 2, 4, 8, 16, 32, 64, 128, 256]
+
+
+def gemm_sweep_configs(M: int, N: int, K: int, elem: int, sms: int) -> list[dict]:
+    """Tile configs worth timing for one shape: the grid covers ~all SMs with at most one needless doubling of split-K,
+    W's tile is >= 8 KB per stage, every split has >= 2 BLOCK_K steps (4 for 4 stages), the stages fit 160 KB."""
+    block_ms = [max(16, triton.next_power_of_2(M))] if M <= 64 else [64, 128]
+    configs = []
+    for block_m, block_n, block_k, split_k, num_warps, num_stages in itertools.product(
+        block_ms, (16, 32, 64, 128), (64, 128, 256), (1, 2, 4, 8), (4, 8), (3, 4)
+    ):
+        tiles = triton.cdiv(N, block_n) * triton.cdiv(M, block_m)
+        min_split = 1  # the fewest splits that give ~a program per SM
+        while min_split < 8 and 10 * tiles * min_split < 9 * sms:
+            min_split *= 2
+        steps = K // (split_k * block_k)
+        if (
+            split_k not in (min_split, 2 * min_split)
+            or 10 * tiles * split_k < 9 * sms
+            or block_n * block_k * elem < 8192
+            or num_stages * (block_m + block_n) * block_k * elem > 160 * 1024
+            or steps < 2
+            or (num_stages == 4 and steps < 4)
+            or (num_warps == 8 and block_m * block_n < 8192)
+        ):
+            continue
+        # SWAP_AB only changes the code where it turns the W slice into a wgmma-sized M side and x's rows are few.
+        for swap in (False, True) if block_m <= 32 and block_n >= 64 else (False,):
+            configs.append(
+                dict(
+                    BLOCK_M=block_m,
+                    BLOCK_N=block_n,
+                    BLOCK_K=block_k,
+                    SPLIT_K=split_k,
+                    num_warps=num_warps,
+                    num_stages=num_stages,
+                    SWAP_AB=swap,
+                )
+            )
+    return configs
+
+
+def _config_key(config: dict) -> tuple:
+    return tuple(config[f] for f in skinny_gemm.TUNED_FIELDS)
+
+
+def _config_str(config: dict) -> str:
+    return " ".join(f"{k.removeprefix('BLOCK_').removeprefix('num_')}={int(v)}" for k, v in config.items())
+
+
+def _precompile(jobs: list[tuple[torch.Tensor, torch.Tensor, dict]]) -> None:
+    """Compile every (x, weight, config) variant up front on a thread pool (Triton's async compile)."""
+    t = time.perf_counter()
+    try:
+        with ThreadPoolExecutor(os.cpu_count()) as pool, triton.AsyncCompileMode(pool, ignore_errors=True):
+            for x, weight, config in jobs:
+                skinny_gemm.skinny_linear(x, weight, config=config, warmup=True)
+    except Exception as e:  # then each config compiles on first use
+        print(f"parallel compile failed ({type(e).__name__}: {e}); compiling serially")
+    print(f"  compiled the kernels of {len(jobs)} configs in {time.perf_counter() - t:.1f} s")
+
+
+def _time_rotated(timer, linear, x: torch.Tensor, weights: torch.Tensor) -> float:
+    """Microseconds per linear(x, weight), replayed over every weight copy in turn."""
+    return timer(lambda: [linear(x, w) for w in weights]) * 1e3 / len(weights)
+
+
+def bench_gemm(args, dtype) -> list[dict]:
+    props = torch.cuda.get_device_properties(torch.cuda.current_device())
+    sms = props.multi_processor_count
+    l2_bytes = getattr(props, "L2_cache_size", 50 * 2**20)
+    elem = torch.finfo(dtype).bits // 8
+    timer = lambda fn: triton.testing.do_bench_cudagraph(fn, rep=args.gemm_rep, return_mode="median")  # noqa: E731
+    rows = []
+    for name, (N, K) in GEMM_SHAPES[args.gemm_model].items():
+        # A model reads each layer's weight once per step, from HBM: rotate through copies that overflow L2 4x.
+        copies = max(1, triton.cdiv(4 * l2_bytes, N * K * elem))
+        weights = torch.randn(copies, N, K, device="cuda").div_(K**0.5).to(dtype)
+        print(f"{name}: N={N} K={K}, {copies} weight copies of {N * K * elem / 2**20:.1f} MiB")
+        xs = {M: torch.randn(M, K, device="cuda").to(dtype) for M in args.gemm_m}
+        candidates = {}
+        for M in args.gemm_m:
+            sweep = [] if args.gemm_no_sweep else gemm_sweep_configs(M, N, K, elem, sms)
+            unique = {_config_key(c): c for c in [skinny_gemm.gemm_config(M, N, K, dtype), *sweep]}
+            candidates[M] = list(unique.values())
+        _precompile([(xs[M], weights[0], c) for M in args.gemm_m for c in candidates[M]])
+
+        for M in args.gemm_m:
+            x = xs[M]
+            expected = F.linear(x.float(), weights[0].float())
+            moved = (N * K + M * K + M * N) * elem
+            time_us = functools.partial(_time_rotated, timer, x=x, weights=weights)
+            cublas_us = time_us(F.linear)
+            timings = []
+            for config in candidates[M]:
+                try:
+                    out = skinny_gemm.skinny_linear(x, weights[0], config=config)
+                    torch.testing.assert_close(out.float(), expected, atol=2e-2, rtol=2e-2)
+                    us = time_us(functools.partial(skinny_gemm.skinny_linear, config=config))
+                except Exception as e:  # out of shared memory or registers, or a wrong result
+                    print(f"  M={M} skipped {_config_str(config)}: {type(e).__name__}: {str(e)[:200]}")
+                    continue
+                timings.append(dict(config=config, us=us))
+            if not timings:
+                continue
+            default_us = timings[0]["us"] if timings[0]["config"] == candidates[M][0] else float("nan")
+            best = min(timings, key=lambda t: t["us"])
+            rows.append(
+                dict(
+                    kernel="gemm",
+                    shape=name,
+                    N=N,
+                    K=K,
+                    M=M,
+                    cublas_us=cublas_us,
+                    default_us=default_us,
+                    default_config=candidates[M][0],
+                    best_us=best["us"],
+                    best_config=best["config"],
+                    cublas_gb_s=moved / (cublas_us * 1e-6) / 1e9,
+                    best_gb_s=moved / (best["us"] * 1e-6) / 1e9,
+                    sweep=timings,
+                )
+            )
+        del weights
+        torch.cuda.empty_cache()
+    return rows
+
+
+def print_gemm(rows: list[dict], dtype_name: str) -> None:
+    for name in dict.fromkeys(r["shape"] for r in rows):
+        shape_rows = [r for r in rows if r["shape"] == name]
+        print(f"\n{name}  N={shape_rows[0]['N']} K={shape_rows[0]['K']}  {dtype_name}")
+        head = f"{'M':>5} {'cuBLAS us':>10} {'default us':>11} {'best us':>8} {'vs cuBLAS':>9} {'best GB/s':>9}"
+        print(f"{head}  best config")
+        for r in shape_rows:
+            print(
+                f"{r['M']:5d} {r['cublas_us']:10.2f} {r['default_us']:11.2f} {r['best_us']:8.2f} "
+                f"{r['cublas_us'] / r['best_us']:8.2f}x {r['best_gb_s']:9.0f}  {_config_str(r['best_config'])}"
+            )
+    # Ready to paste into skinny_gemm.TUNED: one M bucket per line.
+    print(f"\n# TUNED entries ({torch.cuda.get_device_name()}, triton {triton.__version__}, {dtype_name}):")
+    print(f"#   (N, K): {{M: ({', '.join(skinny_gemm.TUNED_FIELDS)}, skinny_us, cublas_us)}}")
+    for (n, k), group in itertools.groupby(rows, key=lambda r: (r["N"], r["K"])):
+        print(f"    ({n}, {k}): {{")
+        for r in group:
+            fields = ", ".join(repr(v) for v in _config_key(r["best_config"]))
+            print(f"        {r['M']}: ({fields}, {r['best_us']:.2f}, {r['cublas_us']:.2f}),")
+        print("    },")
+
+
+def write_json(args, rows: list[dict], stem: str) -> None:
+    if args.out is None:
+        gpu = "-".join(torch.cuda.get_device_name().lower().replace("nvidia", "").split())
+        args.out = Path(__file__).parent / "results" / f"{stem}-{gpu}-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    meta = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+    meta.update(
+        device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__, time=time.time()
+    )
+    args.out.write_text(json.dumps(dict(meta=meta, rows=rows), indent=1, default=str))
+    print(f"wrote {args.out}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--heads", type=int, default=16)
@@ -132,18 +342,37 @@ def main() -> None:
     parser.add_argument("--head-dim", type=int, default=128)
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--dtype", choices=DTYPES, default="bf16")
-    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 64, 256])
-    parser.add_argument("--contexts", type=int, nargs="+", default=[512, 1024])
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 4, 16, 64, 256])
+    parser.add_argument("--contexts", type=int, nargs="+", default=[512, 1024, 4096])
     parser.add_argument(
         "--splits", type=int, nargs="+", default=[0, 1], help="decode split-KV counts to time; 0 = automatic"
+    )
+    parser.add_argument(
+        "--max-seq-len", type=int, help="choose automatic splits for this bound, not the context (as CUDA graphs do)"
+    )
+    parser.add_argument(
+        "--reduce", choices=["both", "fused", "two-kernel"], default="both", help="split-KV merge(s) to time"
     )
     parser.add_argument("--cudagraph", action="store_true", help="time decode replayed from a CUDA graph")
     parser.add_argument("--prefill", action="store_true", help="also time prefill")
     parser.add_argument("--sweep", action="store_true", help="also time other decode tile configs")
-    parser.add_argument("--out", type=Path, help="JSON path (default: results/kernel_bench-<gpu>-<time>.json)")
+    parser.add_argument("--gemm", action="store_true", help="time the skinny GEMM against cuBLAS instead")
+    parser.add_argument("--gemm-model", choices=GEMM_SHAPES, default="0.6b", help="whose decode linears to time")
+    parser.add_argument("--gemm-m", type=int, nargs="+", default=GEMM_M, help="batch rows to time")
+    parser.add_argument("--gemm-no-sweep", action="store_true", help="time gemm_config's choice only, no sweep")
+    parser.add_argument("--gemm-rep", type=float, default=5, help="ms of replays per timing (do_bench_cudagraph)")
+    parser.add_argument("--out", type=Path, help="JSON path (default: results/kernel_bench[-gemm-<model>]-<gpu>-...)")
     args = parser.parse_args()
     dtype = DTYPES[args.dtype]
     torch.manual_seed(0)
+
+    if args.gemm:
+        t = time.perf_counter()
+        rows = bench_gemm(args, dtype)
+        print_gemm(rows, args.dtype)
+        print(f"\n{time.perf_counter() - t:.0f} s")
+        write_json(args, rows, f"kernel_bench-gemm-{args.gemm_model}")
+        return
 
     rows = bench_decode(args, dtype)
     if args.sweep:
@@ -175,12 +404,15 @@ def main() -> None:
         f"{torch.cuda.get_device_name()}  heads {args.heads}/{args.kv_heads}  head_dim {args.head_dim}  "
         f"block_size {args.block_size}  {args.dtype}"
     )
-    print(f"{'kernel':8} {'config':>60} {'batch':>6} {'ctx':>6} {'splits':>6} {'us':>9} {'GB/s':>8}")
+    print(
+        f"{'kernel':8} {'config':>60} {'batch':>6} {'ctx':>6} {'bound':>6} {'splits':>6} {'reduce':>10} {'us':>9} "
+        f"{'GB/s':>8}"
+    )
     for r in rows:
         if r["kernel"] == "decode":
             print(
-                f"decode   {str(r['config']):>60} {r['batch']:6d} {r['context']:6d} {r['num_splits']:6d} "
-                f"{r['us']:9.1f} {r['gb_s']:8.0f}"
+                f"decode   {str(r['config']):>60} {r['batch']:6d} {r['context']:6d} {r['max_seq_len']:6d} "
+                f"{r['num_splits']:6d} {r['reduce']:>10} {r['us']:9.1f} {r['gb_s']:8.0f}"
             )
     for r in rows:
         if r["kernel"] == "prefill":
@@ -188,17 +420,9 @@ def main() -> None:
                 f"prefill  {str(r['config']):>60} q_len {r['q_len']:5d} prefix {r['prefix']:5d} "
                 f"{r['us']:9.1f} us {r['tflop_s']:6.1f} TFLOP/s"
             )
+    print_decode_reduce(rows)
 
-    if args.out is None:
-        gpu = "-".join(torch.cuda.get_device_name().lower().replace("nvidia", "").split())
-        args.out = Path(__file__).parent / "results" / f"kernel_bench-{gpu}-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    meta = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
-    meta.update(
-        device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__, time=time.time()
-    )
-    args.out.write_text(json.dumps(dict(meta=meta, rows=rows), indent=1, default=str))
-    print(f"wrote {args.out}")
+    write_json(args, rows, "kernel_bench")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""The Triton KV-cache kernels against a PyTorch reference, on the CPU through Triton's interpreter.
+"""The Triton kernels (KV cache, attention, GEMM) against a PyTorch reference, on the CPU through Triton's interpreter.
 
     TRITON_INTERPRET=1 .venv/bin/python -m pytest tests/test_kernels_interpret.py -q
 
@@ -24,7 +24,7 @@ if os.environ.get("TRITON_INTERPRET") != "1":
 
 pytest.importorskip("triton")
 
-from nanovllm_ray.kernels import kv_store, paged_attention  # noqa: E402
+from nanovllm_ray.kernels import kv_store, paged_attention, skinny_gemm  # noqa: E402
 
 
 def _patch_interpreter() -> None:
@@ -197,6 +197,59 @@ def test_choose_num_splits():
     assert paged_attention.choose_num_splits(1, 1, 10**6, cpu) == paged_attention.MAX_SPLITS
 
 
+def _counters_are_zero(device):
+    return not paged_attention._ARRIVALS[torch.device(device)][-1].any()
+
+
+@pytest.mark.parametrize("num_splits", [2, 5, 32])
+@pytest.mark.parametrize("num_heads,num_kv_heads,block_size", [(4, 2, 16), (10, 2, 32), (8, 1, 256)])  # groups 2, 5, 8
+def test_decode_fused_reduce(num_splits, num_heads, num_kv_heads, block_size):
+    """Split-KV merged by the last split to arrive (one launch) against the reference and the two-kernel path: a
+    seq_len 0 row, a sequence shorter than one split (written directly), some splits empty, every split used."""
+    torch.manual_seed(8)
+    seq_lens = [0, 5, 40, 300, 1000]
+    k_cache, v_cache, block_tables = make_cache(seq_lens, block_size, num_kv_heads, 16, torch.float32)
+    q, _, _ = fused_qkv_views(len(seq_lens), num_heads, num_kv_heads, 16, torch.float32)
+    lens = torch.tensor(seq_lens, dtype=torch.int32)
+    expected = reference_attention(q, k_cache, v_cache, cumulative([1] * len(seq_lens)), lens, block_tables, 0.25)
+    outs = {}
+    for fused in (True, False):
+        out = torch.full_like(q, float("nan"))
+        paged_attention.paged_decode_attention(
+            q, k_cache, v_cache, block_tables, lens, 0.25, out=out, num_splits=num_splits, fused_reduce=fused
+        )
+        torch.testing.assert_close(out, expected, atol=ATOL, rtol=ATOL, msg=f"fused_reduce={fused}")
+        outs[fused] = out
+    torch.testing.assert_close(outs[True], outs[False], atol=1e-6, rtol=1e-6)
+    assert _counters_are_zero("cpu")
+
+
+def test_decode_fused_reduce_twice_in_a_row():
+    """The merging program resets its counter, so the next launch (a CUDA-graph replay) merges again."""
+    torch.manual_seed(9)
+    seq_lens = [700, 3, 0, 129]
+    k_cache, v_cache, block_tables = make_cache(seq_lens, 16, 2, 16, torch.float32)
+    lens = torch.tensor(seq_lens, dtype=torch.int32)
+    out = torch.empty(4, 4, 16)
+    for step in range(3):
+        q = torch.randn(4, 4, 16)
+        paged_attention.paged_decode_attention(q, k_cache, v_cache, block_tables, lens, 0.25, out=out, num_splits=8)
+        expected = reference_attention(q, k_cache, v_cache, cumulative([1] * 4), lens, block_tables, 0.25)
+        torch.testing.assert_close(out, expected, atol=ATOL, rtol=ATOL, msg=f"call {step}")
+        assert _counters_are_zero("cpu")
+
+
+def test_arrival_counters_allocated_once():
+    """One zeroed buffer per device, reused by every call; a larger need adds one and keeps the old alive (graphs)."""
+    cpu = torch.device("cpu")
+    first = paged_attention._arrival_counters(cpu, 10)
+    assert first.numel() >= 10 and first.dtype == torch.int32 and not first.any()
+    assert paged_attention._arrival_counters(cpu, 10) is first
+    bigger = paged_attention._arrival_counters(cpu, first.numel() + 1)
+    assert bigger.numel() > first.numel() and not bigger.any()
+    assert paged_attention._ARRIVALS[cpu][-2] is first and paged_attention._ARRIVALS[cpu][-1] is bigger
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Prefill
 # ---------------------------------------------------------------------------------------------------------------------
@@ -298,3 +351,82 @@ def test_bf16_decode_and_prefill():
     out = paged_attention.paged_decode_attention(q[:2], k_cache, v_cache, block_tables, lens, 32**-0.5, num_splits=2)
     expected = reference_attention(q[:2], k_cache, v_cache, cumulative([1, 1]), lens, block_tables, 32**-0.5)
     torch.testing.assert_close(out.float(), expected, atol=2e-2, rtol=0)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Skinny GEMM
+# ---------------------------------------------------------------------------------------------------------------------
+
+GEMM_CONFIGS = [
+    None,  # gemm_config's choice
+    dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=32, SPLIT_K=1, num_stages=2),  # several M, N and K tiles
+    dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=64, SPLIT_K=2, SWAP_AB=True),  # split-K, masked K tail, partial N tile
+    dict(BLOCK_M=32, BLOCK_N=16, BLOCK_K=16, SPLIT_K=4),  # more splits than some K have BLOCK_K steps for
+]
+
+
+@pytest.mark.parametrize("M", [1, 3, 16, 33])
+@pytest.mark.parametrize("N", [16, 48, 64])
+@pytest.mark.parametrize("K", [32, 96])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_skinny_linear_matches_reference(M, N, K, dtype):
+    torch.manual_seed(10)
+    x = torch.randn(M, K).to(dtype)
+    weight = (torch.randn(N, K) / K**0.5).to(dtype)  # outputs ~N(0, 1)
+    bias = torch.randn(N).to(dtype)
+    product = x.float() @ weight.float().T
+    tol = 1e-4 if dtype == torch.float32 else 1e-2  # bf16: rounding of the output
+    for config in GEMM_CONFIGS:
+        for b in (None, bias):
+            out = skinny_gemm.skinny_linear(x, weight, b, config=config)
+            assert out.dtype == dtype and out.shape == (M, N)
+            expected = product if b is None else product + b.float()
+            msg = f"config={config} bias={b is not None}"
+            torch.testing.assert_close(out.float(), expected, atol=tol, rtol=tol, msg=msg)
+
+
+def test_skinny_linear_strided_rows():
+    """x and W may be row slices of larger tensors (unit stride on K only), e.g. a view into a fused buffer."""
+    torch.manual_seed(11)
+    x = torch.randn(5, 80)[:, 8:72]
+    weight = torch.randn(40, 100)[:, 20:84]
+    config = dict(BLOCK_N=16, BLOCK_K=32, SPLIT_K=2)
+    out = skinny_gemm.skinny_linear(x, weight, config=config)
+    torch.testing.assert_close(out, x @ weight.T, atol=1e-4, rtol=1e-4)
+    assert skinny_gemm.skinny_linear(x[:0], weight).shape == (0, 40)
+
+
+def test_gemm_config_and_use_skinny(monkeypatch):
+    # Untuned shapes: the heuristic, and the kernel for bf16/fp16 up to DEFAULT_MAX_M rows.
+    monkeypatch.setattr(skinny_gemm, "TUNED", {})
+    assert skinny_gemm.gemm_config(1, 1024, 2048)["SPLIT_K"] > 1  # 1024 rows are too few slices for 132 SMs
+    assert skinny_gemm.gemm_config(1, 151936, 1024)["SPLIT_K"] == 1
+    assert skinny_gemm.gemm_config(256, 4096, 1024)["BLOCK_M"] == skinny_gemm.MAX_BLOCK_M
+    assert skinny_gemm.use_skinny(64, 4096, 1024, torch.bfloat16)
+    assert skinny_gemm.use_skinny(1, 4096, 1024, torch.float16)
+    assert not skinny_gemm.use_skinny(65, 4096, 1024, torch.bfloat16)
+    assert not skinny_gemm.use_skinny(1, 4096, 1024, torch.float32)
+
+    # Tuned shapes: the smallest bucket >= M; cuBLAS where it measured faster or M is past the last bucket.
+    fast = (16, 32, 256, 1, 4, 4, False, 2.0, 5.0)
+    slow = (16, 64, 128, 2, 8, 3, True, 6.0, 5.0)
+    monkeypatch.setitem(skinny_gemm.TUNED, (4096, 1024), {1: fast, 16: slow, 64: fast})
+    assert skinny_gemm.gemm_config(1, 4096, 1024) == dict(zip(skinny_gemm.TUNED_FIELDS, fast[:7]))
+    assert skinny_gemm.gemm_config(2, 4096, 1024) == dict(zip(skinny_gemm.TUNED_FIELDS, slow[:7]))
+    fp32 = skinny_gemm.gemm_config(1, 4096, 1024, torch.float32)
+    assert fp32 == skinny_gemm.heuristic_config(1, 4096, 1024, torch.float32)
+    assert [skinny_gemm.use_skinny(m, 4096, 1024, torch.bfloat16) for m in (1, 2, 16, 17, 64, 65)] == [
+        True, False, False, True, True, False,
+    ]  # fmt: skip
+
+
+def test_tuned_table_is_well_formed():
+    """Entries pasted from benchmarks/kernel_bench.py --gemm: 7 config fields, then skinny and cuBLAS microseconds."""
+    for (n, k), buckets in skinny_gemm.TUNED.items():
+        assert n > 0 and k > 0
+        for m, entry in buckets.items():
+            assert m > 0 and len(entry) == len(skinny_gemm.TUNED_FIELDS) + 2, ((n, k), m, entry)
+            cfg = dict(zip(skinny_gemm.TUNED_FIELDS, entry))
+            for name in ("BLOCK_M", "BLOCK_N", "BLOCK_K"):
+                assert cfg[name] >= 16 and cfg[name] & (cfg[name] - 1) == 0, ((n, k), m, cfg)
+            assert cfg["SPLIT_K"] >= 1 and isinstance(cfg["SWAP_AB"], bool), ((n, k), m, cfg)

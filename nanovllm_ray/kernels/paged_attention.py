@@ -10,7 +10,13 @@ Layout (fixed, shared with the engine):
     query_start_loc:  [num_seqs + 1] int32, cumulative query lengths (prefill only)
 The query of a sequence is the last q_len tokens of its context, so the causal mask is bottom-right aligned.
 
-Everything is CUDA-graph friendly: no host syncs, and scratch buffers are sized from shapes and python ints only.
+Decode splits long contexts across programs (split-KV, flash-decoding) when there are too few sequences to fill the
+GPU. Each split writes a partial output and its log-sum-exp; a second, reduce kernel merges them (the default), or,
+with `fused_reduce=True`, the last split of a (sequence, kv head) to finish, known from an atomic arrival counter,
+merges them in the same launch. Splits past a sequence's end return at once in either case.
+
+Everything is CUDA-graph friendly: no host syncs, scratch buffers are sized from shapes and python ints only, and the
+arrival counters are allocated once per device and left at zero by every launch.
 """
 
 import functools
@@ -20,11 +26,14 @@ import triton
 import triton.language as tl
 
 LOG2E = 1.4426950408889634
-# Split-KV choice, tuned on H100 (benchmarks/kernel_bench.py --cudagraph --splits ...): small batches are fastest with
-# about 4 programs per SM and one 64-token tile per split at least; from ~1.5 programs per SM on, splitting only adds
-# the reduce pass.
+# Split-KV choice, tuned on H100 (benchmarks/kernel_bench.py --cudagraph --splits ...) with the separate reduce
+# kernel: small batches are fastest with about 4 programs per SM and one 64-token tile per split at least; from ~1.5
+# programs per SM on, splitting only adds the reduce pass.
 MAX_SPLITS = 32  # split-KV partitions per (sequence, kv head) at most
 MIN_SPLIT_LEN = 64  # tokens per split at least
+# fp32 partials the fused split-KV merge loads at once (up to 4 heads x splits x head_dim): this keeps the decode
+# kernel at the registers it needs without the merge (ptxas for sm_90: 8192, or 8 heads, took 160-166 instead of 128).
+MERGE_TILE = 4096
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -86,15 +95,65 @@ def _softmax_step(
 
 
 @triton.jit
+def _split_layout(seq_len, num_splits, BLOCK_N: tl.constexpr):
+    """Split-KV partition of one sequence: BLOCK_N-aligned chunks; `used` splits are non-empty (>= 1, even for
+    seq_len 0, so that someone writes the zero row). Every program of the sequence computes the same values."""
+    chunk = tl.maximum(tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N, BLOCK_N)
+    used = tl.maximum(tl.cdiv(seq_len, chunk), 1)
+    return chunk, used
+
+
+@triton.jit
+def _merge_splits(
+    part_out_ptr,  # [num_seqs, num_heads, num_splits, HEAD_DIM] fp32
+    part_lse_ptr,  # [num_seqs, num_heads, num_splits] fp32
+    out_ptr,  # [num_seqs, num_heads, HEAD_DIM]
+    seq,
+    first_head,  # merge heads first_head .. first_head + HEADS - 1 (those < last_head)
+    last_head,
+    num_heads,
+    num_splits,
+    used,  # splits holding a partial (>= 2)
+    stride_os,
+    stride_oh,
+    HEADS: tl.constexpr,
+    BLOCK_S: tl.constexpr,  # num_splits rounded up to a power of two
+    HEAD_DIM: tl.constexpr,
+):
+    h = first_head + tl.arange(0, HEADS)
+    s = tl.arange(0, BLOCK_S)
+    d = tl.arange(0, HEAD_DIM)
+    rows = (seq * num_heads + h).to(tl.int64)[:, None] * num_splits + s[None, :]  # [HEADS, BLOCK_S]
+    mask = (h < last_head)[:, None] & (s < used)[None, :]
+    # Both loads before any reduction, so that their latencies overlap. .cg: read the partials from L2, where the
+    # other programs stored them, never from a stale L1 line.
+    lse = tl.load(part_lse_ptr + rows, mask=mask, other=float("-inf"), cache_modifier=".cg")  # [HEADS, BLOCK_S]
+    o = tl.load(
+        part_out_ptr + rows[:, :, None] * HEAD_DIM + d[None, None, :],
+        mask=mask[:, :, None],
+        other=0.0,
+        cache_modifier=".cg",
+    )  # [HEADS, BLOCK_S, HEAD_DIM]
+    m = tl.max(lse, axis=1)
+    m = tl.where(m == float("-inf"), 0.0, m)  # heads past last_head (a used split always has lse > -inf)
+    w = tl.exp2(lse - m[:, None])
+    denom = tl.sum(w, axis=1)
+    o = tl.sum(w[:, :, None] * o, axis=1) / tl.where(denom > 0, denom, 1.0)[:, None]  # [HEADS, HEAD_DIM]
+    o_ptrs = out_ptr + seq * stride_os + h[:, None] * stride_oh + d[None, :]
+    tl.store(o_ptrs, o.to(out_ptr.dtype.element_ty), mask=(h < last_head)[:, None])
+
+
+@triton.jit
 def _decode_kernel(
     q_ptr,  # [num_seqs, num_heads, HEAD_DIM]
     k_cache_ptr,
     v_cache_ptr,
     block_tables_ptr,
     seq_lens_ptr,
-    out_ptr,  # [num_seqs, num_heads, HEAD_DIM], written when not SPLIT
+    out_ptr,  # [num_seqs, num_heads, HEAD_DIM]
     part_out_ptr,  # [num_seqs, num_heads, num_splits, HEAD_DIM] fp32, normalised partial outputs
     part_lse_ptr,  # [num_seqs, num_heads, num_splits] fp32, base-2 log-sum-exp of each split
+    arrivals_ptr,  # [>= num_seqs * num_kv_heads] int32, zero between launches (FUSED_REDUCE only)
     qk_scale,
     num_splits,  # runtime, so that every split count shares one compiled kernel
     stride_qs,
@@ -111,21 +170,29 @@ def _decode_kernel(
     BLOCK_G: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     BLOCK_N: tl.constexpr,
-    SPLIT: tl.constexpr,  # num_splits > 1: write partials for _decode_reduce_kernel
+    SPLIT: tl.constexpr,  # num_splits > 1: sequences longer than one chunk go through partials
+    FUSED_REDUCE: tl.constexpr,  # the last split to finish merges the partials (else _decode_reduce_kernel does)
+    BLOCK_S: tl.constexpr,  # num_splits rounded up to a power of two (FUSED_REDUCE only)
+    MERGE_HEADS: tl.constexpr,  # heads merged at once (FUSED_REDUCE only)
     DOT_PRECISION: tl.constexpr,
 ):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
-    num_heads = tl.num_programs(1) * GROUP
+    num_kv_heads = tl.num_programs(1)
+    num_heads = num_kv_heads * GROUP
 
     seq_len = tl.load(seq_lens_ptr + seq)
     if SPLIT:
-        # Splits cover BLOCK_N-aligned chunks; trailing splits of short sequences are empty.
-        chunk = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
+        # The grid is sized for the longest sequence (or max_model_len under CUDA graphs): the trailing splits of
+        # shorter ones are empty and leave at once. Nothing waits for them: the merge counts `used` splits only.
+        chunk, used = _split_layout(seq_len, num_splits, BLOCK_N)
+        if split >= used:
+            return
         start = split * chunk
         end = tl.minimum(start + chunk, seq_len)
     else:
+        used = 1
         start = 0
         end = seq_len
 
@@ -148,44 +215,101 @@ def _decode_kernel(
         )
         acc, m_i, l_i = _softmax_step(q, k, v, acc, m_i, l_i, col_mask[None, :], qk_scale, True, DOT_PRECISION)
 
-    # Empty splits (and seq_len == 0 padding rows) have l_i == 0: write zeros and lse = -inf, never NaN.
+    # seq_len == 0 padding rows have l_i == 0: write zeros, never NaN.
     l_safe = tl.where(l_i > 0, l_i, 1.0)
     o = acc / l_safe[:, None]
-    if SPLIT:
-        row = (seq * num_heads + head).to(tl.int64) * num_splits + split  # [BLOCK_G]
-        tl.store(part_out_ptr + row[:, None] * HEAD_DIM + d[None, :], o, mask=g_mask[:, None])
-        lse = tl.where(l_i > 0, m_i + tl.log2(l_safe), float("-inf"))
-        tl.store(part_lse_ptr + row, lse, mask=g_mask)
-    else:
+    if used == 1:  # the whole sequence in this program: no partials
         o_ptrs = out_ptr + seq * stride_os + head[:, None] * stride_oh + d[None, :]
         tl.store(o_ptrs, o.to(out_ptr.dtype.element_ty), mask=g_mask[:, None])
+    else:
+        row = (seq * num_heads + head).to(tl.int64) * num_splits + split  # [BLOCK_G]
+        tl.store(part_out_ptr + row[:, None] * HEAD_DIM + d[None, :], o, mask=g_mask[:, None])
+        tl.store(part_lse_ptr + row, m_i + tl.log2(l_safe), mask=g_mask)  # a used split has l_i > 0
+        if FUSED_REDUCE:
+            # Arrival: the barrier puts every thread's partial stores before the one thread's atomic, whose release
+            # (gpu scope) publishes them; the atomics on one counter form a release sequence, so the program that
+            # reads used - 1 acquires all other splits' partials, and the barrier after hands that to all threads.
+            tl.debug_barrier()
+            counter = arrivals_ptr + seq * num_kv_heads + kv_head
+            arrived = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
+            tl.debug_barrier()
+            if arrived == used - 1:  # the last one: merge the group's heads, and leave the counter 0 for next launch
+                for first in tl.static_range(0, GROUP, MERGE_HEADS):
+                    _merge_splits(
+                        part_out_ptr,
+                        part_lse_ptr,
+                        out_ptr,
+                        seq,
+                        kv_head * GROUP + first,
+                        (kv_head + 1) * GROUP,
+                        num_heads,
+                        num_splits,
+                        used,
+                        stride_os,
+                        stride_oh,
+                        MERGE_HEADS,
+                        BLOCK_S,
+                        HEAD_DIM,
+                    )
+                tl.store(counter, 0)
 
 
 @triton.jit
 def _decode_reduce_kernel(
     part_out_ptr,  # [num_seqs, num_heads, num_splits, HEAD_DIM] fp32
     part_lse_ptr,  # [num_seqs, num_heads, num_splits] fp32
+    seq_lens_ptr,
     out_ptr,  # [num_seqs, num_heads, HEAD_DIM]
     stride_os,
     stride_oh,
     num_splits,
+    BLOCK_N: tl.constexpr,  # _decode_kernel's, which fixes the split layout
     BLOCK_S: tl.constexpr,  # num_splits rounded up to a power of two
     HEAD_DIM: tl.constexpr,
 ):
     seq = tl.program_id(0)
     head = tl.program_id(1)
-    row = (seq * tl.num_programs(1) + head).to(tl.int64) * num_splits
-    s = tl.arange(0, BLOCK_S)
-    d = tl.arange(0, HEAD_DIM)
-    s_mask = s < num_splits
-    lse = tl.load(part_lse_ptr + row + s, mask=s_mask, other=float("-inf"))  # [BLOCK_S]
-    m = tl.max(lse, axis=0)
-    m = tl.where(m == float("-inf"), 0.0, m)  # all splits empty (seq_len == 0): weights all 0
-    w = tl.exp2(lse - m)
-    o = tl.load(part_out_ptr + (row + s)[:, None] * HEAD_DIM + d[None, :], mask=s_mask[:, None], other=0.0)
-    denom = tl.sum(w, axis=0)
-    o = tl.sum(w[:, None] * o, axis=0) / tl.where(denom > 0, denom, 1.0)
-    tl.store(out_ptr + seq * stride_os + head * stride_oh + d, o.to(out_ptr.dtype.element_ty))
+    _, used = _split_layout(tl.load(seq_lens_ptr + seq), num_splits, BLOCK_N)
+    if used == 1:  # _decode_kernel wrote the output directly
+        return
+    num_heads = tl.num_programs(1)
+    _merge_splits(
+        part_out_ptr,
+        part_lse_ptr,
+        out_ptr,
+        seq,
+        head,
+        head + 1,
+        num_heads,
+        num_splits,
+        used,
+        stride_os,
+        stride_oh,
+        1,
+        BLOCK_S,
+        HEAD_DIM,
+    )
+
+
+# One arrival counter per (sequence, kv head) and device, allocated once: CUDA graphs bake the address in, and the
+# fused decode leaves every counter back at 0. Kernels on one stream run in order, so calls may share it; decode
+# attention on two streams of one device at once would not. Replaced buffers stay alive for graphs that hold them.
+_ARRIVALS: dict[torch.device, list[torch.Tensor]] = {}
+_MIN_ARRIVALS = 8192
+
+
+def _arrival_counters(device: torch.device, n: int) -> torch.Tensor:
+    buffers = _ARRIVALS.setdefault(device, [])
+    if not buffers or buffers[-1].numel() < n:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(
+                f"paged_decode_attention needs {n} arrival counters but has "
+                f"{buffers[-1].numel() if buffers else 0} while a CUDA graph is being captured; run the same shapes "
+                "once outside the capture first (as a warm-up does)"
+            )
+        size = max(_MIN_ARRIVALS, triton.next_power_of_2(n))
+        buffers.append(torch.zeros(size, dtype=torch.int32, device=device))
+    return buffers[-1]
 
 
 @functools.cache
@@ -243,6 +367,10 @@ def paged_decode_attention(
     out: torch.Tensor | None = None,  # [num_seqs, num_heads, head_dim]
     num_splits: int | None = None,
     max_seq_len: int | None = None,  # upper bound on seq_lens, only used to choose num_splits
+    # Merge split-KV partials in the decode kernel (True) or in a second, reduce kernel (False). H100, bf16, splits
+    # chosen for 4096 at context 640 as in the decode graphs: two kernels 6.2/7.5/8.6 us at batch 1/2/4, fused
+    # 6.5/8.3/9.6 (kernel_bench --cudagraph --contexts 640 --max-seq-len 4096); equal from batch 8.
+    fused_reduce: bool = False,
 ) -> torch.Tensor:
     num_seqs, num_heads, head_dim = q.shape
     block_size, num_kv_heads = _check_cache(k_cache, v_cache, head_dim)
@@ -264,11 +392,16 @@ def paged_decode_attention(
     cfg = decode_config(group, head_dim, k_cache.dtype)
     block_g = max(triton.next_power_of_2(group), 16)
 
-    if num_splits == 1:
-        part_out = part_lse = out  # unused
-    else:
+    split = num_splits > 1
+    fused = split and fused_reduce
+    if split:
         part_out = torch.empty((num_seqs, num_heads, num_splits, head_dim), dtype=torch.float32, device=q.device)
         part_lse = torch.empty((num_seqs, num_heads, num_splits), dtype=torch.float32, device=q.device)
+    else:
+        part_out = part_lse = out  # unused
+    block_s = triton.next_power_of_2(num_splits)
+    merge_heads = min(triton.next_power_of_2(group), 4, max(MERGE_TILE // (block_s * head_dim), 1))
+    arrivals = _arrival_counters(q.device, num_seqs * num_kv_heads) if fused else seq_lens  # unused unless fused
     _decode_kernel[(num_seqs, num_kv_heads, num_splits)](
         q,
         k_cache,
@@ -278,6 +411,7 @@ def paged_decode_attention(
         out,
         part_out,
         part_lse,
+        arrivals,
         scale * LOG2E,
         num_splits,
         q.stride(0),
@@ -291,18 +425,23 @@ def paged_decode_attention(
         GROUP=group,
         BLOCK_G=block_g,
         HEAD_DIM=head_dim,
-        SPLIT=num_splits > 1,
+        SPLIT=split,
+        FUSED_REDUCE=fused,
+        BLOCK_S=block_s if fused else 1,
+        MERGE_HEADS=merge_heads if fused else 1,
         DOT_PRECISION=_dot_precision(k_cache.dtype),
         **cfg,
     )
-    if num_splits > 1:
+    if split and not fused:
         _decode_reduce_kernel[(num_seqs, num_heads)](
             part_out,
             part_lse,
+            seq_lens,
             out,
             out.stride(0),
             out.stride(1),
             num_splits,
+            BLOCK_N=cfg["BLOCK_N"],
             BLOCK_S=triton.next_power_of_2(num_splits),
             HEAD_DIM=head_dim,
             num_warps=1 if head_dim <= 64 else 2,

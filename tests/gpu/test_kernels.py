@@ -1,4 +1,4 @@
-"""The Triton KV-cache kernels against a PyTorch reference, compiled for the GPU.
+"""The Triton kernels (KV cache, attention, GEMM) against a PyTorch reference, compiled for the GPU.
 
 The same checks as tests/test_kernels_interpret.py on realistic shapes and dtypes. Triton and the kernels are imported
 inside a fixture, never at collection time, so that a CPU-only session can still interpret them in the other module.
@@ -8,6 +8,7 @@ import os
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 pytestmark = [
     pytest.mark.gpu,
@@ -25,6 +26,14 @@ def kernels():
     from nanovllm_ray.kernels import kv_store, paged_attention
 
     return kv_store, paged_attention
+
+
+@pytest.fixture(scope="module")
+def skinny():
+    pytest.importorskip("triton")
+    from nanovllm_ray.kernels import skinny_gemm
+
+    return skinny_gemm
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -210,6 +219,103 @@ def test_decode_cuda_graph_replay(kernels, num_splits):
         torch.testing.assert_close(out.float(), expected, atol=2e-2, rtol=0)
 
 
+def counters_are_zero(attn):
+    return not attn._ARRIVALS[torch.device(DEVICE, torch.cuda.current_device())][-1].any()
+
+
+@pytest.mark.parametrize("num_heads,num_kv_heads", GQA)
+@pytest.mark.parametrize("num_splits", [2, 5, 32])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_decode_fused_reduce(kernels, num_heads, num_kv_heads, num_splits, dtype):
+    """Split-KV merged by the last split to arrive (one launch) against the reference and the two-kernel path: seq_len
+    0, sequences shorter than one split, around tile edges, some splits empty, every split used."""
+    _, attn = kernels
+    torch.manual_seed(10)
+    seq_lens = [0, 1, 5, 63, 64, 65, 640, 1000, 2049, 4096]
+    k_cache, v_cache, block_tables = make_cache(seq_lens, 16, num_kv_heads, 128, dtype)
+    q, _, _ = fused_qkv_views(len(seq_lens), num_heads, num_kv_heads, 128, dtype)
+    lens = int32(seq_lens)
+    expected = reference_attention(q, k_cache, v_cache, cumulative([1] * len(seq_lens)), lens, block_tables, 128**-0.5)
+    outs = {}
+    for fused in (True, False):
+        out = torch.full_like(q, float("nan"))
+        attn.paged_decode_attention(
+            q, k_cache, v_cache, block_tables, lens, 128**-0.5, out=out, num_splits=num_splits, fused_reduce=fused
+        )
+        torch.testing.assert_close(out.float(), expected, atol=TOLERANCE[dtype], rtol=0, msg=f"fused_reduce={fused}")
+        outs[fused] = out.float()
+    # The same partials merged in another order of additions: fp32 rounding, then at most one bf16 step.
+    bf16 = dtype == torch.bfloat16
+    torch.testing.assert_close(outs[True], outs[False], atol=1e-2 if bf16 else 1e-5, rtol=1e-2 if bf16 else 0)
+    assert counters_are_zero(attn)
+
+
+def test_decode_fused_reduce_no_stale_partials(kernels):
+    """Back-to-back launches on alternating inputs, no syncs: the partial buffers come back from the caching allocator
+    holding the other input's values, so a merge that read them before the other splits' stores were visible would
+    differ. The merge order is fixed by split index, so every result must repeat bit for bit."""
+    _, attn = kernels
+    torch.manual_seed(11)
+    seq_lens = torch.randint(1, 4096, (4,)).tolist()
+    k_cache, v_cache, block_tables = make_cache(seq_lens, 16, 8, 128, torch.bfloat16)
+    lens = int32(seq_lens)
+    queries = [torch.randn(4, 16, 128, device=DEVICE).to(torch.bfloat16) for _ in range(2)]
+
+    def run(q):
+        return attn.paged_decode_attention(q, k_cache, v_cache, block_tables, lens, 128**-0.5, num_splits=32)
+
+    firsts = [run(q) for q in queries]
+    for q, first in zip(queries, firsts):
+        expected = reference_attention(q, k_cache, v_cache, cumulative([1] * 4), lens, block_tables, 128**-0.5)
+        torch.testing.assert_close(first.float(), expected, atol=2e-2, rtol=0)
+    outs = [run(queries[i % 2]) for i in range(200)]
+    for i, out in enumerate(outs):
+        assert torch.equal(out, firsts[i % 2]), f"launch {i}"
+    assert counters_are_zero(attn)
+
+
+@pytest.mark.parametrize("num_seqs", [1, 4, 16])
+def test_decode_fused_reduce_cuda_graph(kernels, num_seqs):
+    """As the engine runs it: splits chosen for max_seq_len 4096 (most empty at short contexts), captured once, each
+    input replayed twice (the counters must be back at 0 after every launch)."""
+    _, attn = kernels
+    torch.manual_seed(12)
+    max_len, block_size = 4096, 16
+    max_blocks = max_len // block_size
+    assert attn.choose_num_splits(num_seqs, 8, max_len, torch.device(DEVICE)) > 1
+    k_cache, v_cache, _ = make_cache([max_len] * num_seqs, block_size, 8, 128, torch.bfloat16)
+    q = torch.randn(num_seqs, 16, 128, device=DEVICE).to(torch.bfloat16)
+    lens = torch.ones(num_seqs, dtype=torch.int32, device=DEVICE)
+    tables = torch.zeros(num_seqs, max_blocks, dtype=torch.int32, device=DEVICE)
+    out = torch.empty_like(q)
+    run = lambda: attn.paged_decode_attention(  # noqa: E731
+        q, k_cache, v_cache, tables, lens, 128**-0.5, out=out, max_seq_len=max_len
+    )
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        run()  # compile and allocate the counters outside capture
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        run()
+
+    choices = [0, 1, 5, 64, 65, 640, 641, 2000, max_len]
+    for _ in range(3):
+        new_lens = torch.tensor(choices)[torch.randint(len(choices), (num_seqs,))].to(torch.int32)
+        new_lens[0] = 640  # the measured case
+        lens.copy_(new_lens)
+        tables.copy_(torch.randperm(k_cache.shape[0])[: num_seqs * max_blocks].view(num_seqs, max_blocks))
+        q.copy_(torch.randn_like(q, dtype=torch.float32))
+        graph.replay()
+        first = out.clone()
+        graph.replay()
+        assert torch.equal(out, first)
+        expected = reference_attention(q, k_cache, v_cache, cumulative([1] * num_seqs), lens, tables, 128**-0.5)
+        torch.testing.assert_close(out.float(), expected, atol=2e-2, rtol=0)
+        assert counters_are_zero(attn)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Prefill
 # ---------------------------------------------------------------------------------------------------------------------
@@ -320,3 +426,91 @@ def test_store_then_chunked_prefill_then_decode(kernels):
             out = attn.paged_decode_attention(all_q[start:end], k_cache, v_cache, block_table, lens, 0.09)
         torch.testing.assert_close(out, dense[start:end], atol=1e-4, rtol=0, msg=f"chunk {start}:{end}")
         start = end
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Skinny GEMM
+# ---------------------------------------------------------------------------------------------------------------------
+
+# (N, K) of a decode step's four linears: qkv_proj, o_proj, gate_up_proj, down_proj.
+QWEN3_0_6B_LINEARS = [(4096, 1024), (1024, 2048), (6144, 1024), (1024, 3072)]
+QWEN3_8B_LINEARS = [(6144, 4096), (4096, 4096), (24576, 4096), (4096, 12288)]
+GEMM_M = [1, 2, 7, 16, 64, 128, 256]
+# Configs the benchmark's sweep may pick, beside gemm_config's: split-K, SWAP_AB (wgmma), BLOCK_M 128, 8 warps.
+GEMM_CONFIGS = [
+    dict(BLOCK_N=64, BLOCK_K=128, SPLIT_K=1, SWAP_AB=True, num_stages=4),
+    dict(BLOCK_N=32, BLOCK_K=256, SPLIT_K=4, num_stages=3),
+    dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, SPLIT_K=2, num_warps=8, num_stages=3),
+]
+
+
+def reference_linear(x, weight, bias=None):
+    """fp64, so the reference carries no rounding of its own at K = 12288."""
+    return F.linear(x.double(), weight.double(), None if bias is None else bias.double()).float()
+
+
+@pytest.mark.parametrize("N,K", QWEN3_0_6B_LINEARS + QWEN3_8B_LINEARS)
+def test_skinny_linear_model_shapes(skinny, N, K):
+    torch.manual_seed(20)
+    weight = (torch.randn(N, K, device=DEVICE) / K**0.5).to(torch.bfloat16)  # outputs ~N(0, 1)
+    for M in GEMM_M:
+        x = torch.randn(M, K, device=DEVICE).to(torch.bfloat16)
+        expected = reference_linear(x, weight)
+        for config in [None, *GEMM_CONFIGS]:
+            out = skinny.skinny_linear(x, weight, config=config)
+            assert out.dtype == torch.bfloat16 and out.shape == (M, N)
+            torch.testing.assert_close(out.float(), expected, atol=1e-2, rtol=1e-2, msg=f"M={M} config={config}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("N,K", [(1072, 1000), (4096, 1024)])  # 1072, 1000: partial N slice, masked K tail
+def test_skinny_linear_bias_and_dtypes(skinny, dtype, N, K):
+    torch.manual_seed(21)
+    weight = (torch.randn(N, K, device=DEVICE) / K**0.5).to(dtype)
+    bias = torch.randn(N, device=DEVICE).to(dtype)
+    tol = TOLERANCE[dtype]
+    configs = [None, dict(BLOCK_N=64, BLOCK_K=64, SWAP_AB=True, num_stages=3), dict(BLOCK_N=32, BLOCK_K=64, SPLIT_K=4)]
+    for M in (1, 5, 100):
+        x = torch.randn(M, K, device=DEVICE).to(dtype)
+        for config in configs:  # tiles small enough for fp32's shared memory
+            for b in (None, bias):
+                out = skinny.skinny_linear(x, weight, b, config=config)
+                assert out.dtype == dtype and out.shape == (M, N)
+                msg = f"M={M} config={config} bias={b is not None}"
+                torch.testing.assert_close(out.float(), reference_linear(x, weight, b), atol=tol, rtol=tol, msg=msg)
+
+
+def test_skinny_linear_split_k_is_deterministic(skinny):
+    torch.manual_seed(22)
+    weight = torch.randn(1024, 3072, device=DEVICE).to(torch.bfloat16)
+    x = torch.randn(8, 3072, device=DEVICE).to(torch.bfloat16)
+    config = dict(BLOCK_N=16, BLOCK_K=128, SPLIT_K=8)
+    first = skinny.skinny_linear(x, weight, config=config)
+    for _ in range(5):
+        assert torch.equal(skinny.skinny_linear(x, weight, config=config), first)
+
+
+@pytest.mark.parametrize("config", [None, dict(BLOCK_N=16, BLOCK_K=256, SPLIT_K=4)])
+def test_skinny_linear_cuda_graph_replay(skinny, config):
+    """Captured once, replayed with new inputs written into the same buffer: equal to eager, bit for bit."""
+    torch.manual_seed(23)
+    M, N, K = 8, 1024, 2048
+    weight = (torch.randn(N, K, device=DEVICE) / K**0.5).to(torch.bfloat16)
+    bias = torch.randn(N, device=DEVICE).to(torch.bfloat16)
+    x = torch.randn(M, K, device=DEVICE).to(torch.bfloat16)
+    run = lambda: skinny.skinny_linear(x, weight, bias, config=config)  # noqa: E731
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        run()  # compile outside capture
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = run()
+
+    for _ in range(3):
+        x.copy_(torch.randn(M, K, device=DEVICE))
+        graph.replay()
+        eager = run()
+        assert torch.equal(out, eager)
+        torch.testing.assert_close(out.float(), reference_linear(x, weight, bias), atol=1e-2, rtol=1e-2)
