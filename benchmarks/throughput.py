@@ -87,6 +87,8 @@ def main() -> None:
     ap.add_argument("--max-num-batched-tokens", type=int, default=16384)
     ap.add_argument("--block-size", type=int, default=16)
     ap.add_argument("--tensor-parallel-size", type=int, default=1)
+    ap.add_argument("--cprofile", type=int, default=0, metavar="N",
+                    help="profile the run with cProfile and print its N costliest functions (cumulative)")
     ap.add_argument("--tag", default="")
     args = ap.parse_args()
 
@@ -108,9 +110,20 @@ def main() -> None:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     trace = trace_steps(llm.engine.scheduler)
+    profiler = None
+    if args.cprofile:
+        import cProfile
+
+        profiler = cProfile.Profile()
+        profiler.enable()
     t = time.perf_counter()
     outs = llm.generate(prompts, params, use_tqdm=False)
     seconds = time.perf_counter() - t
+    if profiler is not None:
+        import pstats
+
+        profiler.disable()
+        pstats.Stats(profiler).sort_stats("cumulative").print_stats(args.cprofile)
     phases = summarize_trace(trace, time.perf_counter())
     generated = sum(o.num_generated_tokens for o in outs)
     assert generated == sum(max_tokens)

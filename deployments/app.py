@@ -59,7 +59,7 @@ class LLMAppArgs(BaseModel):
     enable_chunked_prefill: bool = True
     enforce_eager: bool = False
     attention_backend: Literal["auto", "torch", "triton", "flash_attn"] = "auto"
-    scheduling_policy: Literal["mixed", "prefill_first"] = "mixed"
+    scheduling_policy: Literal["mixed", "prefill_first"] = "prefill_first"
     seed: int = 0
     # -- the ranks
     executor: Literal["auto", "inprocess", "ray"] = Field(

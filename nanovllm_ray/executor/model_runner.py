@@ -61,6 +61,7 @@ class ModelRunner:
             ops.enable_compiled_ops()  # fuse the small element-wise ops (measured: most decode kernels)
             if importlib.util.find_spec("triton") is not None:
                 enable_skinny_gemm()  # decode-sized matmuls where the Triton kernel beat cuBLAS
+                ops.enable_triton_ops()  # q/k norm + rotary + KV store in one kernel per layer
         default_dtype = torch.get_default_dtype()
         torch.set_default_dtype(self.dtype)
         try:

@@ -54,6 +54,20 @@ _PLAIN = {name: globals()[name] for name in ("rms_norm", "add_rms_norm", "silu_a
                                              "exponential_race", "merge_pending")}
 
 
+# On CUDA with Triton (enable_triton_ops): q/k RMSNorm + rotary + KV-cache store of a layer in one kernel.
+qk_norm_rope_store = None
+
+
+def enable_triton_ops(enabled: bool = True) -> None:
+    global qk_norm_rope_store
+    if enabled:
+        from nanovllm_ray.kernels.qk_norm_rope import qk_norm_rope_store as fused
+
+        qk_norm_rope_store = fused
+    else:
+        qk_norm_rope_store = None
+
+
 def enable_compiled_ops(enabled: bool = True) -> None:
     """Swap this module's ops for torch.compile'd ones (dynamic in the token dimension) or back."""
     for name, fn in _PLAIN.items():

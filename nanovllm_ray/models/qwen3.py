@@ -48,11 +48,19 @@ class Qwen3Attention(nn.Module):
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         n = x.shape[0]
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q, k = ops.qk_norm_rope(q.view(n, self.num_heads, self.head_dim), k.view(n, self.num_kv_heads, self.head_dim),
-                                self.q_norm.weight, self.k_norm.weight, self.q_norm.eps,
-                                self.rotary_emb.cos_sin_cache, positions)
-        o = self.attn(q, k, v.view(n, self.num_kv_heads, self.head_dim), meta)
+        qkv = self.qkv_proj(x)
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        v = v.view(n, self.num_kv_heads, self.head_dim)
+        if ops.qk_norm_rope_store is not None and qkv.is_cuda:  # one kernel, KV stored
+            q, k = ops.qk_norm_rope_store(qkv, self.num_heads, self.num_kv_heads, self.q_norm.weight,
+                                          self.k_norm.weight, self.q_norm.eps, self.rotary_emb.cos_sin_cache,
+                                          positions, self.attn.k_cache, self.attn.v_cache, meta.slot_mapping)
+            o = self.attn(q, k, v, meta, kv_stored=self.attn.k_cache.numel() > 0)
+        else:
+            q, k = ops.qk_norm_rope(q.view(n, self.num_heads, self.head_dim),
+                                    k.view(n, self.num_kv_heads, self.head_dim), self.q_norm.weight,
+                                    self.k_norm.weight, self.q_norm.eps, self.rotary_emb.cos_sin_cache, positions)
+            o = self.attn(q, k, v, meta)
         return self.o_proj(o.reshape(n, self.q_size))
 
 

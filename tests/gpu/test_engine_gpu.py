@@ -11,13 +11,6 @@ from nanovllm_ray.executor.step import StepInput
 pytestmark = pytest.mark.gpu
 
 
-@pytest.fixture(scope="module")
-def model_06b(tmp_path_factory):
-    from nanovllm_ray.demo_model import make_demo_checkpoint
-
-    return str(make_demo_checkpoint(tmp_path_factory.mktemp("ckpt") / "qwen3-0.6b", "qwen3-0.6b"))
-
-
 _step = StepInput.forward_only
 
 

@@ -18,5 +18,6 @@ class Attention(nn.Module):
         # [num_blocks, block_size, num_kv_heads, head_dim], assigned by the model runner
         self.k_cache = self.v_cache = torch.tensor([])
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        return meta.backend.forward(q, k, v, self.k_cache, self.v_cache, meta, self.scale)
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata,
+                kv_stored: bool = False) -> torch.Tensor:
+        return meta.backend.forward(q, k, v, self.k_cache, self.v_cache, meta, self.scale, kv_stored=kv_stored)

@@ -26,10 +26,10 @@ class AttentionBackend(ABC):
 
     @abstractmethod
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
-                v_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+                v_cache: torch.Tensor, meta: AttentionMetadata, scale: float, kv_stored: bool = False) -> torch.Tensor:
         """q: [num_tokens, num_heads, head_dim]; k, v: [num_tokens, num_kv_heads, head_dim];
         k_cache, v_cache: [num_blocks, block_size, num_kv_heads, head_dim]. Returns [num_tokens, num_heads,
-        head_dim]."""
+        head_dim]. kv_stored: k and v are in the cache already (a fused kernel stored them)."""
 
 
 def select_backend(name: str, device: torch.device, block_size: int, head_dim: int,

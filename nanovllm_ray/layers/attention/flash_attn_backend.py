@@ -39,8 +39,9 @@ class FlashAttnBackend(AttentionBackend):
             meta.state["cu_seqlens_k"] = cu_k
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
-                v_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
-        self.store(k, v, k_cache, v_cache, meta.slot_mapping)
+                v_cache: torch.Tensor, meta: AttentionMetadata, scale: float, kv_stored: bool = False) -> torch.Tensor:
+        if not kv_stored:
+            self.store(k, v, k_cache, v_cache, meta.slot_mapping)
         if meta.is_decode_only:
             return self.with_kvcache(q.unsqueeze(1), k_cache, v_cache, cache_seqlens=meta.seq_lens,
                                      block_table=meta.block_tables, softmax_scale=scale, causal=True).squeeze(1)

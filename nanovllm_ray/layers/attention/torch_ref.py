@@ -44,7 +44,8 @@ class TorchReferenceBackend(AttentionBackend):
     name = "torch"
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
-                v_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
-        store_kvcache_ref(k, v, k_cache, v_cache, meta.slot_mapping)
+                v_cache: torch.Tensor, meta: AttentionMetadata, scale: float, kv_stored: bool = False) -> torch.Tensor:
+        if not kv_stored:
+            store_kvcache_ref(k, v, k_cache, v_cache, meta.slot_mapping)
         return paged_attention_ref(q, k_cache, v_cache, meta.query_lens_cpu, meta.seq_lens_cpu,
                                    meta.block_tables, scale)

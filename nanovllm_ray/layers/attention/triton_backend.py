@@ -30,8 +30,9 @@ class TritonBackend(AttentionBackend):
                     "torch varlen_attn (FlashAttention-2)" if self.use_varlen else "the Triton prefill kernel")
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
-                v_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
-        store_kvcache(k, v, k_cache, v_cache, meta.slot_mapping)
+                v_cache: torch.Tensor, meta: AttentionMetadata, scale: float, kv_stored: bool = False) -> torch.Tensor:
+        if not kv_stored:
+            store_kvcache(k, v, k_cache, v_cache, meta.slot_mapping)
         if meta.is_decode_only:
             return paged_decode_attention(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, scale,
                                           max_seq_len=meta.max_seq_len)

@@ -1,5 +1,6 @@
-"""Sampling on the GPU: the Triton sampler against torch, inside CUDA graphs, and through the engine's decode graphs
-(temperature-only requests sample in the graph; seeded / filtered / logprobs requests from the graph's logits)."""
+"""The fused decode-path kernels on the GPU: the Triton sampler against torch, inside CUDA graphs and through the
+engine's decode graphs (temperature-only requests sample in the graph; seeded / filtered / logprobs requests from the
+graph's logits), and the fused q/k norm + rotary + KV store against the unfused ops."""
 
 import pytest
 import torch
@@ -81,3 +82,32 @@ def test_engine_sampling_through_decode_graphs(tiny):
     a = [chosen for chosen, _ in eager[1].logprobs]
     b = [chosen for chosen, _ in graphs[1].logprobs]
     assert a == pytest.approx(b, abs=0.05)
+
+
+def test_fused_qk_norm_rope_store_on_model_shape():
+    pytest.importorskip("triton")
+    from nanovllm_ray.kernels.qk_norm_rope import qk_norm_rope_store
+    from nanovllm_ray.layers import ops
+    from nanovllm_ray.layers.attention.torch_ref import store_kvcache_ref
+    from nanovllm_ray.layers.rotary import RotaryEmbedding
+
+    torch.manual_seed(0)
+    n, heads, kv_heads, d = 300, 16, 8, 128
+    qkv = torch.randn(n, (heads + 2 * kv_heads) * d, device="cuda", dtype=torch.bfloat16)
+    q_w = (1 + 0.1 * torch.randn(d, device="cuda")).bfloat16()
+    k_w = (1 + 0.1 * torch.randn(d, device="cuda")).bfloat16()
+    cos_sin = RotaryEmbedding(d, 40960, 1_000_000.0).cos_sin_cache.cuda()
+    positions = torch.randint(0, 40960, (n,), device="cuda")
+    slots = torch.randperm(64 * 16, device="cuda")[:n]
+    slots[::7] = -1
+    caches = [torch.zeros(64, 16, kv_heads, d, device="cuda", dtype=torch.bfloat16) for _ in range(4)]
+    q, k = qk_norm_rope_store(qkv, heads, kv_heads, q_w, k_w, 1e-6, cos_sin, positions, caches[0], caches[1], slots)
+    f = qkv.float()
+    q_ref, k_ref, v_ref = f.split([heads * d, kv_heads * d, kv_heads * d], -1)
+    q_ref, k_ref = ops.qk_norm_rope(q_ref.reshape(n, heads, d), k_ref.reshape(n, kv_heads, d), q_w.float(),
+                                    k_w.float(), 1e-6, cos_sin, positions)
+    store_kvcache_ref(k_ref.bfloat16(), v_ref.reshape(n, kv_heads, d).bfloat16(), caches[2], caches[3], slots)
+    torch.testing.assert_close(q.float(), q_ref, atol=0.06, rtol=0.02)
+    torch.testing.assert_close(k.float(), k_ref, atol=0.06, rtol=0.02)
+    torch.testing.assert_close(caches[0].float(), caches[2].float(), atol=0.06, rtol=0.02)
+    assert torch.equal(caches[1], caches[3])

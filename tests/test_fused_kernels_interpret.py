@@ -1,0 +1,87 @@
+"""The Triton sampler (kernels/sampling.py) and the fused q/k norm + rotary + KV store (kernels/qk_norm_rope.py)
+through Triton's interpreter on the CPU, against the PyTorch ops they replace.
+
+    TRITON_INTERPRET=1 .venv/bin/python -m pytest tests/test_fused_kernels_interpret.py -q
+
+Importing test_kernels_interpret first sets TRITON_INTERPRET=1 (or skips this module where that cannot work).
+"""
+
+import pytest
+import torch
+from test_kernels_interpret import _patch_interpreter  # noqa: F401  (sets up or skips the interpreter)
+
+from nanovllm_ray.kernels import qk_norm_rope, sampling  # noqa: E402
+from nanovllm_ray.layers import ops  # noqa: E402
+from nanovllm_ray.layers.attention.torch_ref import store_kvcache_ref  # noqa: E402
+from nanovllm_ray.layers.rotary import RotaryEmbedding  # noqa: E402
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("vocab", [7, 1500, 5000])
+def test_greedy_rows_are_argmax_first_index(dtype, vocab):
+    torch.manual_seed(0)
+    logits = torch.randn(6, vocab).to(dtype)
+    logits[1, vocab // 3] = logits[1, vocab - 1] = 50.0  # a tie across tiles / chunks: the first one wins
+    logits[2, :] = 0.0  # all equal: index 0
+    tokens = sampling.sample_tokens(logits, torch.zeros(6))
+    assert tokens.tolist() == logits.float().argmax(-1).tolist()
+    assert tokens[1].item() == vocab // 3 and tokens[2].item() == 0
+
+
+def test_draws_follow_softmax_of_scaled_logits():
+    torch.manual_seed(0)
+    probs = torch.tensor([0.5, 0.25, 0.15, 0.1])
+    temperature = 0.7
+    logits = (probs.log() * temperature).repeat(3000, 1)  # softmax(logits / T) == probs
+    seen = torch.zeros(4)
+    for _ in range(2):  # the seed advances between calls
+        tokens = sampling.sample_tokens(logits, torch.full((3000,), temperature))
+        seen += torch.bincount(tokens, minlength=4).float()
+    freq = seen / seen.sum()
+    assert torch.allclose(freq, probs, atol=0.02), freq
+
+
+def test_calls_draw_fresh_noise_and_mixed_rows():
+    logits = torch.zeros(64, 50)
+    temps = torch.ones(64)
+    temps[::2] = 0.0  # greedy rows in between
+    a = sampling.sample_tokens(logits, temps)
+    b = sampling.sample_tokens(logits, temps)
+    assert (a[::2] == 0).all() and (b[::2] == 0).all()
+    assert not torch.equal(a[1::2], b[1::2])
+    out = torch.full((64,), -1, dtype=torch.int32)
+    assert sampling.sample_tokens(logits, temps, out=out) is out and (out >= 0).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("num_heads,num_kv_heads,head_dim", [(4, 2, 32), (6, 3, 16), (16, 8, 128)])
+def test_qk_norm_rope_store_matches_unfused_ops(dtype, num_heads, num_kv_heads, head_dim):
+    torch.manual_seed(0)
+    n, block_size, num_blocks = 5, 4, 6
+    qkv = torch.randn(n, (num_heads + 2 * num_kv_heads) * head_dim).to(dtype)
+    q_w, k_w = (1 + 0.1 * torch.randn(head_dim)).to(dtype), (1 + 0.1 * torch.randn(head_dim)).to(dtype)
+    cos_sin = RotaryEmbedding(head_dim, 4096, 1_000_000.0).cos_sin_cache
+    positions = torch.tensor([0, 7, 100, 3000, 4095])
+    slots = torch.tensor([3, -1, 17, 0, 23])
+    caches = [torch.zeros(num_blocks, block_size, num_kv_heads, head_dim, dtype=dtype) for _ in range(4)]
+
+    q, k = qk_norm_rope.qk_norm_rope_store(qkv, num_heads, num_kv_heads, q_w, k_w, 1e-6, cos_sin, positions,
+                                           caches[0], caches[1], slots)
+    q_ref, k_ref, v_ref = qkv.split([num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim], -1)
+    q_ref, k_ref = ops.qk_norm_rope(q_ref.reshape(n, num_heads, head_dim), k_ref.reshape(n, num_kv_heads, head_dim),
+                                    q_w, k_w, 1e-6, cos_sin, positions)
+    store_kvcache_ref(k_ref, v_ref.reshape(n, num_kv_heads, head_dim), caches[2], caches[3], slots)
+    tol = {"atol": 1e-5, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 0.05, "rtol": 0.02}
+    torch.testing.assert_close(q.float(), q_ref.float(), **tol)
+    torch.testing.assert_close(k.float(), k_ref.float(), **tol)
+    torch.testing.assert_close(caches[0].float(), caches[2].float(), **tol)  # slot -1 stored nothing
+    assert torch.equal(caches[1], caches[3])  # v is copied as is
+
+
+def test_qk_norm_rope_without_cache():
+    qkv = torch.randn(3, (2 + 2) * 16)
+    cos_sin = RotaryEmbedding(16, 64, 10_000.0).cos_sin_cache
+    empty = torch.tensor([])
+    q, k = qk_norm_rope.qk_norm_rope_store(qkv, 2, 1, torch.ones(16), torch.ones(16), 1e-6, cos_sin,
+                                           torch.tensor([1, 2, 3]), empty, empty, torch.tensor([0, 1, 2]))
+    assert q.shape == (3, 2, 16) and k.shape == (3, 1, 16) and torch.isfinite(q).all()
