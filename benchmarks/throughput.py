@@ -106,7 +106,10 @@ def main() -> None:
               max_num_batched_tokens=args.max_num_batched_tokens, block_size=args.block_size,
               tensor_parallel_size=args.tensor_parallel_size)
     params = [SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=m, detokenize=False) for m in max_tokens]
-    llm.generate(["Benchmark: "], SamplingParams(), use_tqdm=False)  # warm-up
+    # Warm-up (nano-vllm's bench uses one short prompt): also a few of the workload's own prompts, so that kernels
+    # first met on a batch of long prompts are compiled before the clock starts.
+    llm.generate(["Benchmark: "] + prompts[:8], [SamplingParams()] + [
+        SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=4, detokenize=False)] * 8, use_tqdm=False)
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     trace = trace_steps(llm.engine.scheduler)

@@ -36,3 +36,11 @@ def assert_no_leak(engine) -> None:
     assert not engine.has_unfinished_requests()
     assert bm.num_free_blocks == bm.num_blocks, f"{bm.num_blocks - bm.num_free_blocks} blocks leaked"
     assert all(b.ref_count == 0 for b in bm.blocks)
+
+
+@pytest.fixture(scope="session")
+def model_06b(tmp_path_factory):
+    """The Qwen3-0.6B-shaped demo checkpoint (random weights, bf16) for the GPU tests, made once per session."""
+    from nanovllm_ray.demo_model import make_demo_checkpoint
+
+    return str(make_demo_checkpoint(tmp_path_factory.mktemp("ckpt") / "qwen3-0.6b", "qwen3-0.6b"))

@@ -397,8 +397,10 @@ def test_skinny_linear_strided_rows():
 
 
 def test_gemm_config_and_use_skinny(monkeypatch):
-    # Untuned shapes: the heuristic, and the kernel for bf16/fp16 up to DEFAULT_MAX_M rows.
+    # Untuned shapes: the heuristic, and the kernel for bf16/fp16 up to DEFAULT_MAX_M rows (0 as shipped: cuBLAS).
     monkeypatch.setattr(skinny_gemm, "TUNED", {})
+    assert not skinny_gemm.use_skinny(1, 4096, 1024, torch.bfloat16)
+    monkeypatch.setattr(skinny_gemm, "DEFAULT_MAX_M", 64)
     assert skinny_gemm.gemm_config(1, 1024, 2048)["SPLIT_K"] > 1  # 1024 rows are too few slices for 132 SMs
     assert skinny_gemm.gemm_config(1, 151936, 1024)["SPLIT_K"] == 1
     assert skinny_gemm.gemm_config(256, 4096, 1024)["BLOCK_M"] == skinny_gemm.MAX_BLOCK_M

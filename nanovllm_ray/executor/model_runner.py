@@ -161,14 +161,18 @@ class ModelRunner:
         dev = self.device
 
         n, m, p = len(step.input_ids), len(step.seq_lens), len(step.pending_dst)
+        # Sections start at even offsets: 16-byte aligned pointers whatever n is, so Triton and Inductor kernels keep
+        # one specialisation (an odd n once cost a JIT compile of ~0.5 s in the middle of a run).
+        pad = [0] * (n & 1)
+        e = n + len(pad)
         ints = _to_device(torch.from_numpy(np.fromiter(
-            chain(step.input_ids, step.positions, step.slot_mapping, [0], accumulate(step.query_lens), step.seq_lens,
-                  step.pending_dst, step.pending_src),
-            dtype=np.int64, count=3 * n + 2 * m + 1 + 2 * p)), dev)
-        input_ids, positions, slot_mapping = ints[:n], ints[n:2 * n], ints[2 * n:3 * n]
-        qsl, seq_lens = ints[3 * n:3 * n + m + 1].int(), ints[3 * n + m + 1:3 * n + 2 * m + 1].int()
+            chain(step.input_ids, pad, step.positions, pad, step.slot_mapping, pad, [0], accumulate(step.query_lens),
+                  step.seq_lens, step.pending_dst, step.pending_src),
+            dtype=np.int64, count=3 * e + 2 * m + 1 + 2 * p)), dev)
+        input_ids, positions, slot_mapping = ints[:n], ints[e:e + n], ints[2 * e:2 * e + n]
+        qsl, seq_lens = ints[3 * e:3 * e + m + 1].int(), ints[3 * e + m + 1:3 * e + 2 * m + 1].int()
         if p:  # tokens the previous step sampled, still on the device: no round trip through the driver
-            tail = ints[3 * n + 2 * m + 1:]
+            tail = ints[3 * e + 2 * m + 1:]
             input_ids[tail[:p]] = self.prev_sampled[tail[p:]]
         meta = AttentionMetadata(
             backend=self.backend,

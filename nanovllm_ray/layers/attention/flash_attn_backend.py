@@ -43,7 +43,8 @@ class FlashAttnBackend(AttentionBackend):
         if not kv_stored:
             self.store(k, v, k_cache, v_cache, meta.slot_mapping)
         if meta.is_decode_only:
-            return self.with_kvcache(q.unsqueeze(1), k_cache, v_cache, cache_seqlens=meta.seq_lens,
+            # int32 lengths (the decode graphs keep them as int64)
+            return self.with_kvcache(q.unsqueeze(1), k_cache, v_cache, cache_seqlens=meta.seq_lens.int(),
                                      block_table=meta.block_tables, softmax_scale=scale, causal=True).squeeze(1)
         cu_q = meta.query_start_loc
         if meta.no_cached_context:
