@@ -1,8 +1,11 @@
-"""Triton kernels for the paged KV cache.
+"""Triton kernels: the paged KV cache and the fused pieces of a decode step.
 
 - `kv_store.store_kvcache`: write a step's new K/V into cache slots.
 - `paged_attention.paged_decode_attention`: one query token per sequence, split-KV (flash-decoding).
 - `paged_attention.paged_prefill_attention`: prefill / chunked prefill over a cached prefix.
+- `qk_norm_rope.qk_norm_rope_store`: Qwen3's q/k RMSNorm + rotary embedding + KV store, one launch per layer.
+- `sampling.sample_tokens`: temperature + Gumbel-max (or argmax) straight from the logits, CUDA-graph safe.
+- `skinny_gemm.skinny_linear`: y = x W^T for few rows, used where it measured faster than cuBLAS.
 
 Nothing is imported here so that the package stays importable without Triton (CPU-only CI);
 import the submodules directly.
