@@ -124,7 +124,7 @@ def main() -> None:
             "job_overhead": round(1 - results[1]["tokens_per_s"] / results[0]["tokens_per_s"], 3)}
     print(f"job overhead on {device_name()}: {100 * data['job_overhead']:.1f}% of the offline engine's tokens/s "
           f"({args.replicas} replica(s) against one engine)")
-    print("wrote", write_result("batch_throughput" + (f"-{args.tag}" if args.tag else ""), data))
+    write_result("batch_throughput", data, args.tag)
 
 
 if __name__ == "__main__":

@@ -82,12 +82,14 @@ def device_name() -> str:
     return torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu-{platform.machine()}"
 
 
-def write_result(name: str, data: dict) -> Path:
+def write_result(name: str, data: dict, tag: str = "") -> Path:
+    """Write a benchmark's JSON to results/<name>[-<tag>]-<card>-<time>.json and say where."""
     RESULTS.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     card = device_name().replace(" ", "_").replace("/", "_")
-    path = RESULTS / f"{name}-{card}-{stamp}.json"
+    path = RESULTS / f"{name}{f'-{tag}' if tag else ''}-{card}-{stamp}.json"
     path.write_text(json.dumps(data, indent=2))
+    print("wrote", path)
     return path
 
 

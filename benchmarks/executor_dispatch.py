@@ -109,7 +109,7 @@ def main() -> None:
     print_table(rows)
     data = {"benchmark": "executor_dispatch", "device": device_name(), "model": path, "config": vars(args),
             "rows": rows}
-    print("wrote", write_result("executor_dispatch" + (f"-{args.tag}" if args.tag else ""), data))
+    write_result("executor_dispatch", data, args.tag)
 
 
 if __name__ == "__main__":

@@ -92,7 +92,7 @@ def main() -> None:
     print(f"bandwidth {bandwidth / 1e12:.2f} TB/s, bf16 matmul {flops / 1e12:.0f} TFLOP/s on {device_name()}")
     data = {"benchmark": "latency", "device": device_name(), "bandwidth_bytes_per_s": bandwidth,
             "matmul_flops": flops, "model": path, "shape": shape, "config": vars(args), "rows": rows}
-    print("wrote", write_result("latency" + (f"-{args.tag}" if args.tag else ""), data))
+    write_result("latency", data, args.tag)
 
 
 if __name__ == "__main__":

@@ -229,7 +229,7 @@ def main() -> None:
     print_table(rows)
     data = {"benchmark": "prefix_cache", "device": device_name(), "model": path, "config": vars(args),
             "rows": data_rows}
-    print("wrote", write_result("prefix_cache" + (f"-{args.tag}" if args.tag else ""), data))
+    write_result("prefix_cache", data, args.tag)
 
 
 if __name__ == "__main__":

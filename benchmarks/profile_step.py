@@ -105,9 +105,8 @@ def main() -> None:
             engine.step()
     keys = sorted({k for r in rows for k in r}, key=lambda k: (k != "batch", k != "step_ms", k))
     print_table([{k: r.get(k, 0.0) for k in keys} for r in rows])
-    path = write_result("profile_step", {"benchmark": "profile_step", "device": device_name(),
-                                         "config": vars(args), "rows": rows, "kernels": kernels})
-    print("wrote", path)
+    write_result("profile_step", {"benchmark": "profile_step", "device": device_name(), "config": vars(args),
+                                  "rows": rows, "kernels": kernels})
 
 
 if __name__ == "__main__":

@@ -304,7 +304,7 @@ def main() -> None:
             "runs": {r: [{"per_replica": run["per_replica"], "decisions": run["decisions"], "wall_s": run["wall"],
                           "requests": [{k: v for k, v in x.items() if k != "ids"} for x in run["results"]]}
                          for run in rs] for r, rs in runs.items()}}
-    print("wrote", write_result("routing" + (f"-{args.tag}" if args.tag else ""), data))
+    write_result("routing", data, args.tag)
 
 
 def _free_port() -> int:

@@ -150,7 +150,7 @@ def main() -> None:
     print_table(table)
     data = {"benchmark": "serve_latency", "device": device_name(), "model": path, "config": vars(args),
             "rows": table}
-    print("wrote", write_result("serve_latency" + (f"-{args.tag}" if args.tag else ""), data))
+    write_result("serve_latency", data, args.tag)
 
 
 if __name__ == "__main__":

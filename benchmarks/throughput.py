@@ -108,8 +108,9 @@ def main() -> None:
     params = [SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=m, detokenize=False) for m in max_tokens]
     # Warm-up (nano-vllm's bench uses one short prompt): also a few of the workload's own prompts, so that kernels
     # first met on a batch of long prompts are compiled before the clock starts.
-    llm.generate(["Benchmark: "] + prompts[:8], [SamplingParams()] + [
-        SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=4, detokenize=False)] * 8, use_tqdm=False)
+    warm = prompts[:8]
+    llm.generate(["Benchmark: "] + warm, [SamplingParams()] + [
+        SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=4, detokenize=False)] * len(warm), use_tqdm=False)
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     trace = trace_steps(llm.engine.scheduler)
@@ -143,7 +144,7 @@ def main() -> None:
             "preemptions": stats.num_preemptions, "config": vars(args), "phases": phases, **row}
     print(f"bandwidth {bandwidth / 1e12:.2f} TB/s on {device_name()}; preemptions {stats.num_preemptions}; "
           f"KV blocks {llm.engine.block_manager.num_blocks}")
-    print("wrote", write_result("throughput" + (f"-{args.tag}" if args.tag else ""), data))
+    write_result("throughput", data, args.tag)
 
 
 if __name__ == "__main__":

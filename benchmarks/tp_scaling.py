@@ -201,7 +201,7 @@ def main() -> None:
     print_table([{k: "-" if r.get(k) is None else r[k] for k in shown} for r in rows])
     data = {"benchmark": "tp_scaling", "device": device_name(), "num_gpus": gpus, "bandwidth_bytes_per_s": bandwidth,
             "model": path, "shape": model_shape(path), "config": vars(args), "baseline_tp1": base, "rows": rows}
-    print("wrote", write_result("tp_scaling" + (f"-{args.tag}" if args.tag else ""), data))
+    write_result("tp_scaling", data, args.tag)
 
 
 if __name__ == "__main__":

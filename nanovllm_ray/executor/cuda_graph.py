@@ -134,11 +134,8 @@ class DecodeGraphs:
         if prev_tokens is not None:
             self.tokens[:prev_tokens.shape[0]].copy_(prev_tokens)
         self.vec[:SECTIONS * bs].copy_(host, non_blocking=True)
-        width = max(map(len, step.block_tables))
-        tables = np.zeros((n, width), dtype=np.int32)
-        for i, b in enumerate(step.block_tables):
-            tables[i, :len(b)] = b
-        self.block_tables[:n, :width].copy_(torch.from_numpy(tables).pin_memory(), non_blocking=True)
+        tables = step.padded_block_tables()
+        self.block_tables[:n, :tables.shape[1]].copy_(tables.pin_memory(), non_blocking=True)
         self.graphs[bs].replay()
         return bs
 

@@ -15,7 +15,6 @@ from nanovllm_ray.config import Config
 from nanovllm_ray.executor.step import PendingOutput, StepInput, StepOutput
 from nanovllm_ray.layers import ops
 from nanovllm_ray.layers.attention import Attention, AttentionMetadata, select_backend
-from nanovllm_ray.layers.linear import enable_skinny_gemm
 from nanovllm_ray.layers.parallel import tp_rank, tp_size
 from nanovllm_ray.layers.sampler import SamplerOutput, SamplingTensors, sample
 from nanovllm_ray.models.loader import load_model
@@ -60,8 +59,7 @@ class ModelRunner:
         if self.device.type == "cuda" and not config.enforce_eager:
             ops.enable_compiled_ops()  # fuse the small element-wise ops (measured: most decode kernels)
             if importlib.util.find_spec("triton") is not None:
-                enable_skinny_gemm()  # decode-sized matmuls where the Triton kernel beat cuBLAS
-                ops.enable_triton_ops()  # q/k norm + rotary + KV store in one kernel per layer
+                ops.enable_triton_ops()  # fused q/k norm + rotary + KV store; skinny GEMM where it measured faster
         default_dtype = torch.get_default_dtype()
         torch.set_default_dtype(self.dtype)
         try:
@@ -179,7 +177,7 @@ class ModelRunner:
             slot_mapping=slot_mapping,
             query_start_loc=qsl,
             seq_lens=seq_lens,
-            block_tables=_to_device(_pad_tables(step.block_tables), dev),
+            block_tables=_to_device(step.padded_block_tables(), dev),
             max_query_len=max(step.query_lens),
             max_seq_len=max(step.seq_lens),
             query_lens_cpu=step.query_lens,
@@ -301,15 +299,6 @@ def _temperature_only(step: StepInput) -> bool:
     """The step's sampling fits the graph's sampler: no top-k/top-p/min-p, seeds or logprobs."""
     return (step.max_logprobs is None and all(k <= 0 for k in step.top_ks) and all(p >= 1.0 for p in step.top_ps)
             and all(p <= 0.0 for p in step.min_ps) and all(s is None for s in step.seeds))
-
-
-def _pad_tables(tables: list[list[int]], width: int | None = None) -> torch.Tensor:
-    """Ragged block tables -> [num_seqs, width] int32, padded with -1."""
-    width = width or max(len(b) for b in tables)
-    arr = np.full((len(tables), width), -1, dtype=np.int32)
-    for i, b in enumerate(tables):
-        arr[i, :len(b)] = b
-    return torch.from_numpy(arr)
 
 
 def _to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
+import torch
+
 
 @dataclass(slots=True)
 class StepInput:
@@ -43,6 +46,13 @@ class StepInput:
     @property
     def is_decode_only(self) -> bool:
         return all(q == 1 for q in self.query_lens)
+
+    def padded_block_tables(self) -> torch.Tensor:
+        """The ragged block tables as [num_seqs, longest] int32 on the host, padded with -1."""
+        arr = np.full((len(self.block_tables), max(map(len, self.block_tables))), -1, dtype=np.int32)
+        for i, b in enumerate(self.block_tables):
+            arr[i, :len(b)] = b
+        return torch.from_numpy(arr)
 
 
 @dataclass(slots=True)

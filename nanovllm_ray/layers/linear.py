@@ -7,26 +7,16 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from nanovllm_ray.layers import ops
 from nanovllm_ray.layers.parallel import divide, tp_rank, tp_size
-
-_skinny = None  # nanovllm_ray.kernels.skinny_gemm once enable_skinny_gemm() ran (CUDA with Triton)
-
-
-def enable_skinny_gemm(enabled: bool = True) -> None:
-    """Route decode-sized matmuls (few rows) to the Triton skinny GEMM where it measured faster than cuBLAS."""
-    global _skinny
-    if enabled:
-        from nanovllm_ray.kernels import skinny_gemm
-
-        _skinny = skinny_gemm
-    else:
-        _skinny = None
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    if (_skinny is not None and x.is_cuda and x.dim() == 2
-            and _skinny.use_skinny(x.shape[0], weight.shape[0], weight.shape[1], x.dtype)):
-        return _skinny.skinny_linear(x, weight, bias)
+    """F.linear, or the skinny Triton GEMM for the decode-sized shapes where it measured faster (ops.skinny_gemm)."""
+    skinny = ops.skinny_gemm
+    if (skinny is not None and x.is_cuda and x.dim() == 2
+            and skinny.use_skinny(x.shape[0], weight.shape[0], weight.shape[1], x.dtype)):
+        return skinny.skinny_linear(x, weight, bias)
     return F.linear(x, weight, bias)
 
 

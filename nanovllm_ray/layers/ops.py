@@ -54,18 +54,18 @@ _PLAIN = {name: globals()[name] for name in ("rms_norm", "add_rms_norm", "silu_a
                                              "exponential_race", "merge_pending")}
 
 
-# On CUDA with Triton (enable_triton_ops): q/k RMSNorm + rotary + KV-cache store of a layer in one kernel.
-qk_norm_rope_store = None
+# Triton kernels that replace small ops on CUDA, set by enable_triton_ops():
+qk_norm_rope_store = None  # q/k RMSNorm + rotary + KV-cache store of a layer in one kernel
+skinny_gemm = None  # nanovllm_ray.kernels.skinny_gemm: decode-sized matmuls where it measured faster than cuBLAS
 
 
 def enable_triton_ops(enabled: bool = True) -> None:
-    global qk_norm_rope_store
+    global qk_norm_rope_store, skinny_gemm
+    fused = skinny = None
     if enabled:
+        from nanovllm_ray.kernels import skinny_gemm as skinny
         from nanovllm_ray.kernels.qk_norm_rope import qk_norm_rope_store as fused
-
-        qk_norm_rope_store = fused
-    else:
-        qk_norm_rope_store = None
+    qk_norm_rope_store, skinny_gemm = fused, skinny
 
 
 def enable_compiled_ops(enabled: bool = True) -> None:

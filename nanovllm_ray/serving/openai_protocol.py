@@ -58,10 +58,10 @@ class StreamOptions(_Request):
     include_usage: bool = False
 
 
-class CompletionRequest(_Request):
+class _GenerateRequest(_Request):
+    """The sampling and streaming fields completions and chat completions share."""
+
     model: str | None = None
-    prompt: str | list[int] | list[str] | list[list[int]]
-    max_tokens: int | None = 16
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = -1
@@ -72,11 +72,16 @@ class CompletionRequest(_Request):
     stop: str | list[str] | None = None
     stop_token_ids: list[int] | None = None
     seed: int | None = None
+    ignore_eos: bool = False
+    user: str | None = None
+
+
+class CompletionRequest(_GenerateRequest):
+    prompt: str | list[int] | list[str] | list[list[int]]
+    max_tokens: int | None = 16
     logprobs: int | None = None
     echo: bool = False
-    ignore_eos: bool = False
     return_token_ids: bool = False  # vLLM's extension: each choice carries its generated token ids
-    user: str | None = None
 
 
 class TextPart(_Request):
@@ -97,27 +102,14 @@ class ChatMessage(_Request):
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
 
 
-class ChatCompletionRequest(_Request):
-    model: str | None = None
+class ChatCompletionRequest(_GenerateRequest):
     messages: list[ChatMessage]
     max_tokens: int | None = None
     max_completion_tokens: int | None = None  # OpenAI's newer name; wins over max_tokens
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = -1
-    min_p: float = 0.0
-    n: int = 1
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-    stop: str | list[str] | None = None
-    stop_token_ids: list[int] | None = None
-    seed: int | None = None
     logprobs: bool = False
     top_logprobs: int | None = None
-    ignore_eos: bool = False
     add_generation_prompt: bool = True
     chat_template_kwargs: dict[str, Any] | None = None  # e.g. {"enable_thinking": false} for Qwen3
-    user: str | None = None
 
 
 # ---- responses ---------------------------------------------------------------------------------------------
@@ -152,13 +144,18 @@ class CompletionChoice(BaseModel):
     token_ids: list[int] | None = None  # with return_token_ids
 
 
-class CompletionResponse(BaseModel):
+class _Response(BaseModel):
+    """What every (chat) completion response and stream chunk carries besides `object` and its choices."""
+
     id: str
-    object: Literal["text_completion"] = "text_completion"
     created: int = Field(default_factory=lambda: int(time.time()))
     model: str
-    choices: list[CompletionChoice]
     usage: UsageInfo | None = None
+
+
+class CompletionResponse(_Response):
+    object: Literal["text_completion"] = "text_completion"
+    choices: list[CompletionChoice]
 
 
 class TopLogprob(BaseModel):
@@ -180,21 +177,20 @@ class ChatResponseMessage(BaseModel):
     content: str | None = None
 
 
-class ChatCompletionChoice(BaseModel):
+class _ChatChoice(BaseModel):
     index: int
-    message: ChatResponseMessage
     logprobs: ChatChoiceLogprobs | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
 
 
-class ChatCompletionResponse(BaseModel):
-    id: str
+class ChatCompletionChoice(_ChatChoice):
+    message: ChatResponseMessage
+
+
+class ChatCompletionResponse(_Response):
     object: Literal["chat.completion"] = "chat.completion"
-    created: int = Field(default_factory=lambda: int(time.time()))
-    model: str
     choices: list[ChatCompletionChoice]
-    usage: UsageInfo | None = None
 
 
 class DeltaMessage(BaseModel):
@@ -202,21 +198,13 @@ class DeltaMessage(BaseModel):
     content: str | None = None
 
 
-class ChatCompletionStreamChoice(BaseModel):
-    index: int
+class ChatCompletionStreamChoice(_ChatChoice):
     delta: DeltaMessage
-    logprobs: ChatChoiceLogprobs | None = None
-    finish_reason: str | None = None
-    stop_reason: int | str | None = None
 
 
-class ChatCompletionStreamResponse(BaseModel):
-    id: str
+class ChatCompletionStreamResponse(_Response):
     object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
-    created: int = Field(default_factory=lambda: int(time.time()))
-    model: str
     choices: list[ChatCompletionStreamChoice]
-    usage: UsageInfo | None = None
 
 
 class ModelCard(BaseModel):

@@ -9,6 +9,7 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
+from kernel_refs import cumulative, fused_qkv_views, make_cache, reference_attention
 
 pytestmark = [
     pytest.mark.gpu,
@@ -37,58 +38,22 @@ def skinny():
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Reference and fixtures
+# Inputs (the reference and the cache/query makers are in tests/kernel_refs.py)
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def reference_attention(q, k_cache, v_cache, query_start_loc, seq_lens, block_tables, scale):
-    """fp32 attention of each sequence's queries over its cached context, bottom-right causal mask."""
-    _, block_size, num_kv_heads, _ = k_cache.shape
-    group = q.shape[1] // num_kv_heads
-    out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
-    query_start_loc, seq_lens, block_tables = query_start_loc.tolist(), seq_lens.tolist(), block_tables.cpu()
-    for i, seq_len in enumerate(seq_lens):
-        start, end = query_start_loc[i], query_start_loc[i + 1]
-        q_len = end - start
-        if seq_len == 0:
-            continue
-        blocks = block_tables[i, : -(-seq_len // block_size)].long().to(q.device)
-        k = k_cache[blocks].flatten(0, 1)[:seq_len].float().repeat_interleave(group, dim=1)  # [seq_len, H, D]
-        v = v_cache[blocks].flatten(0, 1)[:seq_len].float().repeat_interleave(group, dim=1)
-        s = torch.einsum("qhd,khd->hqk", q[start:end].float(), k) * scale
-        q_pos = seq_len - q_len + torch.arange(q_len, device=q.device)
-        s = s.masked_fill(torch.arange(seq_len, device=q.device)[None, :] > q_pos[:, None], float("-inf"))
-        out[start:end] = torch.einsum("hqk,khd->qhd", s.softmax(-1), v)
-    return out
-
-
-def make_cache(seq_lens, block_size, num_kv_heads, head_dim, dtype, extra_blocks=7):
-    """A randomly filled cache and a block table of shuffled block ids padded with -1."""
-    blocks_per_seq = [-(-n // block_size) for n in seq_lens]
-    num_blocks = sum(blocks_per_seq) + extra_blocks
-    shape = (num_blocks, block_size, num_kv_heads, head_dim)
-    k_cache = torch.randn(shape, device=DEVICE).to(dtype)
-    v_cache = torch.randn(shape, device=DEVICE).to(dtype)
-    ids = torch.randperm(num_blocks).tolist()
-    block_tables = torch.full((len(seq_lens), max(max(blocks_per_seq), 1) + 2), -1, dtype=torch.int32)
-    for i, n in enumerate(blocks_per_seq):
-        block_tables[i, :n] = torch.tensor([ids.pop() for _ in range(n)], dtype=torch.int32)
-    return k_cache, v_cache, block_tables.to(DEVICE)
-
-
-def fused_qkv_views(num_tokens, num_heads, num_kv_heads, head_dim, dtype):
-    """q, k, v as non-contiguous views of one fused projection output, as the model produces them."""
-    qkv = torch.randn(num_tokens, (num_heads + 2 * num_kv_heads) * head_dim, device=DEVICE).to(dtype)
-    q, k, v = qkv.split([num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim], dim=-1)
-    return (
-        q.view(num_tokens, num_heads, head_dim),
-        k.view(num_tokens, num_kv_heads, head_dim),
-        v.view(num_tokens, num_kv_heads, head_dim),
-    )
-
-
-def cumulative(lengths):
-    return torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=DEVICE)
+def capture(run):
+    """Run `run` once on a side stream (JIT compiles, one-time buffers), then capture it in a CUDA graph; returns the
+    graph and what the captured call returned."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        run()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = run()
+    return graph, out
 
 
 def int32(values):
@@ -199,14 +164,7 @@ def test_decode_cuda_graph_replay(kernels, num_splits):
     run = lambda: attn.paged_decode_attention(  # noqa: E731
         q, k_cache, v_cache, tables, lens, 0.125, out=out, num_splits=num_splits
     )
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        run()  # compile outside capture
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        run()
+    graph, _ = capture(run)
 
     for _ in range(3):
         new_lens = torch.randint(1, max_blocks * block_size, (num_seqs,), dtype=torch.int32)
@@ -291,14 +249,7 @@ def test_decode_fused_reduce_cuda_graph(kernels, num_seqs):
     run = lambda: attn.paged_decode_attention(  # noqa: E731
         q, k_cache, v_cache, tables, lens, 128**-0.5, out=out, max_seq_len=max_len
     )
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        run()  # compile and allocate the counters outside capture
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        run()
+    graph, _ = capture(run)
 
     choices = [0, 1, 5, 64, 65, 640, 641, 2000, max_len]
     for _ in range(3):
@@ -499,14 +450,7 @@ def test_skinny_linear_cuda_graph_replay(skinny, config):
     bias = torch.randn(N, device=DEVICE).to(torch.bfloat16)
     x = torch.randn(M, K, device=DEVICE).to(torch.bfloat16)
     run = lambda: skinny.skinny_linear(x, weight, bias, config=config)  # noqa: E731
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        run()  # compile outside capture
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = run()
+    graph, out = capture(run)
 
     for _ in range(3):
         x.copy_(torch.randn(M, K, device=DEVICE))
