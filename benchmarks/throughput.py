@@ -69,8 +69,8 @@ def summarize_trace(trace: list[tuple[float, int, int]], end: float) -> list[dic
             low = next(b for b in (256, 128, 64, 16, 1) if seqs >= b)
             key = f"decode {low}+"
         buckets.setdefault(key, []).append(nxt - t)
-    return [{"steps": k, "count": len(v), "seconds": round(sum(v), 3), "mean_ms": round(1e3 * sum(v) / len(v), 3)}
-            for k, v in sorted(buckets.items())]
+    return [{"steps": k, "count": len(v), "seconds": round(sum(v), 3), "mean_ms": round(1e3 * sum(v) / len(v), 3),
+             "max_ms": round(1e3 * max(v), 3)} for k, v in sorted(buckets.items())]
 
 
 def main() -> None:
@@ -82,7 +82,8 @@ def main() -> None:
     ap.add_argument("--max-output-len", type=int, default=1024)
     ap.add_argument("--max-model-len", type=int, default=4096)
     ap.add_argument("--enforce-eager", action="store_true")
-    ap.add_argument("--scheduling-policy", default="mixed")
+    ap.add_argument("--scheduling-policy", default="prefill_first", choices=["prefill_first", "mixed"],
+                    help="the engine's default is prefill_first")
     ap.add_argument("--attention-backend", default="auto")
     ap.add_argument("--max-num-batched-tokens", type=int, default=16384)
     ap.add_argument("--block-size", type=int, default=16)

@@ -143,7 +143,10 @@ def _merge_splits(
     tl.store(o_ptrs, o.to(out_ptr.dtype.element_ty), mask=(h < last_head)[:, None])
 
 
-@triton.jit
+# Integer arguments that vary from step to step are not specialised on (Triton compiles a variant for ints equal
+# to 1 or divisible by 16): a block table's width changes with the batch, and each new variant is a JIT compile of
+# ~0.5-1 s in the middle of serving.
+@triton.jit(do_not_specialize=["num_splits", "stride_bt"])
 def _decode_kernel(
     q_ptr,  # [num_seqs, num_heads, HEAD_DIM]
     k_cache_ptr,
@@ -254,7 +257,7 @@ def _decode_kernel(
                 tl.store(counter, 0)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits"])
 def _decode_reduce_kernel(
     part_out_ptr,  # [num_seqs, num_heads, num_splits, HEAD_DIM] fp32
     part_lse_ptr,  # [num_seqs, num_heads, num_splits] fp32
@@ -454,7 +457,7 @@ def paged_decode_attention(
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["stride_bt"])
 def _prefill_kernel(
     q_ptr,  # [num_tokens, num_heads, HEAD_DIM]
     k_cache_ptr,
