@@ -6,7 +6,7 @@
     python benchmarks/tp_scaling.py --shape tiny --device cpu --tp 1,2 --num-seqs 8 --max-input-len 64 \\
         --max-output-len 16                                          # smoke run on the CPU (gloo)
 
-Each N gets a fresh LLM(model, tensor_parallel_size=N): one rank runs in this process (with async scheduling), more
+Each N gets a fresh LLM(model, tensor_parallel_size=N): one rank runs in this process, more
 run as Ray actors, one GPU each in one placement group, driven by a compiled Ray graph and joined by NCCL (gloo on
 the CPU); the LLM is shut down and its GPUs seen free again before the next N. N above the visible GPUs is skipped.
 

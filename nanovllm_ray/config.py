@@ -30,7 +30,7 @@ class Config:
     enable_prefix_caching: bool = True
     enable_chunked_prefill: bool = True
     enable_kv_cache_events: bool = False  # record block stored/removed events for a prefix-aware router
-    async_scheduling: bool = True  # launch step t+1 before applying step t's tokens (one rank only)
+    async_scheduling: bool = True  # launch step t+1 before applying step t's tokens
     scheduling_policy: str = "prefill_first"  # prefill_first (nano-vllm; measured faster) | mixed (vLLM v1)
     attention_backend: str = "auto"  # auto | torch | triton | flash_attn
     block_size: int = 16

@@ -48,14 +48,17 @@ def reference(tiny_untied_model) -> list[list[int]]:
     return [o.token_ids for o in llm.generate(_prompts(), GREEDY, use_tqdm=False)]
 
 
-@pytest.mark.parametrize("dispatch", ["compiled", "remote"])
-def test_tp2_gloo_matches_tp1(cluster, tiny_untied_model, reference, dispatch):
+@pytest.mark.parametrize("dispatch, async_scheduling", [("compiled", True), ("remote", True), ("compiled", False)])
+def test_tp2_gloo_matches_tp1(cluster, tiny_untied_model, reference, dispatch, async_scheduling):
+    """Async scheduling: the driver sends step t+1 before it has step t's tokens; rank 0 broadcasts them."""
     from nanovllm_ray.executor.ray_executor import RayExecutor
 
-    config = Config.from_kwargs(tiny_untied_model, tensor_parallel_size=2, **ENGINE)
+    config = Config.from_kwargs(tiny_untied_model, tensor_parallel_size=2, async_scheduling=async_scheduling,
+                                **ENGINE)
     executor = RayExecutor(config, dispatch=dispatch)
     engine = LLMEngine(config, executor=executor)
     try:
+        assert engine.async_scheduling == async_scheduling
         assert executor.num_kv_blocks == ENGINE["num_kvcache_blocks"]
         assert _run(engine, _prompts()) == reference
         assert engine.stats().prefix_cache_hits > 0

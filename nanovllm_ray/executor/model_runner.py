@@ -10,6 +10,7 @@ from itertools import accumulate, chain
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from nanovllm_ray.config import Config
 from nanovllm_ray.executor.step import PendingOutput, StepInput, StepOutput
@@ -75,7 +76,10 @@ class ModelRunner:
         self.graphs = None
         self.prev_sampled = torch.zeros(0, dtype=torch.int64, device=self.device)  # last step's sampled tokens
         self.prev_in_graph = False  # prev_sampled is the decode graphs' own token buffer
+        self.prev_rows = 0  # rows the previous step sampled (on every rank)
         self.num_kv_blocks = self._allocate_kv_cache()
+        if self.device.type == "cuda":
+            self._warmup()
         if not defer_graphs:
             self.capture_cuda_graphs()
 
@@ -113,7 +117,11 @@ class ModelRunner:
     def resize_kv_cache(self, num_blocks: int) -> None:
         """Replace the KV pool with one of num_blocks blocks (ranks agree on the smallest); before graphs."""
         assert self.graphs is None, "CUDA graphs hold the old pool's addresses"
-        self.kv_cache = None  # free the old pool first
+        self.kv_cache = None  # free the old pool first: the layers hold views of it too
+        for layer in self.attn_layers:
+            layer.k_cache = layer.v_cache = torch.tensor([])
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
         self._set_kv_cache(num_blocks)
         self.num_kv_blocks = num_blocks
 
@@ -153,6 +161,29 @@ class ModelRunner:
         available = int(total * cfg.gpu_memory_utilization) - used - (peak - current)
         return available // self.block_bytes
 
+    def _warmup(self) -> None:
+        """Compile before serving what the profile pass and graph capture leave out, so that no Triton or Inductor
+        JIT compile (~0.5-2 s each) lands in a request's step: a prefill chunk over a cached prefix (the paged
+        prefill kernel) beside a plain prefill, at token counts odd, even and a multiple of 16 (integer arguments
+        are specialised on those). The steps write into free KV blocks only."""
+        bs = self.block_size
+        for lens in ((33, 40), (32, 32), (34,), (33,)):  # [plain prefill, chunk after a one-block prefix]
+            starts = [0, bs][:len(lens)]
+            ends = [s + n for s, n in zip(starts, lens)]
+            if max(ends) > self.config.max_model_len:
+                continue
+            sizes = [-(-e // bs) for e in ends]
+            if sum(sizes) > self.num_kv_blocks:
+                continue
+            firsts = [0, sizes[0]][:len(lens)]
+            tables = [list(range(f, f + n)) for f, n in zip(firsts, sizes)]
+            step = StepInput.forward_only([[0] * n for n in lens], starts, tables, bs)
+            k = len(lens)
+            step.sample_rows, step.temperatures, step.seeds = list(range(k)), [0.0, 1.0][:k], [None] * k
+            step.top_ks, step.top_ps, step.min_ps = [-1] * k, [1.0] * k, [0.0] * k
+            self.execute(step)
+        torch.cuda.synchronize()
+
     # ---- one step ------------------------------------------------------------------------------------------
 
     def prepare(self, step: StepInput) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
@@ -171,7 +202,7 @@ class ModelRunner:
         qsl, seq_lens = ints[3 * e:3 * e + m + 1].int(), ints[3 * e + m + 1:3 * e + 2 * m + 1].int()
         if p:  # tokens the previous step sampled, still on the device: no round trip through the driver
             tail = ints[3 * e + 2 * m + 1:]
-            input_ids[tail[:p]] = self.prev_sampled[tail[p:]]
+            input_ids[tail[:p]] = self._prev_tokens()[tail[p:]]
         meta = AttentionMetadata(
             backend=self.backend,
             slot_mapping=slot_mapping,
@@ -187,6 +218,16 @@ class ModelRunner:
         )
         self.backend.prepare(meta)
         return input_ids, positions, meta
+
+    def _prev_tokens(self) -> torch.Tensor:
+        """The previous step's sampled tokens on every rank: rank 0 sampled them; with more ranks it broadcasts them
+        (every rank saw the previous step, so every rank knows how many there are)."""
+        if tp_size() == 1:
+            return self.prev_sampled
+        buf = (self.prev_sampled.long().contiguous() if self.rank == 0 else
+               torch.empty(self.prev_rows, dtype=torch.int64, device=self.device))
+        dist.broadcast(buf, src=0)
+        return buf
 
     def sampling_tensors(self, step: StepInput) -> SamplingTensors:
         top_ks = [k if k > 0 else self.vocab_size for k in step.top_ks]
@@ -237,6 +278,7 @@ class ModelRunner:
         if g is not None and g.with_head and step.is_decode_only and g.can_run(len(step.seq_lens)):
             return self._finish(self._execute_graph(step))
         input_ids, positions, meta = self.prepare(step)
+        self.prev_rows = len(step.sample_rows)  # for the next step's _prev_tokens()
         logits = self.run_model(input_ids, positions, meta, step)
         if self.rank != 0:
             return None

@@ -2,7 +2,9 @@
 Ray graph (or plain remote calls).
 
 The driver (the engine's process) sends every rank the same StepInput; each rank runs its shard, the ranks
-all-reduce through NCCL (gloo on CPU), and rank 0 samples and returns the StepOutput. Inside a Ray Serve replica
+all-reduce through NCCL (gloo on CPU), and rank 0 samples and returns the StepOutput. With async scheduling the
+driver sends step t+1 before it reads step t's tokens: rank 0 broadcasts them to the other ranks at the start of
+step t+1. Inside a Ray Serve replica
 the workers go into the replica's own placement group (bundle i for rank i); elsewhere the executor makes one.
 """
 
@@ -16,7 +18,7 @@ import torch
 
 from nanovllm_ray.config import Config
 from nanovllm_ray.executor.base import Executor
-from nanovllm_ray.executor.step import StepInput, StepOutput
+from nanovllm_ray.executor.step import PendingOutput, StepInput, StepOutput
 from nanovllm_ray.executor.worker import TPWorker
 
 logger = logging.getLogger(__name__)
@@ -25,6 +27,8 @@ Dispatch = Literal["compiled", "remote"]
 
 
 class RayExecutor(Executor):
+    supports_async = True  # rank 0 keeps its sampled tokens on the device and broadcasts them to the others
+
     def __init__(self, config: Config, dispatch: Dispatch = "compiled", placement_group=None,
                  worker_num_cpus: float = 1.0, init_timeout_s: float = 600.0) -> None:
         import ray
@@ -86,13 +90,15 @@ class RayExecutor(Executor):
                     dispatch, self.num_kv_blocks)
 
     def execute(self, step: StepInput | None) -> StepOutput | None:
+        return self.execute_async(step).result()
+
+    def execute_async(self, step: StepInput | None) -> PendingOutput:
+        """Send the step to every rank and return at once: the driver schedules the next step meanwhile (results
+        are fetched in launch order)."""
         import ray
 
-        if self._dag is not None:
-            outs = ray.get(self._dag.execute(step))
-        else:
-            outs = ray.get([w.execute.remote(step) for w in self.workers])
-        return outs[0]
+        refs = self._dag.execute(step) if self._dag is not None else [w.execute.remote(step) for w in self.workers]
+        return PendingOutput(fetch=lambda: ray.get(refs)[0])
 
     def forward_logits(self, step: StepInput) -> torch.Tensor:
         """Logits of every token of the step, from rank 0 (every rank runs it; CUDA graphs for decode): for
