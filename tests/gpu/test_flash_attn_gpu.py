@@ -6,6 +6,7 @@ import random
 
 import pytest
 import torch
+from conftest import decisive
 
 from nanovllm_ray import LLM
 from nanovllm_ray.executor.step import StepInput
@@ -42,6 +43,11 @@ def test_flash_attn_backend_matches_triton(model_06b):
         got[backend] = _logits(llm, streams, cut=200, prompt=300)
         del llm
         torch.cuda.empty_cache()
-    for a, b in zip(got["triton"], got["flash_attn"]):
-        torch.testing.assert_close(a.float(), b.float(), atol=0.05 * a.abs().max().item(), rtol=0.02)
-        assert (a.argmax(-1) == b.argmax(-1)).float().mean() >= 0.95
+    a, b = torch.cat(got["triton"]).float(), torch.cat(got["flash_attn"]).float()
+    torch.testing.assert_close(a, b, atol=0.05 * a.abs().max().item(), rtol=0.02)
+    same = (a.argmax(-1) == b.argmax(-1)).float()
+    sure = decisive(a)
+    print(f"\npositions {len(same)}, argmax agreement {same.mean():.4f}; on {int(sure.sum())} decisive positions "
+          f"{same[sure].mean():.4f}")
+    assert same[sure].mean() >= 0.99  # near-ties of random weights may flip between any two bf16 kernels
+    assert same.mean() >= 0.9

@@ -10,6 +10,7 @@ from collections.abc import Callable
 
 import pytest
 import torch
+from conftest import decisive as is_decisive
 from serve_harness import ray_cluster
 
 from nanovllm_ray import LLM, SamplingParams
@@ -45,6 +46,22 @@ def _teacher_forced(forward_logits: Callable[[StepInput], torch.Tensor], bs: int
     return torch.cat([torch.cat(o) for o in out])
 
 
+def near_greedy(forward_logits: Callable[[StepInput], torch.Tensor], bs: int, prompts: list[list[int]],
+                generated: list[list[int]], margin: float = 0.02) -> float:
+    """Fraction of the generated tokens that are greedy choices of forward_logits's model up to bf16 noise: teacher
+    forced over prompt + generated, each token's logit is within margin x max |logit| of its row's largest."""
+    streams = [p + g for p, g in zip(prompts, generated)]
+    width = -(-max(map(len, streams)) // bs)
+    tables = [list(range(i * width, (i + 1) * width)) for i in range(len(streams))]
+    logits = forward_logits(_step(streams, [0] * len(streams), tables, bs)).float().cpu()
+    ok = []
+    for p, g, rows in zip(prompts, generated, logits.split(list(map(len, streams)))):
+        rows = rows[len(p) - 1:-1]  # the rows that predict the generated tokens
+        chosen = rows.gather(1, torch.tensor(g)[:, None])[:, 0]
+        ok.append(chosen >= rows.amax(-1) - margin * rows.abs().amax(-1))
+    return torch.cat(ok).float().mean().item()
+
+
 def _streams() -> list[list[int]]:
     rng = random.Random(0)
     return [[rng.randrange(0, 150000) for _ in range(p + 40)] for p in PROMPT_LENS]
@@ -58,13 +75,6 @@ def _prompts() -> list[list[int]]:
 def _free_cuda() -> None:
     gc.collect()  # the runner and its CUDA graphs hold each other
     torch.cuda.empty_cache()
-
-
-@pytest.fixture(scope="module")
-def model_06b(tmp_path_factory) -> str:
-    from nanovllm_ray.demo_model import make_demo_checkpoint
-
-    return str(make_demo_checkpoint(tmp_path_factory.mktemp("ckpt") / "qwen3-0.6b", "qwen3-0.6b"))
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +112,8 @@ def reference(model_06b) -> dict[str, torch.Tensor | list[list[int]]]:
 def test_tp_matches_one_gpu_bf16(cluster, model_06b, reference, tp):
     """Random weights leave many near-ties between the top two logits, where any bf16 implementation flips a coin
     (see test_engine_gpu.py): so TP=N must agree with transformers fp32 as well as transformers' own bf16 does, and on
-    99% of the positions whose top-two gap exceeds bf16 noise, both with fp32 and with one GPU."""
+    99% of the positions whose top-two gap exceeds bf16 noise, both with fp32 and with one GPU. Greedy generation
+    likewise: the tokens may part from one GPU's at a near-tie, but both must be greedy under TP=N's logits."""
     import ray
 
     llm = LLM(model_06b, tensor_parallel_size=tp, **ENGINE)
@@ -115,13 +126,16 @@ def test_tp_matches_one_gpu_bf16(cluster, model_06b, reference, tp):
         assert ranks == [(True, "torch.bfloat16", "0")] * tp, ranks
         ours = _teacher_forced(ex.forward_logits, llm.config.block_size, _streams(), PROMPT_LENS)
         tokens = [o.token_ids for o in llm.generate(_prompts(), GREEDY, use_tqdm=False)]
+        # Greedy generation (async scheduling: rank 0 broadcasts the tokens each step) judged by this model teacher
+        # forced: its own tokens, and one GPU's (the two part at the first near-tie that bf16 noise flips).
+        bs = llm.config.block_size
+        own, tp1_path = (near_greedy(ex.forward_logits, bs, _prompts(), t) for t in (tokens, reference["tp1_tokens"]))
     finally:
         llm.engine.shutdown()
 
     truth, hf16, tp1 = reference["truth"], reference["hf16"], reference["tp1"]
     assert ours.shape == truth.shape == tp1.shape
-    top2 = truth.topk(2, -1).values
-    decisive = (top2[:, 0] - top2[:, 1]) > 0.02 * truth.abs().amax(-1)
+    decisive = is_decisive(truth)
     agree = (ours.argmax(-1) == truth.argmax(-1)).float()
     agree_tp1 = (ours.argmax(-1) == tp1.argmax(-1)).float()
     hf_agree = (hf16.argmax(-1) == truth.argmax(-1)).float()
@@ -133,10 +147,10 @@ def test_tp_matches_one_gpu_bf16(cluster, model_06b, reference, tp):
           f"{agree.mean():.4f}, transformers bf16 {hf_agree.mean():.4f}; on decisive positions ours "
           f"{agree[decisive].mean():.4f}; with one GPU {agree_tp1.mean():.4f} (decisive "
           f"{agree_tp1[decisive].mean():.4f}); max |diff| / max |logit| vs one GPU {err:.4f}; greedy tokens equal "
-          f"to one GPU's {same}/{total}")
+          f"to one GPU's {same}/{total}; greedy up to bf16 noise: own tokens {own:.4f}, one GPU's {tp1_path:.4f}")
     assert agree[decisive].mean() >= 0.99
     assert agree_tp1[decisive].mean() >= 0.99
     assert agree.mean() >= hf_agree.mean() - 0.01
     assert err < 0.05
     assert all(len(t) == GREEDY.max_tokens for t in tokens)
-    assert same >= 0.95 * total
+    assert own >= 0.99 and tp1_path >= 0.99
