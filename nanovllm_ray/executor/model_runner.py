@@ -45,8 +45,8 @@ def resolve_dtype(config: Config, device: torch.device) -> torch.dtype:
 
 class ModelRunner:
     def __init__(self, config: Config, defer_graphs: bool = False) -> None:
-        """defer_graphs: leave CUDA-graph capture to a later capture_cuda_graphs() (after resize_kv_cache: graphs
-        bake in the KV cache's addresses)."""
+        """defer_graphs: leave warmup() and CUDA-graph capture to the caller (ranks first agree on the KV block count
+        and resize_kv_cache: graphs bake in the KV cache's addresses, and every rank must warm up alike)."""
         self.config = config
         self.rank = tp_rank()
         self.device = resolve_device(config)
@@ -78,9 +78,8 @@ class ModelRunner:
         self.prev_in_graph = False  # prev_sampled is the decode graphs' own token buffer
         self.prev_rows = 0  # rows the previous step sampled (on every rank)
         self.num_kv_blocks = self._allocate_kv_cache()
-        if self.device.type == "cuda":
-            self._warmup()
         if not defer_graphs:
+            self.warmup()
             self.capture_cuda_graphs()
 
     def capture_cuda_graphs(self) -> None:
@@ -161,11 +160,13 @@ class ModelRunner:
         available = int(total * cfg.gpu_memory_utilization) - used - (peak - current)
         return available // self.block_bytes
 
-    def _warmup(self) -> None:
-        """Compile before serving what the profile pass and graph capture leave out, so that no Triton or Inductor
-        JIT compile (~0.5-2 s each) lands in a request's step: a prefill chunk over a cached prefix (the paged
-        prefill kernel) beside a plain prefill, at token counts odd, even and a multiple of 16 (integer arguments
-        are specialised on those). The steps write into free KV blocks only."""
+    def warmup(self) -> None:
+        """On CUDA, compile before serving what the profile pass and graph capture leave out, so that no Triton or
+        Inductor JIT compile (~0.5-2 s each) lands in a request's step: a prefill chunk over a cached prefix (the
+        paged prefill kernel) beside a plain prefill, at token counts odd, even and a multiple of 16 (integer
+        arguments are specialised on those). The steps write into free KV blocks only."""
+        if self.device.type != "cuda":
+            return
         bs = self.block_size
         for lens in ((33, 40), (32, 32), (34,), (33,)):  # [plain prefill, chunk after a one-block prefix]
             starts = [0, bs][:len(lens)]

@@ -49,6 +49,7 @@ class TPWorker:
         agreed = int(n.item())
         if agreed != runner.num_kv_blocks:
             runner.resize_kv_cache(agreed)
+        runner.warmup()  # collectives: after the agreement, so that every rank runs the same steps
         runner.capture_cuda_graphs()
         return agreed, runner.block_bytes
 
