@@ -101,3 +101,27 @@ def test_prefix_caching_off_gives_same_tokens(case):
     assert [o.token_ids for o in outs] == ref2
     assert all(o.num_cached_tokens == 0 for o in outs)
     assert_no_leak(llm.engine)
+
+
+@pytest.mark.parametrize("block_size", [16, 256])
+def test_warmup_steps_cover_the_compiled_shapes_and_leave_no_trace(tiny_model, block_size):
+    """The start-up steps (run on CUDA only, before any request: they write into blocks that are free) include a chunk
+    over a cached prefix beside a plain prefill and token counts odd, even and a multiple of 16; run here on the CPU,
+    they change nothing that serving sees."""
+    prompts = [[random.Random(i).randrange(0, 150000) for _ in range(n)] for i, n in enumerate((5, 40, 300))]
+    greedy = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+    got = []
+    for warm in (False, True):
+        llm = LLM(tiny_model, max_model_len=512, block_size=block_size)
+        runner = llm.engine.executor.runner
+        if warm:
+            steps = runner.warmup_steps()
+            assert any(q < s for step in steps for q, s in zip(step.query_lens, step.seq_lens))  # a cached prefix
+            assert {len(s.input_ids) % 2 for s in steps} == {0, 1}
+            assert any(len(s.input_ids) % 16 == 0 for s in steps)
+            for step in steps:
+                assert max(b for t in step.block_tables for b in t) < runner.num_kv_blocks
+                assert len(runner.execute(step).token_ids) == len(step.sample_rows)
+        got.append([o.token_ids for o in llm.generate(prompts, greedy, use_tqdm=False)])
+        assert_no_leak(llm.engine)
+    assert got[0] == got[1]

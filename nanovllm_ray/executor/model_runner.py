@@ -162,19 +162,24 @@ class ModelRunner:
 
     def warmup(self) -> None:
         """On CUDA, compile before serving what the profile pass and graph capture leave out, so that no Triton or
-        Inductor JIT compile (~0.5-2 s each) lands in a request's step: a prefill chunk over a cached prefix (the
-        paged prefill kernel) beside a plain prefill, at token counts odd, even and a multiple of 16 (integer
-        arguments are specialised on those). The steps write into free KV blocks only."""
+        Inductor JIT compile (~0.5-2 s each) lands in a request's step: see warmup_steps(). Before any request."""
         if self.device.type != "cuda":
             return
-        bs = self.block_size
+        for step in self.warmup_steps():
+            self.execute(step)
+        torch.cuda.synchronize()
+
+    def warmup_steps(self) -> list[StepInput]:
+        """A prefill chunk over a cached prefix (the paged prefill kernel) beside a plain prefill, and plain prefills,
+        at token counts odd, even and a multiple of 16 (integer arguments are specialised on those); each samples
+        greedy and random rows. They write into the first few KV blocks: run them before any request, while no block
+        holds a cached prefix. Shapes that do not fit are left out."""
+        bs, steps = self.block_size, []
         for lens in ((33, 40), (32, 32), (34,), (33,)):  # [plain prefill, chunk after a one-block prefix]
             starts = [0, bs][:len(lens)]
             ends = [s + n for s, n in zip(starts, lens)]
-            if max(ends) > self.config.max_model_len:
-                continue
             sizes = [-(-e // bs) for e in ends]
-            if sum(sizes) > self.num_kv_blocks:
+            if max(ends) > self.config.max_model_len or sum(sizes) > self.num_kv_blocks:
                 continue
             firsts = [0, sizes[0]][:len(lens)]
             tables = [list(range(f, f + n)) for f, n in zip(firsts, sizes)]
@@ -182,8 +187,8 @@ class ModelRunner:
             k = len(lens)
             step.sample_rows, step.temperatures, step.seeds = list(range(k)), [0.0, 1.0][:k], [None] * k
             step.top_ks, step.top_ps, step.min_ps = [-1] * k, [1.0] * k, [0.0] * k
-            self.execute(step)
-        torch.cuda.synchronize()
+            steps.append(step)
+        return steps
 
     # ---- one step ------------------------------------------------------------------------------------------
 
