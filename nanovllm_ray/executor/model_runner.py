@@ -48,14 +48,14 @@ class ModelRunner:
         """defer_graphs: leave warmup() and CUDA-graph capture to the caller (ranks first agree on the KV block count
         and resize_kv_cache: graphs bake in the KV cache's addresses, and every rank must warm up alike)."""
         self.config = config
-        self.rank = tp_rank()
+        self.rank, self.world_size = tp_rank(), tp_size()
         self.device = resolve_device(config)
         self.dtype = resolve_dtype(config, self.device)
         cfg = config.hf_config
         self.block_size = config.block_size
         self.num_layers = cfg["num_hidden_layers"]
         self.head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
-        self.num_kv_heads = max(1, cfg.get("num_key_value_heads", cfg["num_attention_heads"]) // tp_size())
+        self.num_kv_heads = max(1, cfg.get("num_key_value_heads", cfg["num_attention_heads"]) // self.world_size)
         self.vocab_size = cfg["vocab_size"]
         if self.device.type == "cuda" and not config.enforce_eager:
             ops.enable_compiled_ops()  # fuse the small element-wise ops (measured: most decode kernels)
@@ -116,13 +116,16 @@ class ModelRunner:
     def resize_kv_cache(self, num_blocks: int) -> None:
         """Replace the KV pool with one of num_blocks blocks (ranks agree on the smallest); before graphs."""
         assert self.graphs is None, "CUDA graphs hold the old pool's addresses"
-        self.kv_cache = None  # free the old pool first: the layers hold views of it too
-        for layer in self.attn_layers:
-            layer.k_cache = layer.v_cache = torch.tensor([])
+        self._free_kv_cache()  # the old pool first
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
         self._set_kv_cache(num_blocks)
         self.num_kv_blocks = num_blocks
+
+    def _free_kv_cache(self) -> None:
+        self.kv_cache = None
+        for layer in self.attn_layers:  # they hold views of it
+            layer.k_cache = layer.v_cache = torch.tensor([])
 
     def _set_kv_cache(self, num_blocks: int) -> None:
         # [2, num_layers, num_blocks, block_size, num_kv_heads, head_dim]
@@ -141,18 +144,11 @@ class ModelRunner:
         torch.cuda.reset_peak_memory_stats()
         blocks_per_seq = math.ceil(seq_len / self.block_size)
         self._set_kv_cache(num_seqs * blocks_per_seq)
-        step = StepInput(
-            input_ids=[0] * (num_seqs * seq_len), positions=list(range(seq_len)) * num_seqs,
-            slot_mapping=[s * blocks_per_seq * self.block_size + p for s in range(num_seqs) for p in range(seq_len)],
-            query_lens=[seq_len] * num_seqs, seq_lens=[seq_len] * num_seqs,
-            block_tables=[list(range(s * blocks_per_seq, (s + 1) * blocks_per_seq)) for s in range(num_seqs)],
-            sample_rows=list(range(num_seqs)), temperatures=[1.0] * num_seqs, top_ks=[-1] * num_seqs,
-            top_ps=[1.0] * num_seqs, min_ps=[0.0] * num_seqs, seeds=[None] * num_seqs, max_logprobs=None)
-        self.execute(step)
+        tables = [list(range(s * blocks_per_seq, (s + 1) * blocks_per_seq)) for s in range(num_seqs)]
+        self.execute(StepInput.forward_only([[0] * seq_len] * num_seqs, [0] * num_seqs, tables, self.block_size,
+                                            temperatures=[1.0] * num_seqs))
         torch.cuda.synchronize()
-        self.kv_cache = None
-        for layer in self.attn_layers:
-            layer.k_cache = layer.v_cache = torch.tensor([])
+        self._free_kv_cache()
         free, total = torch.cuda.mem_get_info()
         stats = torch.cuda.memory_stats()
         used = total - free
@@ -183,11 +179,8 @@ class ModelRunner:
                 continue
             firsts = [0, sizes[0]][:len(lens)]
             tables = [list(range(f, f + n)) for f, n in zip(firsts, sizes)]
-            step = StepInput.forward_only([[0] * n for n in lens], starts, tables, bs)
-            k = len(lens)
-            step.sample_rows, step.temperatures, step.seeds = list(range(k)), [0.0, 1.0][:k], [None] * k
-            step.top_ks, step.top_ps, step.min_ps = [-1] * k, [1.0] * k, [0.0] * k
-            steps.append(step)
+            steps.append(StepInput.forward_only([[0] * n for n in lens], starts, tables, bs,
+                                                temperatures=[0.0, 1.0][:len(lens)]))
         return steps
 
     # ---- one step ------------------------------------------------------------------------------------------
@@ -228,7 +221,7 @@ class ModelRunner:
     def _prev_tokens(self) -> torch.Tensor:
         """The previous step's sampled tokens on every rank: rank 0 sampled them; with more ranks it broadcasts them
         (every rank saw the previous step, so every rank knows how many there are)."""
-        if tp_size() == 1:
+        if self.world_size == 1:
             return self.prev_sampled
         buf = (self.prev_sampled.long().contiguous() if self.rank == 0 else
                torch.empty(self.prev_rows, dtype=torch.int64, device=self.device))

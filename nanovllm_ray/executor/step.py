@@ -29,10 +29,11 @@ class StepInput:
     pending_src: list[int] = field(default_factory=list)
 
     @classmethod
-    def forward_only(cls, seqs: list[list[int]], starts: list[int], tables: list[list[int]], block_size: int
-                     ) -> StepInput:
+    def forward_only(cls, seqs: list[list[int]], starts: list[int], tables: list[list[int]], block_size: int,
+                     temperatures: list[float] | None = None) -> StepInput:
         """A step that computes seqs[i] at positions starts[i].. through block table tables[i] and samples
-        nothing (teacher-forced logits in tests and benchmarks)."""
+        nothing (teacher-forced logits in tests and benchmarks), or, given temperatures, the last token of each
+        sequence at temperatures[i] (the runner's profile and warm-up steps)."""
         ids, pos, slots, qlens, slens = [], [], [], [], []
         for toks, start, table in zip(seqs, starts, tables):
             end = start + len(toks)
@@ -41,7 +42,9 @@ class StepInput:
             slots += [table[p // block_size] * block_size + p % block_size for p in range(start, end)]
             qlens.append(len(toks))
             slens.append(end)
-        return cls(ids, pos, slots, qlens, slens, tables, [], [], [], [], [], [], None)
+        k = len(temperatures or [])
+        return cls(ids, pos, slots, qlens, slens, tables, list(range(k)), list(temperatures or []), [-1] * k,
+                   [1.0] * k, [0.0] * k, [None] * k, None)
 
     @property
     def is_decode_only(self) -> bool:

@@ -28,12 +28,17 @@ GREEDY = SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True)
 _step = StepInput.forward_only
 
 
+def _tables(streams: list[list[int]], bs: int) -> list[list[int]]:
+    """A block table for each stream, blocks of its own in descending order (not contiguous in the pool)."""
+    width = -(-max(map(len, streams)) // bs)
+    return [list(range(i * width, (i + 1) * width))[::-1] for i in range(len(streams))]
+
+
 def _teacher_forced(forward_logits: Callable[[StepInput], torch.Tensor], bs: int, streams: list[list[int]],
                     prompt_lens: list[int]) -> torch.Tensor:
     """Float logits [sum(len(s) - 1), vocab] at every position of each stream but its last, stream after stream: one
     batched prefill of the prompts, then batched decode steps (CUDA graphs) feeding each stream's own next tokens."""
-    blocks_per_seq = (max(map(len, streams)) + bs - 1) // bs
-    tables = [list(range(i * blocks_per_seq, (i + 1) * blocks_per_seq))[::-1] for i in range(len(streams))]
+    tables = _tables(streams, bs)
     prefill = forward_logits(_step([s[:p] for s, p in zip(streams, prompt_lens)], [0] * len(streams), tables, bs))
     out = [[x] for x in prefill.float().cpu().split(prompt_lens)]
     steps = len(streams[0]) - prompt_lens[0]
@@ -51,9 +56,7 @@ def near_greedy(forward_logits: Callable[[StepInput], torch.Tensor], bs: int, pr
     """Fraction of the generated tokens that are greedy choices of forward_logits's model up to bf16 noise: teacher
     forced over prompt + generated, each token's logit is within margin x max |logit| of its row's largest."""
     streams = [p + g for p, g in zip(prompts, generated)]
-    width = -(-max(map(len, streams)) // bs)
-    tables = [list(range(i * width, (i + 1) * width)) for i in range(len(streams))]
-    logits = forward_logits(_step(streams, [0] * len(streams), tables, bs)).float().cpu()
+    logits = forward_logits(_step(streams, [0] * len(streams), _tables(streams, bs), bs)).float().cpu()
     ok = []
     for p, g, rows in zip(prompts, generated, logits.split(list(map(len, streams)))):
         rows = rows[len(p) - 1:-1]  # the rows that predict the generated tokens
