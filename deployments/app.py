@@ -27,6 +27,7 @@ from nanovllm_ray.router import PrefixRoutingConfig
 logger = logging.getLogger("ray.serve")
 
 DEFAULT_MODEL = "checkpoints/qwen3-tiny"
+MIN_BUNDLE_CPUS = 0.01
 _ENGINE_KEYS = ("tensor_parallel_size", "max_model_len", "max_num_seqs", "max_num_batched_tokens",
                 "gpu_memory_utilization", "kv_cache_memory_gb", "num_kvcache_blocks", "block_size", "dtype", "device",
                 "enable_prefix_caching", "enable_chunked_prefill", "enforce_eager", "attention_backend",
@@ -65,7 +66,7 @@ class LLMAppArgs(BaseModel):
     executor: Literal["auto", "inprocess", "ray"] = Field(
         "auto", description="auto: in the replica's process for one rank, Ray actors for more")
     dispatch: Literal["compiled", "remote"] = Field("compiled", description="how the driver sends each step")
-    replica_num_cpus: float = Field(1.0, ge=0, description="CPUs of an LLMServer replica that runs its one rank")
+    replica_num_cpus: float = Field(1.0, ge=0, description="CPUs of a replica's engine core when it runs the one rank")
     worker_num_cpus: float = Field(1.0, gt=0, description="CPUs of each rank's bundle when ranks are actors")
     # -- the service
     api_key: str | None = Field(None, description="require 'Authorization: Bearer <key>' (or set NANOVLLM_API_KEY)")
@@ -136,21 +137,27 @@ def build_app(args: dict[str, Any] | LLMAppArgs | None = None) -> Application:
         llm_options["autoscaling_config"] = args.autoscaling_config or {"min_replicas": 1, "max_replicas": 4}
     else:
         llm_options["num_replicas"] = args.num_replicas
+    # One bundle per rank, on one node (STRICT_PACK). The replica (a thin client: 0 resources) and its engine core
+    # share bundle 0; with one rank in the core's process the core holds that bundle's GPU and CPUs, with more
+    # ranks each rank actor holds its bundle's.
+    gpu = {"GPU": 1} if use_gpu else {}
     if use_ray:
-        # The replica (the driver) shares bundle 0 with rank 0; rank i holds bundle i. STRICT_PACK: one node.
-        bundle = {"CPU": args.worker_num_cpus, **({"GPU": 1} if use_gpu else {})}
-        llm_options.update(ray_actor_options={"num_cpus": 0, "num_gpus": 0},
-                           placement_group_bundles=[dict(bundle) for _ in range(tp)],
-                           placement_group_strategy="STRICT_PACK")
+        bundles = [{"CPU": args.worker_num_cpus, **gpu} for _ in range(tp)]
+        core_cpus, core_gpus = 0.0, 0.0
     else:
-        llm_options["ray_actor_options"] = {"num_cpus": args.replica_num_cpus, "num_gpus": 1 if use_gpu else 0}
+        core_cpus = max(args.replica_num_cpus, MIN_BUNDLE_CPUS)  # Ray refuses a bundle of zeros
+        bundles = [{"CPU": core_cpus, **gpu}]
+        core_gpus = 1.0 if use_gpu else 0.0
+    llm_options.update(ray_actor_options={"num_cpus": 0, "num_gpus": 0}, placement_group_bundles=bundles,
+                       placement_group_strategy="STRICT_PACK")
     prefix_routing = None
     if args.use_prefix_routing():  # the ingress's handle routes by cached prefix (deployments/router.py)
         prefix_routing = PrefixRoutingConfig.from_kwargs(**args.prefix_routing).to_dict()
         llm_options["request_router_config"] = prefix_request_router_config(config.block_size, prefix_routing)
     llm = LLMServer.options(**llm_options).bind(
         model, engine_kwargs, name, executor="ray" if use_ray else "inprocess", dispatch=args.dispatch,
-        worker_num_cpus=args.worker_num_cpus, prefix_routing=prefix_routing)
+        worker_num_cpus=args.worker_num_cpus, core_num_cpus=core_cpus, core_num_gpus=core_gpus,
+        prefix_routing=prefix_routing)
     ingress = serve.deployment(OpenAIIngress).options(
         num_replicas=args.ingress_num_replicas, ray_actor_options={"num_cpus": args.ingress_num_cpus},
         max_ongoing_requests=args.ingress_max_ongoing_requests, max_queued_requests=args.ingress_max_queued_requests,

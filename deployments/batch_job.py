@@ -247,27 +247,23 @@ class ResultWriter:
 # ---- one replica -----------------------------------------------------------------------------------------------
 
 
-@dataclass(slots=True)
-class _Partial:
-    task: Task
-    text: str = ""
-    token_ids: list[int] = field(default_factory=list)
-    logprobs: list = field(default_factory=list)
-
-
 class EngineReplica:
     """One engine (scheduler, KV cache, its ranks) as a Ray actor; the driver makes it an actor with
     `ray.remote(EngineReplica)`. With one rank the model runs in this process; with more, RayExecutor places one
     rank actor on each bundle of this replica's placement group.
 
-    The engine steps in a background thread whenever it has work; `poll` hands new rows in and finished rows out,
-    so the driver's round trips never stall the engine.
+    The engine runs the one engine loop (nanovllm_ray.engine.async_engine.EngineLoop), which steps whenever it has
+    work; `poll` hands new rows in and finished rows out, and turns the loop's token reports into rows through the
+    shared output path (RequestState: text, stop strings, usage) on its own thread, so the driver's round trips
+    never stall the engine.
     """
 
     def __init__(self, model: str, engine_kwargs: dict[str, Any], use_ray_executor: bool = False,
                  dispatch: str = "compiled", worker_num_cpus: float = 1.0, placement_group=None,
                  step_delay_s: float = 0.0) -> None:
+        from nanovllm_ray.engine.async_engine import EngineLoop
         from nanovllm_ray.engine.llm_engine import LLMEngine
+        from nanovllm_ray.engine.output import OutputProcessor
         from nanovllm_ray.serving.request_processor import RequestProcessor
 
         config = Config.from_kwargs(model, **engine_kwargs)
@@ -281,16 +277,15 @@ class EngineReplica:
         # The service's chat-template handling, so a batch row renders exactly as a chat request would.
         self.processor = RequestProcessor(self.engine.tokenizer, "batch", self.engine.max_model_len,
                                           self.engine.vocab_size)
+        self.outputs = OutputProcessor(self.engine.tokenizer)
+        self.tasks: dict[str, Task] = {}
         self.step_delay_s = step_delay_s
         self._warm_up()
         self._cond = threading.Condition()
-        self._inbox: list[Task] = []
-        self._done: list[tuple[str, dict[str, Any]]] = []
-        self._partial: dict[str, _Partial] = {}
+        self._reports: list = []
         self._error: BaseException | None = None
-        self._stop = False
-        self._thread = threading.Thread(target=self._loop, name="engine-loop", daemon=True)
-        self._thread.start()
+        self.loop = EngineLoop(self.engine, self._on_report, self._on_dead)
+        self.loop.start()
 
     def _warm_up(self) -> None:
         # First steps compile kernels and fill caches: pay for that before the replica reports ready.
@@ -309,79 +304,85 @@ class EngineReplica:
     def poll(self, tasks: list[Task], timeout_s: float = 1.0) -> list[tuple[str, dict[str, Any]]]:
         """Add `tasks`, then return the rows finished since the last call as (key, output row): as soon as there
         is one, or after `timeout_s` with none. Raises if the engine loop died (the driver retries its rows)."""
-        with self._cond:
-            if tasks:
-                self._inbox.extend(tasks)
-                self._cond.notify_all()
-            self._cond.wait_for(lambda: self._done or self._error is not None, timeout_s)
-            done, self._done = self._done, []
-            if self._error is not None and not done:
-                raise RuntimeError(f"the engine loop died: {self._error!r}") from self._error
-            return done
+        rows = self._add(tasks)
+        deadline = time.monotonic() + timeout_s
+        while True:
+            with self._cond:
+                reports, self._reports = self._reports, []
+                error = self._error
+            rows += self._rows(reports)
+            if rows or error is not None or time.monotonic() >= deadline:
+                break
+            with self._cond:
+                self._cond.wait_for(lambda: self._reports or self._error is not None, deadline - time.monotonic())
+        if error is not None and not rows:
+            raise RuntimeError(f"the engine loop died: {error!r}") from error
+        return rows
 
     def shutdown(self) -> None:
-        with self._cond:
-            self._stop = True
-            self._cond.notify_all()
-        self._thread.join(30)
+        self.loop.stop(30)
         self.engine.shutdown()
+
+    def _add(self, tasks: list[Task]) -> list[tuple[str, dict[str, Any]]]:
+        """Send the tasks to the engine loop; an error row for each that cannot even be rendered."""
+        rows, cmds = [], []
+        for t in tasks:
+            try:
+                prompt = t.prompt if t.chat is None else self.processor.render_chat(t.chat)
+            except Exception as e:  # OpenAIError from the chat template, or whatever the row's content raises
+                rows.append((t.key, error_row(t.id, str(e))))
+                continue
+            self.tasks[t.key] = t
+            self.outputs.add(t.key, t.params)
+            cmds.append(("add", t.key, prompt, t.params))
+        self.loop.submit(cmds)
+        return rows
+
+    def _rows(self, reports: list) -> list[tuple[str, dict[str, Any]]]:
+        from nanovllm_ray.engine.async_engine import ERROR, REFUSED
+        from nanovllm_ray.engine.output import RequestOutput
+
+        rows = []
+        for report in reports:
+            outs = [RequestOutput.unpack(t) for t in report.outputs]
+            finished, stopped = self.outputs.process(outs)
+            if stopped:  # a stop string ended them: free their blocks
+                self.loop.submit([("abort", rid) for rid in stopped])
+            for state in finished:
+                task = self.tasks.pop(state.request_id)
+                if state.finish_reason == REFUSED:  # too long, a token outside the vocabulary, untokenizable
+                    rows.append((task.key, error_row(task.id, state.error)))
+                elif state.finish_reason == ERROR:  # the engine took it but could not run it: this row only
+                    rows.append((task.key, error_row(task.id, state.error, "engine_error")))
+                else:
+                    rows.append((task.key, _result_row(task, state)))
+        return rows
 
     # -- the engine thread
 
-    def _loop(self) -> None:
-        engine = self.engine
-        try:
-            while True:
-                with self._cond:
-                    self._cond.wait_for(lambda: self._inbox or self._stop or engine.has_unfinished_requests())
-                    if self._stop:
-                        return
-                    new, self._inbox = self._inbox, []
-                done = [r for r in map(self._add, new) if r is not None]
-                if engine.has_unfinished_requests():
-                    for out in engine.step():
-                        p = self._partial[out.request_id]
-                        p.text += out.new_text
-                        p.token_ids += out.new_token_ids
-                        p.logprobs += out.new_logprobs
-                        if out.finished:
-                            del self._partial[out.request_id]
-                            done.append((p.task.key, _result_row(p, out)))
-                    if self.step_delay_s:
-                        time.sleep(self.step_delay_s)  # tests: slow the job down enough to kill it mid-way
-                if done:
-                    with self._cond:
-                        self._done += done
-                        self._cond.notify_all()
-        except BaseException as e:  # the engine's state is unknown: fail this replica, the driver retries the rows
-            logger.exception("engine loop died")
-            with self._cond:
-                self._error = e
-                self._cond.notify_all()
+    def _on_report(self, report) -> None:
+        with self._cond:
+            self._reports.append(report)
+            self._cond.notify_all()
+        if self.step_delay_s:
+            time.sleep(self.step_delay_s)  # tests: slow the job down enough to kill it mid-way
 
-    def _add(self, task: Task) -> tuple[str, dict[str, Any]] | None:
-        from nanovllm_ray.engine.llm_engine import RequestError
-        from nanovllm_ray.serving.openai_protocol import OpenAIError
-
-        try:
-            prompt = task.prompt if task.chat is None else self.processor.render_chat(task.chat)
-            self.engine.add_request(task.key, prompt, task.params)
-        except (RequestError, OpenAIError, ValueError) as e:  # too long, token outside the vocabulary, template
-            return task.key, error_row(task.id, str(e))
-        self._partial[task.key] = _Partial(task)
-        return None
+    def _on_dead(self, error: BaseException) -> None:  # the engine's state is unknown: the driver retries the rows
+        with self._cond:
+            self._error = error
+            self._cond.notify_all()
 
 
-def _result_row(p: _Partial, out) -> dict[str, Any]:
-    n_prompt, n_gen = out.num_prompt_tokens, out.num_generated_tokens
+def _result_row(task: Task, state) -> dict[str, Any]:
+    n_prompt, n_gen = state.num_prompt_tokens, state.num_generated_tokens
     row: dict[str, Any] = {
-        "id": p.task.id, "text": p.text, "token_ids": p.token_ids, "finish_reason": out.finish_reason,
+        "id": task.id, "text": state.text, "token_ids": state.token_ids, "finish_reason": state.finish_reason,
         "usage": {"prompt_tokens": n_prompt, "completion_tokens": n_gen, "total_tokens": n_prompt + n_gen,
-                  "prompt_tokens_details": {"cached_tokens": out.num_cached_tokens}}}
-    if out.stop_reason is not None:
-        row["stop_reason"] = out.stop_reason
-    if p.task.params.logprobs is not None:
-        row["logprobs"] = p.logprobs  # per token: [chosen logprob, [[token id, logprob], ...top k]]
+                  "prompt_tokens_details": {"cached_tokens": state.num_cached_tokens}}}
+    if state.stop_reason is not None:
+        row["stop_reason"] = state.stop_reason
+    if task.params.logprobs is not None:
+        row["logprobs"] = state.logprobs  # per token: [chosen logprob, [[token id, logprob], ...top k]]
     return row
 
 

@@ -8,6 +8,7 @@ import hmac
 import json
 import logging
 import math
+import time
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -16,17 +17,19 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
 from ray import serve
+from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
 from nanovllm_ray.config import Config
-from nanovllm_ray.engine.llm_engine import RequestError, RequestOutput, load_tokenizer
+from nanovllm_ray.engine.async_engine import EngineDeadError, RequestFailedError
+from nanovllm_ray.engine.llm_engine import RequestError, load_tokenizer
+from nanovllm_ray.engine.output import Delta, RequestState
 from nanovllm_ray.serving.openai_protocol import (
     ChatChoiceLogprobs,
     ChatCompletionChoice,
     ChatCompletionRequest,
     ChatCompletionResponse,
-    ChatCompletionStreamChoice,
     ChatCompletionStreamResponse,
     ChatResponseMessage,
     ChatTokenLogprob,
@@ -34,7 +37,6 @@ from nanovllm_ray.serving.openai_protocol import (
     CompletionLogprobs,
     CompletionRequest,
     CompletionResponse,
-    DeltaMessage,
     ModelCard,
     ModelList,
     OpenAIError,
@@ -55,58 +57,29 @@ async def _openai_error(request: Request, e: OpenAIError) -> JSONResponse:
     return JSONResponse(e.body(), status_code=e.status, headers=headers)
 
 
-class _Choice:
-    """What one choice has produced so far."""
-
-    __slots__ = ("choice", "text", "token_ids", "logprobs", "finish_reason", "stop_reason", "num_prompt_tokens",
-                 "num_cached_tokens", "num_generated_tokens")
-
-    def __init__(self, choice: Choice) -> None:
-        self.choice = choice
-        self.text = ""
-        self.token_ids: list[int] = []
-        self.logprobs: list[tuple[float, list[tuple[int, float]]]] = []
-        self.finish_reason: str | None = None
-        self.stop_reason: int | str | None = None
-        self.num_prompt_tokens = len(choice.prompt_token_ids)
-        self.num_cached_tokens = 0
-        self.num_generated_tokens = 0
-
-    def add(self, outs: list[RequestOutput]) -> tuple[str, list[int], list]:
-        """Apply a batch of deltas; returns the batch's (text, token ids, logprobs)."""
-        text = "".join(o.new_text for o in outs)
-        ids = [t for o in outs for t in o.new_token_ids]
-        lps = [lp for o in outs for lp in o.new_logprobs]
-        self.text += text
-        self.token_ids += ids
-        self.logprobs += lps
-        last = outs[-1]
-        self.num_prompt_tokens, self.num_cached_tokens = last.num_prompt_tokens, last.num_cached_tokens
-        self.num_generated_tokens = last.num_generated_tokens
-        if last.finished:
-            self.finish_reason, self.stop_reason = last.finish_reason, last.stop_reason
-        return text, ids, lps
-
-
 class _Run:
-    """The LLMServer calls of one HTTP request, one per choice, merged into one stream of events."""
+    """The LLMServer calls of one HTTP request, one per choice, merged into one stream of deltas. Each choice's
+    RequestState (the shared output path) detokenizes and applies stop strings here, off the engine's loop; a
+    choice a stop string ends has its call cancelled, which aborts it on the engine."""
 
-    def __init__(self, llm: DeploymentHandle, request_id: str, choices: list[Choice]) -> None:
+    def __init__(self, llm: DeploymentHandle, request_id: str, choices: list[Choice], tokenizer) -> None:
         self.request_id = request_id
-        self.states = [_Choice(c) for c in choices]
+        self.created = int(time.time())
+        self.choices = choices
+        self.states = [RequestState(f"{request_id}-{c.index}", c.params, tokenizer, len(c.prompt_token_ids))
+                       for c in choices]
         self._llm = llm
         self._queue: asyncio.Queue = asyncio.Queue()
         self._tasks: list[asyncio.Task] = []
         self._gens: list = []
         self._pending: list[tuple[int, Any]] = []  # what arrived before the response started
-        self._open = len(choices)
+        self._live = set(range(len(choices)))
 
     async def start(self) -> None:
         """Send every choice, and wait until each has its first output: a refusal becomes an error response
         before any byte of a stream is sent."""
-        for i, c in enumerate(self.states):
-            gen = self._llm.generate.remote(c.choice.prompt_token_ids, c.choice.params,
-                                            f"{self.request_id}-{c.choice.index}")
+        for i, (c, state) in enumerate(zip(self.choices, self.states)):
+            gen = self._llm.generate.remote(c.prompt_token_ids, c.params, state.request_id)
             self._gens.append(gen)
             self._tasks.append(asyncio.create_task(self._pump(i, gen)))
         started: set[int] = set()
@@ -123,29 +96,36 @@ class _Run:
 
     async def _pump(self, i: int, gen) -> None:
         try:
-            async for outs in gen:
-                self._queue.put_nowait((i, outs))
+            async for out in gen:
+                self._queue.put_nowait((i, out))
             self._queue.put_nowait((i, None))
         except asyncio.CancelledError:
             raise
         except BaseException as e:  # handed to the reader, which raises it as an OpenAI error
             self._queue.put_nowait((i, e))
 
-    async def events(self) -> AsyncIterator[tuple[int, str, list[int], list]]:
-        """(choice, new text, new token ids, new logprobs) as the engine produces them."""
+    async def events(self) -> AsyncIterator[tuple[int, Delta]]:
+        """(choice, what it added) as the engine produces it."""
         try:
-            while self._open:
+            while self._live:
                 if self._pending:
                     i, item = self._pending.pop(0)
                 else:
                     i, item = await self._queue.get()
+                if i not in self._live:
+                    continue  # after a stop string: dropped
                 if item is None:
-                    self._open -= 1
+                    self._live.discard(i)
                     continue
                 if isinstance(item, BaseException):
                     raise _as_openai_error(item)
-                text, ids, lps = self.states[i].add(item)
-                yield i, text, ids, lps
+                state = self.states[i]
+                delta = state.update(item)
+                if state.finished:
+                    self._live.discard(i)
+                    if state.stopped_by_string and not item.finished:
+                        self._cancel(i)
+                yield i, delta
         finally:
             self.cancel()
 
@@ -153,12 +133,15 @@ class _Run:
         async for _ in self.events():
             pass
 
+    def _cancel(self, i: int) -> None:
+        if not self._tasks[i].done():
+            self._tasks[i].cancel()
+            self._gens[i].cancel()
+
     def cancel(self) -> None:
         """Stop every call still running (a client gone away): the LLMServer aborts those requests."""
-        for gen, task in zip(self._gens, self._tasks):
-            if not task.done():
-                task.cancel()
-                gen.cancel()
+        for i in range(len(self._tasks)):
+            self._cancel(i)
 
 
 def _as_openai_error(e: BaseException) -> OpenAIError:
@@ -171,6 +154,15 @@ def _as_openai_error(e: BaseException) -> OpenAIError:
         if isinstance(err, BackPressureError):
             return OpenAIError(f"the server is overloaded: {err.message} Retry later.", status=err.status_code,
                                code="overloaded", retry_after_s=err.retry_after_s)
+        if isinstance(err, EngineDeadError):
+            return OpenAIError(f"engine unavailable: {err} The replica is being replaced; retry later.",
+                               status=503, code="engine_dead")
+        if isinstance(err, RequestFailedError):
+            logger.error("request failed on the engine: %s", err)
+            return OpenAIError(str(err), status=500, code="engine_error")
+        if isinstance(err, RayActorError):  # the LLMServer replica itself died
+            return OpenAIError(f"engine unavailable: the replica serving this request died ({type(err).__name__}); "
+                               "retry later.", status=503, code="replica_died")
     logger.error("request failed: %r", e)
     return OpenAIError(f"internal error: {type(e).__name__}: {e}", status=500)
 
@@ -191,11 +183,23 @@ def _sse(events: AsyncIterator[str]) -> StreamingResponse:
     return StreamingResponse(body(), media_type="text/event-stream")
 
 
+def _json(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+
+
+def _chunk_head(run: _Run, model: str, obj: str) -> str:
+    """A stream chunk up to its one choice's object. (Defined above the ingress class: `serve.ingress` captures
+    the class's globals when it decorates it.)"""
+    return (f'data: {{"id":{_json(run.request_id)},"object":"{obj}","created":{run.created},'
+            f'"model":{_json(model)},"choices":[')
+
+
 @serve.ingress(app)
 class OpenAIIngress:
     def __init__(self, llm: DeploymentHandle, model: str, served_model_name: str, engine_kwargs: dict[str, Any],
                  api_key: str | None = None, max_request_body_bytes: int = 2 * 1024 * 1024,
-                 max_prompts_per_request: int = 64, default_max_tokens: int | None = None) -> None:
+                 max_prompts_per_request: int = 64, default_max_tokens: int | None = None,
+                 handle_by_reference: bool = False) -> None:
         config = Config.from_kwargs(model, **engine_kwargs)
         self.model_name = served_model_name
         self.model_path = model
@@ -205,8 +209,10 @@ class OpenAIIngress:
                                           max_prompts_per_request, default_max_tokens)
         self.api_key = api_key
         self.max_body = max_request_body_bytes
-        self.llm = llm.options(stream=True)
-        self.llm_unary = llm
+        # Stream items from the LLMServer over Serve's gRPC transport, not Ray object references: measured on the
+        # 2-core CPU machine, 17k against 3k items/s to 64 streams (benchmarks/serve_throughput.py's notes).
+        self.llm = llm.options(stream=True, _by_reference=handle_by_reference)
+        self.llm_unary = llm.options(_by_reference=handle_by_reference)
 
     # ---- endpoints -----------------------------------------------------------------------------------------
 
@@ -239,7 +245,7 @@ class OpenAIIngress:
         """Authorize, validate, start one engine request per choice; stream (SSE) or answer once all finish."""
         self._authorize(request)
         req = await self._parse(request, model)
-        run = _Run(self.llm, f"{id_prefix}-{uuid.uuid4().hex}", make_choices(req))
+        run = _Run(self.llm, f"{id_prefix}-{uuid.uuid4().hex}", make_choices(req), self.processor.tokenizer)
         await run.start()
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
@@ -284,15 +290,15 @@ class OpenAIIngress:
 
     def _usage(self, run: _Run) -> UsageInfo:
         # A prompt counts once however many samples it has (n), as in vLLM.
-        prompts: dict[int, _Choice] = {}
-        for c in run.states:
-            prompts.setdefault(c.choice.prompt_index, c)
-        prompt_tokens = sum(c.num_prompt_tokens for c in prompts.values())
-        completion = sum(c.num_generated_tokens for c in run.states)
+        prompts: dict[int, RequestState] = {}
+        for c, state in zip(run.choices, run.states):
+            prompts.setdefault(c.prompt_index, state)
+        prompt_tokens = sum(s.num_prompt_tokens for s in prompts.values())
+        completion = sum(s.num_generated_tokens for s in run.states)
         return UsageInfo(prompt_tokens=prompt_tokens, completion_tokens=completion,
                          total_tokens=prompt_tokens + completion,
                          prompt_tokens_details=PromptTokensDetails(
-                             cached_tokens=sum(c.num_cached_tokens for c in prompts.values())))
+                             cached_tokens=sum(s.num_cached_tokens for s in prompts.values())))
 
     def _completion_logprobs_for(self, ids: list[int], lps: list, offset: int) -> CompletionLogprobs:
         out = CompletionLogprobs()
@@ -317,54 +323,62 @@ class OpenAIIngress:
 
     def _completion_response(self, run: _Run, req: CompletionRequest) -> CompletionResponse:
         choices = []
-        for c in run.states:
-            lp = (self._completion_logprobs_for(c.token_ids, c.logprobs, 0)
-                  if c.choice.params.logprobs is not None else None)
-            choices.append(CompletionChoice(index=c.choice.index, text=c.text, logprobs=lp,
-                                            finish_reason=c.finish_reason, stop_reason=c.stop_reason,
-                                            token_ids=c.token_ids if req.return_token_ids else None))
-        return CompletionResponse(id=run.request_id, model=self.model_name, choices=choices, usage=self._usage(run))
+        for c, s in zip(run.choices, run.states):
+            lp = self._completion_logprobs_for(s.token_ids, s.logprobs, 0) if c.params.logprobs is not None else None
+            choices.append(CompletionChoice(index=c.index, text=s.text, logprobs=lp, finish_reason=s.finish_reason,
+                                            stop_reason=s.stop_reason,
+                                            token_ids=s.token_ids if req.return_token_ids else None))
+        return CompletionResponse(id=run.request_id, created=run.created, model=self.model_name, choices=choices,
+                                  usage=self._usage(run))
 
     def _chat_response(self, run: _Run, req: ChatCompletionRequest) -> ChatCompletionResponse:
         choices = []
-        for c in run.states:
-            lp = self._chat_logprobs(c.token_ids, c.logprobs) if req.logprobs else None
-            choices.append(ChatCompletionChoice(index=c.choice.index, message=ChatResponseMessage(content=c.text),
-                                                logprobs=lp, finish_reason=c.finish_reason,
-                                                stop_reason=c.stop_reason))
-        return ChatCompletionResponse(id=run.request_id, model=self.model_name, choices=choices,
-                                      usage=self._usage(run))
+        for c, s in zip(run.choices, run.states):
+            lp = self._chat_logprobs(s.token_ids, s.logprobs) if req.logprobs else None
+            choices.append(ChatCompletionChoice(index=c.index, message=ChatResponseMessage(content=s.text),
+                                                logprobs=lp, finish_reason=s.finish_reason,
+                                                stop_reason=s.stop_reason))
+        return ChatCompletionResponse(id=run.request_id, created=run.created, model=self.model_name,
+                                      choices=choices, usage=self._usage(run))
+
+    # Stream chunks are formatted by hand, not through pydantic: one per choice per engine step, under hundreds of
+    # streams, where building and dumping a model per chunk was a large share of the ingress's time.
 
     async def _stream_completion(self, run: _Run, req: CompletionRequest, include_usage: bool) -> AsyncIterator[str]:
+        head = _chunk_head(run, self.model_name, "text_completion")
         offsets = [0] * len(run.states)
-        async for i, text, ids, lps in run.events():
-            c = run.states[i]
-            if not (text or ids or c.finish_reason):
+        async for i, d in run.events():
+            c, s = run.choices[i], run.states[i]
+            if not (d.text or d.token_ids or s.finished):
                 continue
-            lp = None
-            if c.choice.params.logprobs is not None:
-                lp = self._completion_logprobs_for(ids, lps, offsets[i])
-            offsets[i] += len(text)
-            chunk = CompletionResponse(id=run.request_id, model=self.model_name, choices=[CompletionChoice(
-                index=c.choice.index, text=text, logprobs=lp, finish_reason=c.finish_reason,
-                stop_reason=c.stop_reason, token_ids=ids if req.return_token_ids else None)])
-            yield _event(chunk)
+            choice: dict[str, Any] = {"index": c.index, "text": d.text, "logprobs": None,
+                                      "finish_reason": s.finish_reason, "stop_reason": s.stop_reason}
+            if c.params.logprobs is not None:
+                choice["logprobs"] = self._completion_logprobs_for(d.token_ids, d.logprobs, offsets[i]).model_dump()
+            if req.return_token_ids:
+                choice["token_ids"] = d.token_ids
+            offsets[i] += len(d.text)
+            yield f"{head}{_json(choice)}]}}\n\n"
         if include_usage:
-            yield _event(CompletionResponse(id=run.request_id, model=self.model_name, choices=[],
-                                            usage=self._usage(run)))
+            yield _event(CompletionResponse(id=run.request_id, created=run.created, model=self.model_name,
+                                            choices=[], usage=self._usage(run)))
 
     async def _stream_chat(self, run: _Run, req: ChatCompletionRequest, include_usage: bool) -> AsyncIterator[str]:
-        for c in run.states:  # OpenAI opens each choice with the role
-            yield _event(ChatCompletionStreamResponse(id=run.request_id, model=self.model_name, choices=[
-                ChatCompletionStreamChoice(index=c.choice.index, delta=DeltaMessage(role="assistant", content=""))]))
-        async for i, text, ids, lps in run.events():
-            c = run.states[i]
-            if not (text or c.finish_reason or (req.logprobs and ids)):
+        head = _chunk_head(run, self.model_name, "chat.completion.chunk")
+        for c in run.choices:  # OpenAI opens each choice with the role
+            yield f'{head}{{"index":{c.index},"delta":{{"role":"assistant","content":""}},"logprobs":null,' \
+                  '"finish_reason":null}]}\n\n'
+        async for i, d in run.events():
+            c, s = run.choices[i], run.states[i]
+            if not (d.text or s.finished or (req.logprobs and d.token_ids)):
                 continue
-            yield _event(ChatCompletionStreamResponse(id=run.request_id, model=self.model_name, choices=[
-                ChatCompletionStreamChoice(index=c.choice.index, delta=DeltaMessage(content=text or None),
-                                           logprobs=self._chat_logprobs(ids, lps) if req.logprobs else None,
-                                           finish_reason=c.finish_reason, stop_reason=c.stop_reason)]))
+            choice: dict[str, Any] = {"index": c.index, "delta": {"content": d.text} if d.text else {},
+                                      "logprobs": None, "finish_reason": s.finish_reason,
+                                      "stop_reason": s.stop_reason}
+            if req.logprobs:
+                choice["logprobs"] = self._chat_logprobs(d.token_ids, d.logprobs).model_dump()
+            yield f"{head}{_json(choice)}]}}\n\n"
         if include_usage:
-            yield _event(ChatCompletionStreamResponse(id=run.request_id, model=self.model_name, choices=[],
-                                                      usage=self._usage(run)))
+            yield _event(ChatCompletionStreamResponse(id=run.request_id, created=run.created, model=self.model_name,
+                                                      choices=[], usage=self._usage(run)))
+

@@ -1,7 +1,7 @@
 """Prefix-aware routing on Ray Serve: the router actor, the replicas' cache-event publisher, and the RequestRouter
 that the ingress's handle to the LLMServer uses.
 
-    LLMServer replica: engine thread --KV cache events after each step--> CacheEventBuffer
+    LLMServer replica: engine core --KV cache events with each step's report--> CacheEventBuffer
         --publisher thread, every publish_period_s, fire and forget--> PrefixRouterActor (named, detached, one
         per application: it outlives replica restarts)
     ingress process: PrefixAwareRequestRouter --pulls the changes every refresh_period_s, in the background-->
@@ -33,7 +33,6 @@ from ray.serve.config import RequestRouterConfig
 from ray.serve.request_router import PendingRequest, ReplicaID, ReplicaResult, RequestRouter, RunningReplica
 
 from nanovllm_ray.engine.block_hash import prefix_block_hashes
-from nanovllm_ray.engine.llm_engine import LLMEngine, RequestOutput
 from nanovllm_ray.router.events import CacheEventBuffer
 from nanovllm_ray.router.policy import DecayingCount, PrefixRoutingConfig, decide
 from nanovllm_ray.router.state import DROPPED, RESYNC, IndexMirror, RouterState
@@ -104,22 +103,6 @@ def prefix_request_router_config(block_size: int, routing_kwargs: dict[str, Any]
 
 
 # ---- the replica's side ------------------------------------------------------------------------------------
-
-
-class EventReportingEngine(LLMEngine):
-    """An LLMEngine that hands its KV cache events to `on_events` after each step, on the engine thread (the
-    block manager records them only inside step())."""
-
-    def __init__(self, *args: Any, on_events: Callable[[list], None], **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._on_events = on_events
-
-    def step(self) -> list[RequestOutput]:
-        outputs = super().step()
-        events = self.take_kv_events()
-        if events:
-            self._on_events(events)
-        return outputs
 
 
 class CacheEventPublisher:

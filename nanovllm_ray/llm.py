@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence as Seq
-from dataclasses import dataclass, field
 from itertools import count
 from typing import Any
 
@@ -12,31 +11,21 @@ from tqdm.auto import tqdm
 
 from nanovllm_ray.config import Config
 from nanovllm_ray.engine.llm_engine import LLMEngine
+from nanovllm_ray.engine.output import GenerationOutput, OutputProcessor
 from nanovllm_ray.sampling_params import SamplingParams
 
 Prompt = str | Seq[int]
-
-
-@dataclass(slots=True)
-class GenerationOutput:
-    request_id: str
-    prompt_token_ids: list[int]
-    text: str
-    token_ids: list[int]
-    finish_reason: str | None
-    num_prompt_tokens: int
-    num_cached_tokens: int
-    num_generated_tokens: int
-    logprobs: list[tuple[float, list[tuple[int, float]]]] = field(default_factory=list)
-    stop_reason: int | str | None = None
 
 
 class LLM:
     def __init__(self, model: str, **config: Any) -> None:
         self.config = Config.from_kwargs(model, **config)
         self.engine = LLMEngine(self.config)
-        self.tokenizer = self.engine.tokenizer
         self._ids = count()
+
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
 
     def generate(self, prompts: Prompt | Seq[Prompt], sampling_params: SamplingParams | Seq[SamplingParams] | None
                  = None, use_tqdm: bool = True) -> list[GenerationOutput]:
@@ -50,6 +39,8 @@ class LLM:
         if len(sampling_params) != len(prompts):
             raise ValueError(f"{len(sampling_params)} sampling params for {len(prompts)} prompts")
         engine = self.engine
+        # The same output path as the service and the batch job: text, stop strings and results, off the engine.
+        proc = OutputProcessor(engine.tokenizer if any(sp.detokenize for sp in sampling_params) else None)
         order: dict[str, int] = {}
         prompt_ids: dict[str, list[int]] = {}
         try:
@@ -58,6 +49,7 @@ class LLM:
                 engine.add_request(rid, prompt, sp)
                 order[rid] = len(order)
                 prompt_ids[rid] = list(engine.get_sequence(rid).token_ids)
+                proc.add(rid, sp, len(prompt_ids[rid]))
         except Exception:
             for rid in order:
                 engine.abort_request(rid)
@@ -65,25 +57,18 @@ class LLM:
         results: dict[str, GenerationOutput] = {}
         bar = tqdm(total=len(prompts), desc="Generating", dynamic_ncols=True, disable=not use_tqdm or len(prompts) < 2)
         generated, t0 = 0, time.perf_counter()
-        pending = set(order)
         try:
-            while pending:
-                for out in engine.step():
-                    generated += len(out.new_token_ids)
-                    r = results.get(out.request_id)
-                    if r is None:
-                        r = results[out.request_id] = GenerationOutput(
-                            out.request_id, prompt_ids[out.request_id], "", [], None, out.num_prompt_tokens,
-                            out.num_cached_tokens, 0)
-                    r.text += out.new_text
-                    r.token_ids += out.new_token_ids
-                    r.logprobs += out.new_logprobs
-                    r.num_cached_tokens, r.num_generated_tokens = out.num_cached_tokens, out.num_generated_tokens
-                    if out.finished:
-                        r.finish_reason, r.stop_reason = out.finish_reason, out.stop_reason
-                        pending.discard(out.request_id)
-                        bar.update(1)
-                        bar.set_postfix(tok_s=f"{generated / (time.perf_counter() - t0):.0f}")
+            while proc.states:
+                outputs = engine.step()
+                generated += sum(len(o.new_token_ids) for o in outputs)
+                finished, stopped = proc.process(outputs)
+                for rid in stopped:  # a stop string ended it: free its blocks now
+                    engine.abort_request(rid)
+                for state in finished:
+                    results[state.request_id] = GenerationOutput.from_state(state, prompt_ids[state.request_id])
+                if finished:
+                    bar.update(len(finished))
+                    bar.set_postfix(tok_s=f"{generated / (time.perf_counter() - t0):.0f}")
         except BaseException:
             for rid in order:
                 engine.abort_request(rid)

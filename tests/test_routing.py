@@ -171,7 +171,8 @@ def test_killed_replica_is_purged_and_requests_go_on(client, router):
     from ray.serve._private.common import DeploymentID
     from ray.serve.request_router import ReplicaID
 
-    p1 = _ids(1, PREFIX_LEN)
+    p1 = _ids(4, PREFIX_LEN)  # a fresh prefix: the hot test's load may have evicted the older ones' blocks
+    _complete(client, p1 + _ids(499, 20))
     victim = _holder(router, p1)
     survivor = next(r for r in _stats(router)["replicas"] if r != victim)
     full_id = ReplicaID(victim, DeploymentID(name="LLMServer", app_name=APP)).to_full_id_str()

@@ -4,7 +4,7 @@ import pytest
 import torch
 from conftest import assert_no_leak
 
-from nanovllm_ray import LLM, SamplingParams
+from nanovllm_ray import LLM, RequestState, SamplingParams
 from nanovllm_ray.layers.sampler import SamplingTensors, sample
 
 # A known distribution over 8 tokens: probabilities 0.4, 0.2, 0.15, 0.1, 0.08, 0.04, 0.02, 0.01
@@ -97,15 +97,19 @@ def test_stop_strings_and_stop_tokens(tiny_model):
                        use_tqdm=False)[0]
     assert out.text == cut and out.finish_reason == "stop" and out.stop_reason == stop
     assert out.num_generated_tokens < 24
-    # the incremental API never streamed text past the stop string
+    # streaming through the output path (what the ingress does) never shows text past the stop string, and a
+    # stop string found there ends the engine's request
     engine = llm.engine
-    engine.add_request("s", prompt, SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, stop=[stop]))
+    sp = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, stop=[stop])
+    engine.add_request("s", prompt, sp)
+    state = RequestState("s", sp, engine.tokenizer)
     streamed = ""
-    while engine.has_unfinished_requests():
+    while not state.finished:
         for o in engine.step():
-            streamed += o.new_text
+            streamed += state.update(o).text
             assert stop not in streamed
-    assert streamed == cut
+    assert state.stopped_by_string and engine.abort_request("s")
+    assert streamed == cut and state.text == cut and state.token_ids == out.token_ids
     # a stop token id ends generation right after that token
     tok = greedy.token_ids[3]
     out = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=24, ignore_eos=True,

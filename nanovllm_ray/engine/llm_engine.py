@@ -1,6 +1,8 @@
-"""The driver: tokenizes, schedules, runs steps on the executor, applies sampled tokens and stop rules.
+"""The driver: schedules, runs steps on the executor, applies sampled tokens and the token-level stop rules (EOS,
+stop token ids, max_tokens, max_model_len).
 
-Incremental API for serving: add_request(), step() -> new tokens per request, abort_request().
+Incremental API: add_request(), step() -> each request's new token ids (RequestOutput), abort_request(). Text,
+stop strings and the accumulated result are the output path's (engine/output.py), off the engine's loop.
 """
 
 from __future__ import annotations
@@ -8,13 +10,14 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence as Seq
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from nanovllm_ray.config import Config
 from nanovllm_ray.engine.block_manager import BlockManager, KVCacheEvent
+from nanovllm_ray.engine.output import RequestOutput
 from nanovllm_ray.engine.scheduler import ScheduledBatch, Scheduler
 from nanovllm_ray.engine.sequence import PENDING, Sequence, SequenceStatus
-from nanovllm_ray.executor.base import Executor, default_executor
+from nanovllm_ray.executor.base import Executor, make_executor
 from nanovllm_ray.executor.step import PendingOutput, StepInput
 from nanovllm_ray.sampling_params import SamplingParams
 
@@ -23,22 +26,6 @@ logger = logging.getLogger(__name__)
 
 class RequestError(ValueError):
     """A request a user sent cannot be served as asked: the message names the value and the limit."""
-
-
-@dataclass(slots=True)
-class RequestOutput:
-    """What step() reports for one request: the tokens generated since the last report."""
-
-    request_id: str
-    new_token_ids: list[int]
-    new_text: str
-    finished: bool
-    finish_reason: str | None  # stop | length | abort
-    num_prompt_tokens: int
-    num_cached_tokens: int
-    num_generated_tokens: int
-    new_logprobs: list[tuple[float, list[tuple[int, float]]]] = field(default_factory=list)
-    stop_reason: int | str | None = None
 
 
 @dataclass(slots=True)
@@ -55,10 +42,8 @@ class EngineStats:
 class LLMEngine:
     def __init__(self, config: Config, executor: Executor | None = None, tokenizer=None) -> None:
         self.config = config
-        if tokenizer is None:
-            tokenizer = load_tokenizer(config.tokenizer or config.model)
-        self.tokenizer = tokenizer
-        self.executor = executor or default_executor(config)
+        self._tokenizer = tokenizer  # loaded on first use: an engine fed token ids never needs it
+        self.executor = executor or make_executor(config)
         self.eos_token_ids = set(config.eos_token_ids)
         self.vocab_size = config.hf_config["vocab_size"]
         self.block_manager = BlockManager(self.executor.num_kv_blocks, config.block_size,
@@ -67,9 +52,16 @@ class LLMEngine:
         self.requests: dict[str, Sequence] = {}
         self.async_scheduling = config.async_scheduling and self.executor.supports_async
         self.inflight: tuple[list[Sequence], list[int], PendingOutput] | None = None  # launched, not applied
+        self.num_failed_requests = 0  # requests a step could not run (error outputs); the loop went on
         logger.info("KV cache: %d blocks of %d tokens (%d tokens, %.2f GiB)", self.block_manager.num_blocks,
                     config.block_size, self.block_manager.num_blocks * config.block_size,
                     self.block_manager.num_blocks * self.executor.block_bytes / 2**30)
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            self._tokenizer = load_tokenizer(self.config.tokenizer or self.config.model)
+        return self._tokenizer
 
     @property
     def max_model_len(self) -> int:
@@ -82,21 +74,27 @@ class LLMEngine:
         if isinstance(prompt, str):
             if not prompt:
                 raise RequestError("prompt is empty")
-            return self.tokenizer.encode(prompt, add_special_tokens=False)
+            try:
+                return self.tokenizer.encode(prompt, add_special_tokens=False)
+            except Exception as e:  # e.g. a lone surrogate: the tokenizer raises TypeError
+                raise RequestError(f"prompt cannot be tokenized: {type(e).__name__}: {e}") from e
         return list(prompt)
 
     def add_request(self, request_id: str, prompt: str | Seq[int], sampling_params: SamplingParams) -> None:
+        """Queue a request. Raises RequestError, naming the value and the limit, for anything it cannot run: every
+        value that becomes a tensor is range-checked here, so no request can fail a step for the others."""
         if request_id in self.requests:
             raise RequestError(f"request id {request_id!r} is already in use")
         ids = self.tokenize(prompt)
         if not ids:
             raise RequestError("prompt is empty: it has no tokens")
-        bad = next((t for t in ids if not isinstance(t, int) or not 0 <= t < self.vocab_size), None)
+        bad = next((t for t in ids if type(t) is not int or not 0 <= t < self.vocab_size), None)
         if bad is not None:
             raise RequestError(f"token id {bad!r} is outside the vocabulary [0, {self.vocab_size})")
         if len(ids) >= self.max_model_len:
             raise RequestError(f"prompt has {len(ids)} tokens; max_model_len is {self.max_model_len}, which must "
                                "leave room for at least one generated token")
+        self._check_params(sampling_params)
         longest = min(len(ids) + sampling_params.max_tokens, self.max_model_len)
         capacity = self.block_manager.num_blocks * self.config.block_size
         if self.block_manager.blocks_needed(longest) > self.block_manager.num_blocks:
@@ -105,6 +103,17 @@ class LLMEngine:
         seq = Sequence(request_id, ids, sampling_params)
         self.requests[request_id] = seq
         self.scheduler.add(seq)
+
+    def _check_params(self, p: SamplingParams) -> None:
+        """SamplingParams checks its own ranges; this adds what needs the model (the vocabulary) and catches a
+        params object changed after it was made."""
+        try:
+            p.check()
+        except ValueError as e:
+            raise RequestError(str(e)) from None
+        bad = next((t for t in p.stop_token_ids if type(t) is not int or not 0 <= t < self.vocab_size), None)
+        if bad is not None:
+            raise RequestError(f"stop_token_ids: {bad!r} is outside the vocabulary [0, {self.vocab_size})")
 
     def abort_request(self, request_id: str) -> bool:
         """Stop a request and free its blocks; False if it is unknown or already finished."""
@@ -124,29 +133,61 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         """Schedule and launch a step, then apply the sampled tokens of the step before it (async scheduling:
-        the driver's work overlaps the device's) or of this one (sync). Returns what changed per request."""
+        the driver's work overlaps the device's) or of this one (sync). Returns what changed per request.
+
+        A step that cannot be built or launched for a reason tied to some of its requests (a value that does not
+        fit its tensor) fails those requests (an error output each) and leaves the others to the next step; any
+        other error propagates: the engine's state is then unknown."""
         batch = self.scheduler.schedule()
         launched = None
+        failed: list[RequestOutput] = []
         if batch.seqs:
-            step_input, sampled = self._build_step(batch)
-            handle = (self.executor.execute_async(step_input) if self.async_scheduling
-                      else PendingOutput(self.executor.execute(step_input)))
-            # The device runs steps in order, so the driver may count this step's KV as computed already.
-            self.scheduler.finish_step(batch)
-            for row, seq in enumerate(sampled):
-                seq.token_ids.append(PENDING)
-                seq.num_pending_tokens += 1
-                seq.pending_row = row
-            launched = (sampled, [len(s.token_ids) - 1 for s in sampled], handle)
+            try:
+                step_input, sampled = self._build_step(batch)
+                handle = (self.executor.execute_async(step_input) if self.async_scheduling
+                          else PendingOutput(self.executor.execute(step_input)))
+            except Exception as e:  # nothing was launched: the batch's state is as schedule() left it
+                failed = self._fail_culprits(batch, e)
+            else:
+                # The device runs steps in order, so the driver may count this step's KV as computed already.
+                self.scheduler.finish_step(batch)
+                for row, seq in enumerate(sampled):
+                    seq.token_ids.append(PENDING)
+                    seq.num_pending_tokens += 1
+                    seq.pending_row = row
+                launched = (sampled, [len(s.token_ids) - 1 for s in sampled], handle)
         elif self.inflight is None and self.scheduler.has_unfinished():
             raise RuntimeError("scheduler made no progress with requests pending (KV cache too small?)")
         if not self.async_scheduling:
-            return self._apply(*launched) if launched else []
+            return (self._apply(*launched) if launched else []) + failed
         outputs = self._apply(*self.inflight) if self.inflight else []
         self.inflight = launched
         if launched and all(seq.is_finished for seq in launched[0]):  # every request in it just stopped
             self._apply(*launched)
             self.inflight = None
+        return outputs + failed
+
+    def _fail_culprits(self, batch: ScheduledBatch, error: Exception) -> list[RequestOutput]:
+        """Find the requests whose own step input cannot be built (checked one by one, on the host, as the runner
+        converts it) and end them with an error; re-raise if none is to blame."""
+        culprits = []
+        for seq, n in zip(batch.seqs, batch.num_new_tokens):
+            try:
+                step, _ = self._build_step(ScheduledBatch([seq], [n]))
+                step.check(self.vocab_size)
+            except Exception as e:  # this request's own values are the cause
+                culprits.append((seq, e))
+        if not culprits:
+            raise error
+        outputs = []
+        for seq, e in culprits:
+            logger.error("request %s failed a step and was ended: %r", seq.request_id, e)
+            self.scheduler.finish(seq, "error")
+            self.requests.pop(seq.request_id, None)
+            self.num_failed_requests += 1
+            outputs.append(RequestOutput(seq.request_id, [], "error", None, seq.num_prompt_tokens,
+                                         max(seq.num_cached_tokens, 0),
+                                         error=f"the engine could not run this request: {type(e).__name__}: {e}"))
         return outputs
 
     def _build_step(self, batch: ScheduledBatch) -> tuple[StepInput, list[Sequence]]:
@@ -199,7 +240,6 @@ class LLMEngine:
             if k is not None and out.logprobs is not None:
                 top = list(zip(out.top_ids[i][:k], out.top_logprobs[i][:k])) if k > 0 and out.top_ids else []
                 seq.logprobs.append((out.logprobs[i], top))
-            self._detokenize(seq)
             self._check_stop(seq, token)
             outputs.append(self._report(seq))
         return outputs
@@ -211,9 +251,7 @@ class LLMEngine:
             reason = "stop"
         elif token in p.stop_token_ids:
             reason, seq.stop_reason = "stop", token
-        elif p.stop and self._truncate_at_stop_string(seq):
-            reason = "stop"
-        elif (len(seq.completion_token_ids) >= p.max_tokens
+        elif (seq.num_completion_tokens - seq.num_pending_tokens >= p.max_tokens
               or seq.num_tokens - seq.num_pending_tokens >= self.max_model_len):
             reason = "length"
         if reason is not None:
@@ -222,47 +260,16 @@ class LLMEngine:
                 seq.num_pending_tokens = 0
             self.scheduler.finish(seq, reason)
 
-    def _truncate_at_stop_string(self, seq: Sequence) -> bool:
-        text = seq.output_text
-        for s in seq.sampling_params.stop:
-            idx = text.find(s, max(0, seq.num_returned_chars - len(s)))
-            if idx >= 0:
-                seq.output_text = text[:idx]
-                seq.stop_reason = s
-                return True
-        return False
-
-    def _detokenize(self, seq: Sequence) -> None:
-        """Append the new token's text to seq.output_text (incrementally; holds back partial UTF-8)."""
-        if not seq.sampling_params.detokenize:
-            return
-        ids = seq.completion_token_ids
-        prefix = self.tokenizer.decode(ids[seq.detok_prefix_offset:seq.detok_read_offset], skip_special_tokens=True)
-        full = self.tokenizer.decode(ids[seq.detok_prefix_offset:], skip_special_tokens=True)
-        if len(full) > len(prefix) and not full.endswith("\ufffd"):
-            seq.output_text += full[len(prefix):]
-            seq.detok_prefix_offset, seq.detok_read_offset = seq.detok_read_offset, len(ids)
-
     def _report(self, seq: Sequence) -> RequestOutput:
         known = len(seq.token_ids) - seq.num_pending_tokens
-        new_ids = seq.token_ids[seq.num_prompt_tokens + seq.num_returned_tokens:known]
-        new_lp = seq.logprobs[seq.num_returned_tokens:] if seq.logprobs else []
+        start = seq.num_prompt_tokens + seq.num_returned_tokens
+        new_lp = seq.logprobs[seq.num_returned_tokens:] if seq.sampling_params.logprobs is not None else None
         seq.num_returned_tokens = known - seq.num_prompt_tokens
         finished = seq.status == SequenceStatus.FINISHED
-        end = len(seq.output_text)
-        if not finished and seq.sampling_params.stop:
-            # hold back what could be the start of a stop string
-            end -= max(len(s) for s in seq.sampling_params.stop) - 1
-        end = max(end, seq.num_returned_chars)
-        new_text = seq.output_text[seq.num_returned_chars:end]
-        seq.num_returned_chars = end
         if finished:
             self.requests.pop(seq.request_id, None)
-        return RequestOutput(
-            request_id=seq.request_id, new_token_ids=new_ids, new_text=new_text, finished=finished,
-            finish_reason=seq.finish_reason, num_prompt_tokens=seq.num_prompt_tokens,
-            num_cached_tokens=max(seq.num_cached_tokens, 0), num_generated_tokens=seq.num_returned_tokens,
-            new_logprobs=new_lp, stop_reason=seq.stop_reason)
+        return RequestOutput(seq.request_id, seq.token_ids[start:known], seq.finish_reason if finished else None,
+                             seq.stop_reason, seq.num_prompt_tokens, max(seq.num_cached_tokens, 0), new_lp)
 
     # ---- observability -------------------------------------------------------------------------------------
 

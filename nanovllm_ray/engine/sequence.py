@@ -34,16 +34,12 @@ class Sequence:
         self.block_hashes: list[int] = []  # chained hashes of the full, computed blocks, in order
         self.num_preemptions = 0
         self.finish_reason: str | None = None
-        self.stop_reason: int | str | None = None
+        self.stop_reason: int | None = None  # the stop token id that ended it
         # (chosen token logprob, [(token id, logprob)] top-k) per generated token, when asked for
         self.logprobs: list[tuple[float, list[tuple[int, float]]]] = []
         self.arrival_time = time.monotonic()
         self.first_token_time: float | None = None
-        self.output_text = ""
-        self.detok_prefix_offset = 0
-        self.detok_read_offset = 0
         self.num_returned_tokens = 0  # generated tokens already handed to the caller by step()
-        self.num_returned_chars = 0  # characters of output_text already handed to the caller
         self.num_pending_tokens = 0  # trailing PENDING placeholders: sampled by a launched step, value unknown
         self.pending_row = -1  # row of the last placeholder in its step's sampled tokens
 

@@ -49,10 +49,14 @@ class InProcessExecutor(Executor):
         return self.runner.execute_async(step)
 
 
-def default_executor(config: Config) -> Executor:
-    """One rank runs in this process; more run as Ray actors (a local Ray instance is started if none is)."""
-    if config.tensor_parallel_size == 1:
+def make_executor(config: Config, executor: str = "auto", dispatch: str = "compiled",
+                  worker_num_cpus: float = 1.0) -> Executor:
+    """`inprocess`: one rank in this process; `ray`: one Ray actor per rank (a local Ray instance is started if
+    none is); `auto`: in this process for one rank, actors for more."""
+    if executor not in ("auto", "inprocess", "ray"):
+        raise ValueError(f"executor={executor!r} must be auto, inprocess or ray")
+    if executor == "inprocess" or (executor == "auto" and config.tensor_parallel_size == 1):
         return InProcessExecutor(config)
     from nanovllm_ray.executor.ray_executor import RayExecutor
 
-    return RayExecutor(config)
+    return RayExecutor(config, dispatch=dispatch, worker_num_cpus=worker_num_cpus)

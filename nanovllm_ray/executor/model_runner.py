@@ -6,9 +6,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import math
-from itertools import accumulate, chain
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -189,14 +187,8 @@ class ModelRunner:
         dev = self.device
 
         n, m, p = len(step.input_ids), len(step.seq_lens), len(step.pending_dst)
-        # Sections start at even offsets: 16-byte aligned pointers whatever n is, so Triton and Inductor kernels keep
-        # one specialisation (an odd n once cost a JIT compile of ~0.5 s in the middle of a run).
-        pad = [0] * (n & 1)
-        e = n + len(pad)
-        ints = _to_device(torch.from_numpy(np.fromiter(
-            chain(step.input_ids, pad, step.positions, pad, step.slot_mapping, pad, [0], accumulate(step.query_lens),
-                  step.seq_lens, step.pending_dst, step.pending_src),
-            dtype=np.int64, count=3 * e + 2 * m + 1 + 2 * p)), dev)
+        packed, e = step.packed_ints()
+        ints = _to_device(torch.from_numpy(packed), dev)
         input_ids, positions, slot_mapping = ints[:n], ints[e:e + n], ints[2 * e:2 * e + n]
         qsl, seq_lens = ints[3 * e:3 * e + m + 1].int(), ints[3 * e + m + 1:3 * e + 2 * m + 1].int()
         if p:  # tokens the previous step sampled, still on the device: no round trip through the driver
@@ -229,21 +221,19 @@ class ModelRunner:
         return buf
 
     def sampling_tensors(self, step: StepInput) -> SamplingTensors:
-        top_ks = [k if k > 0 else self.vocab_size for k in step.top_ks]
         all_greedy = all(x == 0 for x in step.temperatures)
+        floats, ks = step.sampling_arrays(self.vocab_size)
         if all_greedy:  # sample() reads none of the tensors
             floats, ks = torch.empty(3, 0), torch.empty(0, dtype=torch.int64)
         else:
-            floats = _to_device(torch.tensor([step.temperatures, step.top_ps, step.min_ps], dtype=torch.float32),
-                                self.device)
-            ks = _to_device(torch.tensor(top_ks, dtype=torch.int64), self.device)
+            floats, ks = _to_device(floats, self.device), _to_device(ks, self.device)
         return SamplingTensors(
             temperatures=floats[0], top_ks=ks, top_ps=floats[1], min_ps=floats[2],
             seeds=step.seeds,
             positions=[step.seq_lens[r] for r in step.sample_rows],
             all_greedy=all_greedy,
             any_greedy=any(x == 0 for x in step.temperatures),
-            any_top_k=any(k < self.vocab_size for k in top_ks),
+            any_top_k=any(0 < k < self.vocab_size for k in step.top_ks),
             any_top_p=any(p < 1.0 for p in step.top_ps),
             any_min_p=any(p > 0 for p in step.min_ps),
             max_logprobs=step.max_logprobs,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from itertools import accumulate, chain
 
 import numpy as np
 import torch
@@ -49,6 +50,35 @@ class StepInput:
     @property
     def is_decode_only(self) -> bool:
         return all(q == 1 for q in self.query_lens)
+
+    def packed_ints(self) -> tuple[np.ndarray, int]:
+        """Every integer input as one int64 array (one host-to-device copy): input ids, positions and slots (each
+        padded to an even length e), query start offsets [num_seqs + 1], seq lens, pending dst and src."""
+        n, m, p = len(self.input_ids), len(self.seq_lens), len(self.pending_dst)
+        # Sections start at even offsets: 16-byte aligned pointers whatever n is, so Triton and Inductor kernels keep
+        # one specialisation (an odd n once cost a JIT compile of ~0.5 s in the middle of a run).
+        pad = [0] * (n & 1)
+        e = n + len(pad)
+        packed = np.fromiter(chain(self.input_ids, pad, self.positions, pad, self.slot_mapping, pad, [0],
+                                   accumulate(self.query_lens), self.seq_lens, self.pending_dst, self.pending_src),
+                             dtype=np.int64, count=3 * e + 2 * m + 1 + 2 * p)
+        return packed, e
+
+    def sampling_arrays(self, vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per sampled row, on the host: [3, rows] float32 (temperature, top-p, min-p) and [rows] int64 top-k (off,
+        or larger than the vocabulary: the vocabulary size)."""
+        top_ks = [k if 0 < k < vocab_size else vocab_size for k in self.top_ks]
+        return (torch.tensor([self.temperatures, self.top_ps, self.min_ps], dtype=torch.float32),
+                torch.tensor(top_ks, dtype=torch.int64))
+
+    def check(self, vocab_size: int) -> None:
+        """Convert every value as the runner will, on the host: raises for one that does not fit its tensor."""
+        self.packed_ints()
+        self.sampling_arrays(vocab_size)
+        self.padded_block_tables()
+        for s in self.seeds:
+            if s is not None:
+                np.int64(s)
 
     def padded_block_tables(self) -> torch.Tensor:
         """The ragged block tables as [num_seqs, longest] int32 on the host, padded with -1."""

@@ -1,1 +1,2 @@
-"""Serving-side pieces that need no Ray: OpenAI request/response models, prompt processing, the async engine loop."""
+"""Serving-side pieces that need no Ray: OpenAI request/response models and prompt processing (tokenizer, chat
+template, limits)."""

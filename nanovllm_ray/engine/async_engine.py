@@ -1,0 +1,299 @@
+"""The engine behind asyncio code, and the one engine loop.
+
+EngineLoop: one thread owns an LLMEngine and steps it whenever it has work. Commands (add, abort) come in through
+a thread-safe queue and are applied between steps. After each step it hands one StepReport to its sink: every
+request's new tokens (packed), the engine's stats and the KV-cache events of that step. A request the engine
+refuses, or one whose step fails, gets an error output; the loop goes on. An error outside any one request
+stops the loop and is reported once (the engine's state is unknown).
+
+AsyncEngine: the asyncio side. `generate()` streams one request's outputs; each item merges every output that
+arrived since the reader last took one (the first goes out at once: no timer), so a slow reader gets fewer, larger
+items and never slows the engine. The loop runs in an engine core: a Ray actor of its own (engine/core.py; the
+service: its own process and GIL) or a thread of this process (tests, `LocalCore`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from nanovllm_ray.engine.block_manager import KVCacheEvent
+from nanovllm_ray.engine.llm_engine import EngineStats, LLMEngine, RequestError
+from nanovllm_ray.engine.output import RequestOutput
+from nanovllm_ray.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+REFUSED = "refused"  # finish reason of a request the engine did not take (the error is a RequestError's message)
+ERROR = "error"  # finish reason of a request the engine took but could not run
+
+
+class EngineDeadError(RuntimeError):
+    """The engine stopped on an error that was not one request's: every request on it fails; the replica must be
+    replaced."""
+
+
+class RequestFailedError(RuntimeError):
+    """The engine could not run this one request (the others go on)."""
+
+
+@dataclass(slots=True)
+class StepReport:
+    """What the engine loop hands its sink after each step (or after commands that changed its state)."""
+
+    outputs: list[tuple]  # RequestOutput.pack() of each request with news
+    stats: EngineStats
+    kv_events: list[KVCacheEvent] = field(default_factory=list)
+    num_steps: int = 0
+
+
+class EngineLoop:
+    """Steps `engine` on a thread of its own; `on_report(StepReport)` and `on_dead(error)` are called on it."""
+
+    max_remembered_aborts = 10_000
+
+    def __init__(self, engine: LLMEngine, on_report: Callable[[StepReport], None],
+                 on_dead: Callable[[BaseException], None]) -> None:
+        self.engine = engine
+        self._on_report = on_report
+        self._on_dead = on_dead
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._early_aborts: OrderedDict[str, None] = OrderedDict()  # aborts that came before their add
+        self._events = engine.config.enable_kv_cache_events
+        self.error: BaseException | None = None
+        self.num_steps = 0
+        self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def submit(self, commands: list[tuple]) -> None:
+        """("add", request_id, prompt token ids or text, SamplingParams) and ("abort", request_id) tuples."""
+        for c in commands:
+            self._commands.put(c)
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        self._commands.put(("stop",))
+        if self._thread.is_alive():
+            self._thread.join(timeout_s)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive() and self.error is None
+
+    def _apply(self, cmd: tuple) -> RequestOutput | None:
+        engine = self.engine
+        if cmd[0] == "abort":
+            if not engine.abort_request(cmd[1]) and engine.get_sequence(cmd[1]) is None:
+                self._early_aborts[cmd[1]] = None  # its add may still be on its way
+                while len(self._early_aborts) > self.max_remembered_aborts:
+                    self._early_aborts.popitem(last=False)
+            return None
+        _, rid, prompt, params = cmd
+        if rid in self._early_aborts:  # aborted before it arrived
+            del self._early_aborts[rid]
+            return None
+        try:
+            engine.add_request(rid, prompt, params)
+        except RequestError as e:
+            return RequestOutput(rid, [], REFUSED, error=str(e))
+        except Exception as e:  # anything else a request brings (a bad type, a tokenizer error): that request only
+            logger.exception("request %s could not be added", rid)
+            return RequestOutput(rid, [], ERROR, error=f"the engine could not take this request: "
+                                                       f"{type(e).__name__}: {e}")
+        return None
+
+    def _run(self) -> None:
+        engine = self.engine
+        try:
+            while True:
+                # Block only when there is nothing to step; otherwise take whatever commands are queued.
+                cmds = [] if engine.has_unfinished_requests() else [self._commands.get()]
+                while True:
+                    try:
+                        cmds.append(self._commands.get_nowait())
+                    except queue.Empty:
+                        break
+                if any(c[0] == "stop" for c in cmds):
+                    return
+                outputs = [o for o in map(self._apply, cmds) if o is not None]
+                if engine.has_unfinished_requests():
+                    outputs += engine.step()
+                    self.num_steps += 1
+                events = engine.take_kv_events() if self._events else []
+                if outputs or events or cmds:
+                    self._on_report(StepReport([o.pack() for o in outputs], engine.stats(), events, self.num_steps))
+        except BaseException as e:  # the engine's state is unknown: stop stepping, fail everything once
+            logger.exception("engine loop died")
+            self.error = e
+            self._on_dead(e)
+
+
+class _Stream:
+    """One request's outputs not yet read, and the reader waiting for them."""
+
+    __slots__ = ("items", "waiter", "error")
+
+    def __init__(self) -> None:
+        self.items: list[tuple] = []
+        self.waiter: asyncio.Future | None = None
+        self.error: BaseException | None = None
+
+    def wake(self) -> None:
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_result(None)
+
+
+class AsyncEngine:
+    """Requests in, streams of RequestOutput out, on one asyncio loop. `core` carries commands to the engine
+    loop and its StepReports back (LocalCore or engine.core.RemoteCore); `on_report` sees every report (metrics,
+    cache events), `on_dead` the error that stopped the engine."""
+
+    def __init__(self, core, on_report: Callable[[StepReport], None] | None = None,
+                 on_dead: Callable[[BaseException], None] | None = None) -> None:
+        self.core = core
+        self._on_report_hook = on_report
+        self._on_dead_hook = on_dead
+        self._streams: dict[str, _Stream] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._outbox: list[tuple] = []
+        self.error: BaseException | None = None
+        self.stats: EngineStats = core.initial_stats
+        self.num_steps = 0
+        self.last_report = time.monotonic()
+
+    # ---- requests ------------------------------------------------------------------------------------------
+
+    def _ensure_started(self) -> None:
+        if self._loop is None:
+            self._loop = asyncio.get_running_loop()
+            self.core.start(self)
+
+    async def generate(self, request_id: str, prompt_token_ids: list[int],
+                       params: SamplingParams) -> AsyncIterator[RequestOutput]:
+        """The outputs of one request as they come. Raises RequestError if the engine refuses it (before any
+        output), RequestFailedError if it fails on the engine, EngineDeadError if the engine dies. Leaving the
+        loop early aborts the request and frees its blocks."""
+        self._ensure_started()
+        self.check_health()
+        if request_id in self._streams:
+            raise RequestError(f"request id {request_id!r} is already in use")
+        stream = self._streams[request_id] = _Stream()
+        self._send(("add", request_id, prompt_token_ids, params))
+        finished = False
+        try:
+            while True:
+                while not stream.items and stream.error is None:
+                    stream.waiter = self._loop.create_future()
+                    await stream.waiter
+                if stream.error is not None:
+                    finished = True
+                    raise stream.error
+                items, stream.items = stream.items, []
+                out = RequestOutput.merge([RequestOutput.unpack(t) for t in items])
+                if out.finish_reason == REFUSED:
+                    finished = True
+                    raise RequestError(out.error)
+                if out.finish_reason == ERROR:
+                    finished = True
+                    raise RequestFailedError(out.error)
+                finished = out.finished
+                yield out
+                if finished:
+                    return
+        finally:
+            self._streams.pop(request_id, None)
+            if not finished:
+                self._send(("abort", request_id))
+
+    def abort(self, request_id: str) -> None:
+        self._send(("abort", request_id))
+
+    def _send(self, cmd: tuple) -> None:
+        """Commands of one loop iteration go to the core together."""
+        if not self._outbox:
+            self._loop.call_soon(self._flush)
+        self._outbox.append(cmd)
+
+    def _flush(self) -> None:
+        cmds, self._outbox = self._outbox, []
+        if cmds and self.error is None:
+            self.core.submit(cmds)
+
+    # ---- reports (on the asyncio loop) ---------------------------------------------------------------------
+
+    def on_report(self, report: StepReport) -> None:
+        """Fan one step's outputs out to the request streams."""
+        streams = self._streams
+        for packed in report.outputs:
+            s = streams.get(packed[0])
+            if s is not None:
+                s.items.append(packed)
+                s.wake()
+        self.stats = report.stats
+        self.num_steps = report.num_steps
+        self.last_report = time.monotonic()
+        if self._on_report_hook is not None:
+            self._on_report_hook(report)
+
+    def on_dead(self, error: BaseException) -> None:
+        if self.error is not None:
+            return
+        dead = error if isinstance(error, EngineDeadError) else EngineDeadError(
+            f"the engine died: {type(error).__name__}: {error}")
+        if dead is not error:
+            dead.__cause__ = error
+        self.error = dead
+        logger.error("%s; failing %d requests", self.error, len(self._streams))
+        for s in self._streams.values():
+            s.error = self.error
+            s.wake()
+        if self._on_dead_hook is not None:
+            self._on_dead_hook(self.error)
+
+    # ---- health --------------------------------------------------------------------------------------------
+
+    def check_health(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+    def shutdown(self) -> None:
+        self.core.shutdown()
+
+
+class LocalCore:
+    """The engine loop on a thread of this process: reports reach the AsyncEngine's loop by call_soon_threadsafe."""
+
+    def __init__(self, engine: LLMEngine) -> None:
+        self.engine = engine
+        self.initial_stats = engine.stats()
+        self.loop: EngineLoop | None = None
+
+    def start(self, client: AsyncEngine) -> None:
+        aloop = asyncio.get_running_loop()
+        self.loop = EngineLoop(self.engine, lambda r: aloop.call_soon_threadsafe(client.on_report, r),
+                               lambda e: aloop.call_soon_threadsafe(client.on_dead, e))
+        self.loop.start()
+
+    def submit(self, cmds: list[tuple]) -> None:
+        self.loop.submit(cmds)
+
+    def shutdown(self) -> None:
+        if self.loop is not None:
+            self.loop.stop()
+        self.engine.shutdown()
+
+
+def describe(engine: LLMEngine) -> dict[str, Any]:
+    """What a client of an engine core needs to know about it."""
+    return {"num_blocks": engine.block_manager.num_blocks, "block_size": engine.config.block_size,
+            "max_model_len": engine.max_model_len, "stats": engine.stats(),
+            "device": str(getattr(engine.executor, "device", "?")),
+            "tensor_parallel_size": engine.config.tensor_parallel_size}
