@@ -123,8 +123,8 @@ def serve_run(args, path: str, routing: str, port: int, run_index: int) -> dict:
 
     app = f"bench-{routing}-{run_index}"
     app_args = dict(model=path, served_model_name="bench", num_replicas=args.replicas, routing=routing,
-                    replica_num_cpus=0, max_model_len=8192, num_kvcache_blocks=args.kv_blocks,
-                    block_size=args.block_size, max_num_seqs=64, max_num_batched_tokens=4096,
+                    tensor_parallel_size=args.tensor_parallel_size, replica_num_cpus=0, max_model_len=8192,
+                    num_kvcache_blocks=args.kv_blocks, block_size=args.block_size, max_num_seqs=64, max_num_batched_tokens=4096,
                     max_ongoing_requests=128, max_queued_requests=-1, prefix_routing=json.loads(args.prefix_routing))
     t = time.perf_counter()
     serve.run(build_app(app_args), name=app, route_prefix="/", blocking=False)
@@ -196,6 +196,7 @@ def single_replica(args, path: str) -> dict:
     from nanovllm_ray import Config, LLMEngine, SamplingParams
 
     config = Config.from_kwargs(path, max_model_len=8192, num_kvcache_blocks=args.kv_blocks * args.replicas,
+                                tensor_parallel_size=args.tensor_parallel_size,
                                 block_size=args.block_size, max_num_seqs=64, max_num_batched_tokens=4096)
     engine = LLMEngine(config)
     chats = workload(args)
@@ -232,6 +233,7 @@ def main() -> None:
     ap.add_argument("--model", help="a Qwen3 checkpoint directory (default: the demo checkpoint of --shape)")
     ap.add_argument("--shape", default="tiny")
     ap.add_argument("--replicas", type=int, default=2)
+    ap.add_argument("--tensor-parallel-size", type=int, default=1, help="GPUs per replica (on GPU)")
     ap.add_argument("--users", type=int, default=24)
     ap.add_argument("--turns", type=int, default=6)
     ap.add_argument("--system-prompts", type=int, default=3)

@@ -8,6 +8,7 @@ import hmac
 import json
 import logging
 import math
+import os
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -22,9 +23,10 @@ from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
 from nanovllm_ray.config import Config
-from nanovllm_ray.engine.async_engine import EngineDeadError, RequestFailedError
+from nanovllm_ray.engine.async_engine import ERROR, EngineDeadError, RequestFailedError
+from nanovllm_ray.engine.core import CoreRef
 from nanovllm_ray.engine.llm_engine import RequestError, load_tokenizer
-from nanovllm_ray.engine.output import Delta, RequestState
+from nanovllm_ray.engine.output import Delta, RequestOutput, RequestState
 from nanovllm_ray.serving.openai_protocol import (
     ChatChoiceLogprobs,
     ChatCompletionChoice,
@@ -59,16 +61,21 @@ async def _openai_error(request: Request, e: OpenAIError) -> JSONResponse:
 
 class _Run:
     """The LLMServer calls of one HTTP request, one per choice, merged into one stream of deltas. Each choice's
-    RequestState (the shared output path) detokenizes and applies stop strings here, off the engine's loop; a
-    choice a stop string ends has its call cancelled, which aborts it on the engine."""
+    RequestState (the shared output path) detokenizes and applies stop strings here, off the engine's loop.
 
-    def __init__(self, llm: DeploymentHandle, request_id: str, choices: list[Choice], tokenizer) -> None:
+    A choice's tokens come from the engine core through the ingress's reader for that core (a subscription:
+    one message per engine step for all of this ingress's requests there); its LLMServer call streams only
+    where to read and any error, and stays open while the request runs. Cancelling the call (a client gone
+    away, a stop string found here) aborts the request on the engine."""
+
+    def __init__(self, ingress: "OpenAIIngress", request_id: str, choices: list[Choice], tokenizer) -> None:
         self.request_id = request_id
         self.created = int(time.time())
         self.choices = choices
         self.states = [RequestState(f"{request_id}-{c.index}", c.params, tokenizer, len(c.prompt_token_ids))
                        for c in choices]
-        self._llm = llm
+        self.cores: list[str | None] = [None] * len(choices)  # the engine core each choice runs on
+        self._ingress = ingress
         self._queue: asyncio.Queue = asyncio.Queue()
         self._tasks: list[asyncio.Task] = []
         self._gens: list = []
@@ -78,8 +85,10 @@ class _Run:
     async def start(self) -> None:
         """Send every choice, and wait until each has its first output: a refusal becomes an error response
         before any byte of a stream is sent."""
+        ingress = self._ingress
         for i, (c, state) in enumerate(zip(self.choices, self.states)):
-            gen = self._llm.generate.remote(c.prompt_token_ids, c.params, state.request_id)
+            ingress.routes[state.request_id] = (self, i)
+            gen = ingress.llm.generate.remote(c.prompt_token_ids, c.params, state.request_id, ingress.subscriber)
             self._gens.append(gen)
             self._tasks.append(asyncio.create_task(self._pump(i, gen)))
         started: set[int] = set()
@@ -91,18 +100,25 @@ class _Run:
                 started.add(i)
                 self._pending.append((i, item))
         except BaseException:
-            self.cancel()
+            self.close()
             raise
 
     async def _pump(self, i: int, gen) -> None:
+        """The choice's LLMServer call: where its tokens are (a CoreRef), or an error."""
         try:
-            async for out in gen:
-                self._queue.put_nowait((i, out))
-            self._queue.put_nowait((i, None))
+            async for item in gen:
+                if isinstance(item, CoreRef):
+                    self.cores[i] = item.core_id
+                    self._ingress.ensure_reader(item)
+                else:  # an LLMServer that streams the outputs itself
+                    self._queue.put_nowait((i, item))
         except asyncio.CancelledError:
             raise
         except BaseException as e:  # handed to the reader, which raises it as an OpenAI error
             self._queue.put_nowait((i, e))
+
+    def deliver(self, i: int, item: RequestOutput | BaseException) -> None:
+        self._queue.put_nowait((i, item))
 
     async def events(self) -> AsyncIterator[tuple[int, Delta]]:
         """(choice, what it added) as the engine produces it."""
@@ -114,11 +130,10 @@ class _Run:
                     i, item = await self._queue.get()
                 if i not in self._live:
                     continue  # after a stop string: dropped
-                if item is None:
-                    self._live.discard(i)
-                    continue
                 if isinstance(item, BaseException):
                     raise _as_openai_error(item)
+                if item.finish_reason == ERROR:  # the engine could not run this choice
+                    raise _as_openai_error(RequestFailedError(item.error))
                 state = self.states[i]
                 delta = state.update(item)
                 if state.finished:
@@ -127,7 +142,7 @@ class _Run:
                         self._cancel(i)
                 yield i, delta
         finally:
-            self.cancel()
+            self.close()
 
     async def drain(self) -> None:
         async for _ in self.events():
@@ -138,10 +153,13 @@ class _Run:
             self._tasks[i].cancel()
             self._gens[i].cancel()
 
-    def cancel(self) -> None:
-        """Stop every call still running (a client gone away): the LLMServer aborts those requests."""
-        for i in range(len(self._tasks)):
-            self._cancel(i)
+    def close(self) -> None:
+        """Stop the calls of choices still running (a client gone away: the LLMServer aborts them); those that
+        finished end by themselves."""
+        for i, state in enumerate(self.states):
+            self._ingress.routes.pop(state.request_id, None)
+            if i in self._live or not state.finished or state.stopped_by_string:
+                self._cancel(i)
 
 
 def _as_openai_error(e: BaseException) -> OpenAIError:
@@ -213,6 +231,51 @@ class OpenAIIngress:
         # 2-core CPU machine, 17k against 3k items/s to 64 streams (benchmarks/serve_throughput.py's notes).
         self.llm = llm.options(stream=True, _by_reference=handle_by_reference)
         self.llm_unary = llm.options(_by_reference=handle_by_reference)
+        # This replica's subscription at each engine core: the tokens of its requests, one message per step.
+        self.subscriber = f"ingress-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self.routes: dict[str, tuple[_Run, int]] = {}  # engine request id -> (run, choice)
+        self._readers: dict[str, asyncio.Task] = {}  # engine core id -> its reader
+
+    # ---- the token streams from the engine cores ------------------------------------------------------------
+
+    def ensure_reader(self, core: CoreRef) -> None:
+        task = self._readers.get(core.core_id)
+        if task is None or task.done():
+            self._readers[core.core_id] = asyncio.get_running_loop().create_task(self._read(core))
+
+    async def _read(self, core: CoreRef) -> None:
+        """Read this replica's outputs from one engine core, one call per engine step while it keeps up (each
+        returns everything since the last), and hand each request's to its run, merged."""
+        failures = 0
+        while True:
+            try:
+                items = await core.actor.read.remote(self.subscriber, 5.0)
+                failures = 0
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # the core died (its LLMServer calls fail too), or a transient error
+                failures += 1
+                if isinstance(e, (RayActorError, EngineDeadError)) or failures > 5:
+                    logger.warning("engine core %s: reader stops: %r", core.core_id, e)
+                    self._fail_core(core.core_id, e)
+                    return
+                await asyncio.sleep(0.05 * failures)
+                continue
+            by_request: dict[str, list[tuple]] = {}
+            for t in items:
+                by_request.setdefault(t[0], []).append(t)
+            for rid, packed in by_request.items():
+                route = self.routes.get(rid)
+                if route is not None:
+                    route[0].deliver(route[1], RequestOutput.merge([RequestOutput.unpack(t) for t in packed]))
+
+    def _fail_core(self, core_id: str, error: BaseException) -> None:
+        dead = error if isinstance(error, EngineDeadError) else EngineDeadError(
+            f"the engine core is gone: {type(error).__name__}: {error}")
+        for run, i in list(self.routes.values()):
+            if run.cores[i] == core_id:
+                run.deliver(i, dead)
+        self._readers.pop(core_id, None)
 
     # ---- endpoints -----------------------------------------------------------------------------------------
 
@@ -245,7 +308,7 @@ class OpenAIIngress:
         """Authorize, validate, start one engine request per choice; stream (SSE) or answer once all finish."""
         self._authorize(request)
         req = await self._parse(request, model)
-        run = _Run(self.llm, f"{id_prefix}-{uuid.uuid4().hex}", make_choices(req), self.processor.tokenizer)
+        run = _Run(self, f"{id_prefix}-{uuid.uuid4().hex}", make_choices(req), self.processor.tokenizer)
         await run.start()
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)

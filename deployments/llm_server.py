@@ -2,9 +2,11 @@
 
 The engine loop (scheduler, block manager, the model with one rank, or the driver of the rank actors) runs in an
 EngineCoreActor of its own (nanovllm_ray/engine/core.py), placed in bundle 0 of this replica's placement group:
-it shares no GIL with this replica's Serve event loop. One message per engine step brings every request's new
-tokens here; `generate` (called by the ingress through a DeploymentHandle, token ids first) streams one request's
-outputs, each item carrying everything that arrived since the last one was read. Detokenizing is the ingress's.
+it shares no GIL with this replica's Serve event loop. The ingress calls `generate` through a DeploymentHandle
+(token ids first: the request router sees them), so Serve routes, queues, counts and cancels requests as usual;
+the tokens themselves go from the engine core to the ingress that asked, one message per engine step for all its
+requests (a subscription). This replica keeps each request's admission, first and last output (metrics), the
+engine's stats and its KV-cache events for the prefix router. Detokenizing is the ingress's.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from deployments.metrics import EngineMetrics
 from deployments.router import CacheEventPublisher
 from nanovllm_ray.config import Config
 from nanovllm_ray.engine.async_engine import AsyncEngine, StepReport
-from nanovllm_ray.engine.core import start_engine_core
+from nanovllm_ray.engine.core import CoreRef, start_engine_core
 from nanovllm_ray.engine.llm_engine import RequestError
 from nanovllm_ray.engine.output import RequestOutput
 from nanovllm_ray.router import CacheEventBuffer, PrefixRoutingConfig
@@ -63,23 +65,30 @@ class LLMServer:
         logger.info("LLMServer %s: %s, tp=%d, engine core on %s, %d KV blocks", replica, model,
                     config.tensor_parallel_size, self.info["device"], self.info["num_blocks"])
 
-    async def generate(self, prompt_token_ids: list[int], params: SamplingParams,
-                       request_id: str) -> AsyncIterator[RequestOutput]:
+    async def generate(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str,
+                       subscriber: str | None = None) -> AsyncIterator[RequestOutput | CoreRef]:
         """Stream one request's outputs. Raises RequestError (before any output) if the engine refuses it.
-        Cancelling the call (a client gone away) aborts the request and frees its blocks."""
+        Cancelling the call (a client gone away) aborts the request and frees its blocks.
+
+        With a subscriber (an ingress replica), the outputs go from the engine core straight to that subscriber
+        (EngineCoreActor.read): this stream yields where to read them (a CoreRef) and ends when the request does;
+        the call stays open as long as the request runs, so Serve's queue lengths and cancellation still hold."""
         arrival = time.monotonic()
         first: float | None = None
         generated = 0
         reason = "abort"
         refused = False
+        if subscriber is not None:
+            yield self.core.ref
         try:
-            async for out in self.engine.generate(request_id, prompt_token_ids, params):
+            async for out in self.engine.generate(request_id, prompt_token_ids, params, subscriber):
                 if first is None:
                     first = time.monotonic()
-                generated += len(out.new_token_ids)
+                generated = out.num_generated_tokens
                 if out.finished:
                     reason = out.finish_reason
-                yield out
+                if subscriber is None:
+                    yield out
         except RequestError:
             refused = True
             raise
@@ -104,6 +113,10 @@ class LLMServer:
         return {**asdict(self.engine.stats), "num_blocks": self.info["num_blocks"],
                 "num_steps": self.engine.num_steps, "num_requests": self.num_requests,
                 "num_aborted": self.num_aborted, "replica": self.replica_id}
+
+    async def engine_timeline(self, since: float = 0.0) -> dict[str, Any]:
+        """The engine loop's steps since `since` (benchmarks: where the engine's time went)."""
+        return {**await self.core.actor.timeline.remote(since), "replica": self.replica_id}
 
     def record_routing_stats(self) -> dict[str, Any]:
         """Polled by Serve for the request router (RunningReplica.routing_stats)."""

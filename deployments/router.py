@@ -218,6 +218,8 @@ class PrefixAwareRequestRouter(RequestRouter):
         self._reasons: Counter[str] = Counter()
         self._rng = random.Random()
         self._recent: dict[str, DecayingCount] = {}  # requests routed to each replica, decaying
+        self._undelivered: dict[str, str] = {}  # request -> replica: decided, not yet sent (not in queue lengths)
+        self._undelivered_counts: Counter[str] = Counter()
         self._last_pull = 0.0
         self.num_pulls = 0
 
@@ -231,9 +233,14 @@ class PrefixAwareRequestRouter(RequestRouter):
         by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
         matched = self._mirror.match(hashes) if hashes else {}
         now = time.monotonic()
-        loads = {uid: self._load(r) + self._recent_count(uid, now) for uid, r in by_id.items()}
+        loads = {uid: self._load(r) + self._recent_count(uid, now) + self._undelivered_counts[uid]
+                 for uid, r in by_id.items()}
         cached = {uid: self._mirror.index.num_blocks(uid) for uid in by_id}
         decision = decide(list(by_id), len(hashes), matched, loads, cached, self._config, self._rng)
+        # Counted now, until Serve sends it (then it is in Serve's queue lengths): under a burst many decisions
+        # come before the first send, and each must see the ones before it, else all go to one replica.
+        if decision.ranking and pending_request is not None:
+            self._deciding(pending_request.metadata.internal_request_id, decision.ranking[0])
         self._decision_ns.append(time.perf_counter_ns() - start)
         self._decision_cpu_ns.append(time.thread_time_ns() - cpu_start)
         self._reasons[decision.reason] += 1
@@ -277,9 +284,21 @@ class PrefixAwareRequestRouter(RequestRouter):
         stats = r.routing_stats or {}
         return stats.get("num_running", 0) + stats.get("num_waiting", 0)
 
+    def _deciding(self, request_id: str, uid: str) -> None:
+        old = self._undelivered.get(request_id)
+        if old is not None:  # decided again (its first choice was full): count it once
+            self._undelivered_counts[old] -= 1
+        self._undelivered[request_id] = uid
+        self._undelivered_counts[uid] += 1
+        if len(self._undelivered) > self.max_sent_hashes:  # never sent nor completed (should not happen): forget
+            self._undelivered_counts[self._undelivered.pop(next(iter(self._undelivered)))] -= 1
+
     def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID,
                           result: ReplicaResult) -> None:
         uid = replica_id.unique_id
+        old = self._undelivered.pop(pending_request.metadata.internal_request_id, None)
+        if old is not None:
+            self._undelivered_counts[old] -= 1
         if uid not in self._recent:
             self._recent[uid] = DecayingCount(self._config.balance_window_s)
         self._recent[uid].add(time.monotonic())
@@ -289,6 +308,9 @@ class PrefixAwareRequestRouter(RequestRouter):
 
     def on_request_completed(self, replica_id: ReplicaID, internal_request_id: str) -> None:
         self._sent_hashes.pop(internal_request_id, None)
+        old = self._undelivered.pop(internal_request_id, None)  # never sent (failed or cancelled)
+        if old is not None:
+            self._undelivered_counts[old] -= 1
 
     # ---- replicas that die or leave ------------------------------------------------------------------------
 

@@ -19,7 +19,7 @@ import logging
 import queue
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -48,10 +48,12 @@ class RequestFailedError(RuntimeError):
 class StepReport:
     """What the engine loop hands its sink after each step (or after commands that changed its state)."""
 
-    outputs: list[tuple]  # RequestOutput.pack() of each request with news
+    outputs: list[tuple]  # RequestOutput.pack() of each request with news (a subscribed one: first and last only)
     stats: EngineStats
     kv_events: list[KVCacheEvent] = field(default_factory=list)
     num_steps: int = 0
+    # subscriber -> every output of its requests: an HTTP front end reads these straight from the engine core
+    by_subscriber: dict[str, list[tuple]] = field(default_factory=dict)
 
 
 class EngineLoop:
@@ -66,16 +68,24 @@ class EngineLoop:
         self._on_dead = on_dead
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._early_aborts: OrderedDict[str, None] = OrderedDict()  # aborts that came before their add
+        self._subscribers: dict[str, str] = {}  # request -> the subscriber that reads its tokens
+        self._reported: set[str] = set()  # subscribed requests whose first output went out
         self._events = engine.config.enable_kv_cache_events
         self.error: BaseException | None = None
         self.num_steps = 0
+        # (start, end, sequences, tokens, requests added before it) per step, and the time spent waiting for
+        # work: where the loop's time goes, for benchmarks (a few floats a step)
+        self.trace: deque[tuple[float, float, int, int, int]] = deque(maxlen=200_000)
+        self.idle_s = 0.0
         self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
 
     def start(self) -> None:
         self._thread.start()
 
     def submit(self, commands: list[tuple]) -> None:
-        """("add", request_id, prompt token ids or text, SamplingParams) and ("abort", request_id) tuples."""
+        """("add", request_id, prompt token ids or text, SamplingParams[, subscriber]) and ("abort", request_id)
+        tuples. A request with a subscriber has all its outputs in the reports' by_subscriber, and only its first
+        and last in their outputs."""
         for c in commands:
             self._commands.put(c)
 
@@ -88,20 +98,30 @@ class EngineLoop:
     def alive(self) -> bool:
         return self._thread.is_alive() and self.error is None
 
+    def timeline(self, since: float = 0.0) -> dict[str, Any]:
+        """The steps that started after `since` (time.monotonic) and the loop's idle time so far."""
+        return {"steps": [t for t in list(self.trace) if t[0] >= since], "idle_s": self.idle_s,
+                "now": time.monotonic()}
+
     def _apply(self, cmd: tuple) -> RequestOutput | None:
         engine = self.engine
         if cmd[0] == "abort":
-            if not engine.abort_request(cmd[1]) and engine.get_sequence(cmd[1]) is None:
-                self._early_aborts[cmd[1]] = None  # its add may still be on its way
+            rid = cmd[1]
+            self._subscribers.pop(rid, None)
+            self._reported.discard(rid)
+            if not engine.abort_request(rid) and engine.get_sequence(rid) is None:
+                self._early_aborts[rid] = None  # its add may still be on its way
                 while len(self._early_aborts) > self.max_remembered_aborts:
                     self._early_aborts.popitem(last=False)
             return None
-        _, rid, prompt, params = cmd
+        _, rid, prompt, params, *sub = cmd
         if rid in self._early_aborts:  # aborted before it arrived
             del self._early_aborts[rid]
             return None
         try:
             engine.add_request(rid, prompt, params)
+            if sub and sub[0] is not None:
+                self._subscribers[rid] = sub[0]
         except RequestError as e:
             return RequestOutput(rid, [], REFUSED, error=str(e))
         except Exception as e:  # anything else a request brings (a bad type, a tokenizer error): that request only
@@ -115,7 +135,11 @@ class EngineLoop:
         try:
             while True:
                 # Block only when there is nothing to step; otherwise take whatever commands are queued.
-                cmds = [] if engine.has_unfinished_requests() else [self._commands.get()]
+                cmds = []
+                if not engine.has_unfinished_requests():
+                    t = time.monotonic()
+                    cmds.append(self._commands.get())
+                    self.idle_s += time.monotonic() - t
                 while True:
                     try:
                         cmds.append(self._commands.get_nowait())
@@ -125,15 +149,39 @@ class EngineLoop:
                     return
                 outputs = [o for o in map(self._apply, cmds) if o is not None]
                 if engine.has_unfinished_requests():
+                    t = time.monotonic()
                     outputs += engine.step()
+                    self.trace.append((t, time.monotonic(), *engine.last_batch, len(cmds)))
                     self.num_steps += 1
                 events = engine.take_kv_events() if self._events else []
                 if outputs or events or cmds:
-                    self._on_report(StepReport([o.pack() for o in outputs], engine.stats(), events, self.num_steps))
+                    control, subs = self._route(outputs)
+                    self._on_report(StepReport(control, engine.stats(), events, self.num_steps, subs))
         except BaseException as e:  # the engine's state is unknown: stop stepping, fail everything once
             logger.exception("engine loop died")
             self.error = e
             self._on_dead(e)
+
+
+    def _route(self, outputs: list[RequestOutput]) -> tuple[list[tuple], dict[str, list[tuple]]]:
+        """Outputs for the sink's own stream, and for each subscriber."""
+        control: list[tuple] = []
+        subs: dict[str, list[tuple]] = {}
+        for o in outputs:
+            packed = o.pack()
+            sub = self._subscribers.get(o.request_id)
+            if sub is None:
+                control.append(packed)
+                continue
+            subs.setdefault(sub, []).append(packed)
+            if o.finished:
+                del self._subscribers[o.request_id]
+                self._reported.discard(o.request_id)
+                control.append(packed)
+            elif o.request_id not in self._reported:
+                self._reported.add(o.request_id)
+                control.append(packed)
+        return control, subs
 
 
 class _Stream:
@@ -176,17 +224,18 @@ class AsyncEngine:
             self._loop = asyncio.get_running_loop()
             self.core.start(self)
 
-    async def generate(self, request_id: str, prompt_token_ids: list[int],
-                       params: SamplingParams) -> AsyncIterator[RequestOutput]:
+    async def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                       subscriber: str | None = None) -> AsyncIterator[RequestOutput]:
         """The outputs of one request as they come. Raises RequestError if the engine refuses it (before any
         output), RequestFailedError if it fails on the engine, EngineDeadError if the engine dies. Leaving the
-        loop early aborts the request and frees its blocks."""
+        loop early aborts the request and frees its blocks. With a subscriber, every output goes to that
+        subscriber (EngineCoreActor.read) and this stream has only the first and the last."""
         self._ensure_started()
         self.check_health()
         if request_id in self._streams:
             raise RequestError(f"request id {request_id!r} is already in use")
         stream = self._streams[request_id] = _Stream()
-        self._send(("add", request_id, prompt_token_ids, params))
+        self._send(("add", request_id, prompt_token_ids, params, subscriber))
         finished = False
         try:
             while True:

@@ -8,13 +8,22 @@ loop owns its process (and, with one rank, the model and the GPU), and talks to 
     client <--one long-lived streaming call, reports(): each item is every StepReport since the last-- actor
 
 so one message per engine step carries every request's new tokens, and the client (AsyncEngine) fans them out.
+
+A third channel takes the token stream off the client's process altogether: a request added with a subscriber
+(an HTTP front end) has all its outputs kept for that subscriber, which reads them with read(): one long-poll
+call that returns every output since its last one, for all its requests. The client's stream then carries only
+each such request's first and last output (its bookkeeping: admission, metrics), the engine's stats at most
+every STATS_PERIOD_S, and the KV-cache events.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 import threading
+import time
+from dataclasses import dataclass
 from typing import Any
 
 from nanovllm_ray.config import Config
@@ -22,6 +31,18 @@ from nanovllm_ray.engine.async_engine import AsyncEngine, EngineDeadError, Engin
 from nanovllm_ray.engine.llm_engine import LLMEngine
 
 logger = logging.getLogger(__name__)
+
+STATS_PERIOD_S = 0.05  # a report that carries only stats goes to the client at most this often
+SUBSCRIBER_TIMEOUT_S = 120.0  # outputs of a subscriber that has not read for this long are dropped
+
+
+class _Subscriber:
+    __slots__ = ("items", "event", "last_read")
+
+    def __init__(self) -> None:
+        self.items: list[tuple] = []
+        self.event: asyncio.Event | None = None
+        self.last_read = time.monotonic()
 
 
 class EngineCoreActor:
@@ -32,6 +53,10 @@ class EngineCoreActor:
                  worker_num_cpus: float = 1.0) -> None:
         from nanovllm_ray.executor.base import make_executor
 
+        # The engine thread holds the GIL for most of a busy step; the actor's loop (commands in, reads out) and
+        # Ray's threads wait for it. Hand it over after 1 ms rather than the default 5 ms: each token's way out
+        # passes this point.
+        sys.setswitchinterval(0.001)
         self.engine = LLMEngine(config, executor=make_executor(config, executor, dispatch, worker_num_cpus))
         self._lock = threading.Lock()
         self._pending: list[StepReport] = []
@@ -39,6 +64,9 @@ class EngineCoreActor:
         self._aloop: asyncio.AbstractEventLoop | None = None
         self._wakeup: asyncio.Event | None = None
         self._signalled = False
+        self._last_forward = 0.0
+        self._subs: dict[str, _Subscriber] = {}
+        self._to_wake: set[str] = set()
         self.loop = EngineLoop(self.engine, self._add_report, self._died)
         self.loop.start()
 
@@ -64,11 +92,39 @@ class EngineCoreActor:
                 await self._wakeup.wait()
                 self._wakeup.clear()
 
+    async def read(self, subscriber: str, timeout_s: float = 5.0) -> list[tuple]:
+        """Every output of `subscriber`'s requests since its last read (packed RequestOutputs, in order); waits
+        up to timeout_s for one, then returns [] (the caller checks the engine and reads again)."""
+        self._aloop = self._aloop or asyncio.get_running_loop()
+        with self._lock:
+            sub = self._subs.get(subscriber)
+            if sub is None:
+                sub = self._subs[subscriber] = _Subscriber()
+        sub.last_read = time.monotonic()
+        deadline = sub.last_read + timeout_s
+        while True:
+            with self._lock:
+                items, sub.items = sub.items, []
+            if items:
+                return items
+            if self._dead is not None:
+                raise EngineDeadError(f"the engine loop died: {type(self._dead).__name__}: {self._dead}")
+            if sub.event is None:
+                sub.event = asyncio.Event()
+            try:
+                await asyncio.wait_for(sub.event.wait(), max(0.0, deadline - time.monotonic()))
+            except TimeoutError:
+                return []
+            sub.event.clear()
+
     def ping(self) -> int:
         """The number of steps so far; raises if the engine loop is dead."""
         if not self.loop.alive:
             raise EngineDeadError(f"the engine loop is not running: {self.loop.error!r}")
         return self.loop.num_steps
+
+    def timeline(self, since: float = 0.0) -> dict[str, Any]:
+        return self.loop.timeline(since)
 
     def shutdown(self) -> None:
         self.loop.stop()
@@ -77,20 +133,62 @@ class EngineCoreActor:
     # ---- the engine thread's side --------------------------------------------------------------------------
 
     def _add_report(self, report: StepReport) -> None:
+        now = time.monotonic()
+        idle = report.stats.num_running == 0 and report.stats.num_waiting == 0  # the last stats for a while
+        forward = bool(report.outputs or report.kv_events) or idle or now - self._last_forward >= STATS_PERIOD_S
+        wake = False
         with self._lock:
-            self._pending.append(report)
-            signal, self._signalled = not self._signalled, True
+            for name, items in report.by_subscriber.items():
+                sub = self._subs.get(name)
+                if sub is None:
+                    sub = self._subs[name] = _Subscriber()
+                sub.items += items
+                if self._aloop is not None:  # else no reader has come yet: its first read takes these
+                    wake = wake or not self._to_wake  # a wake-up is not already on its way
+                    self._to_wake.add(name)
+            signal = False
+            if forward:
+                report.by_subscriber = {}
+                self._pending.append(report)
+                self._last_forward = now
+                signal, self._signalled = not self._signalled, True
+        if wake and self._aloop is not None:
+            self._aloop.call_soon_threadsafe(self._wake_subscribers)
         if signal:
             self._signal()
+
+    def _wake_subscribers(self) -> None:
+        """On the actor's loop: wake the readers that have news; drop what readers gone for good left behind."""
+        now = time.monotonic()
+        with self._lock:
+            names, self._to_wake = self._to_wake, set()
+            for name in names:
+                sub = self._subs[name]
+                if now - sub.last_read > SUBSCRIBER_TIMEOUT_S:
+                    sub.items = []  # its reader is gone (an ingress replica that died)
+                elif sub.event is not None:
+                    sub.event.set()
 
     def _died(self, error: BaseException) -> None:
         with self._lock:
             self._dead = error
+            names = list(self._subs)
+            self._to_wake.update(names)
         self._signal()
+        if self._aloop is not None:
+            self._aloop.call_soon_threadsafe(self._wake_subscribers)
 
     def _signal(self) -> None:
         if self._aloop is not None:
             self._aloop.call_soon_threadsafe(self._wakeup.set)
+
+
+@dataclass(frozen=True, slots=True)
+class CoreRef:
+    """Where a subscriber reads its requests' outputs: the engine core actor, and a name for it."""
+
+    core_id: str
+    actor: Any
 
 
 class RemoteCore:
@@ -99,6 +197,7 @@ class RemoteCore:
     def __init__(self, actor, info: dict[str, Any]) -> None:
         self.actor = actor
         self.info = info
+        self.ref = CoreRef(actor._actor_id.hex(), actor)
         self.initial_stats = info["stats"]
         self._task: asyncio.Task | None = None
 

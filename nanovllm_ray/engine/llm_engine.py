@@ -53,6 +53,7 @@ class LLMEngine:
         self.async_scheduling = config.async_scheduling and self.executor.supports_async
         self.inflight: tuple[list[Sequence], list[int], PendingOutput] | None = None  # launched, not applied
         self.num_failed_requests = 0  # requests a step could not run (error outputs); the loop went on
+        self.last_batch = (0, 0)  # (sequences, tokens) of the last step scheduled
         logger.info("KV cache: %d blocks of %d tokens (%d tokens, %.2f GiB)", self.block_manager.num_blocks,
                     config.block_size, self.block_manager.num_blocks * config.block_size,
                     self.block_manager.num_blocks * self.executor.block_bytes / 2**30)
@@ -139,6 +140,7 @@ class LLMEngine:
         fit its tensor) fails those requests (an error output each) and leaves the others to the next step; any
         other error propagates: the engine's state is then unknown."""
         batch = self.scheduler.schedule()
+        self.last_batch = (len(batch.seqs), batch.num_tokens)
         launched = None
         failed: list[RequestOutput] = []
         if batch.seqs:
@@ -269,7 +271,8 @@ class LLMEngine:
         if finished:
             self.requests.pop(seq.request_id, None)
         return RequestOutput(seq.request_id, seq.token_ids[start:known], seq.finish_reason if finished else None,
-                             seq.stop_reason, seq.num_prompt_tokens, max(seq.num_cached_tokens, 0), new_lp)
+                             seq.stop_reason, seq.num_prompt_tokens, max(seq.num_cached_tokens, 0), new_lp,
+                             num_generated_tokens=seq.num_returned_tokens)
 
     # ---- observability -------------------------------------------------------------------------------------
 

@@ -30,20 +30,28 @@ class RequestOutput:
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
     new_logprobs: list[Logprob] | None = None  # when the request asked for logprobs
     error: str | None = None  # finish_reason "error": why the engine could not run this request
+    num_generated_tokens: int = 0  # so far, this report's included
 
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
 
     # A plain tuple pickles ten times faster than a slotted dataclass: the engine core sends a step's outputs
-    # to its replica as packed tuples (one message per step, all requests).
+    # as packed tuples (one message per step, all requests), the common case (a running request's new tokens)
+    # as three fields.
     def pack(self) -> tuple:
-        return (self.request_id, self.new_token_ids, self.finish_reason, self.stop_reason, self.num_prompt_tokens,
-                self.num_cached_tokens, self.new_logprobs, self.error)
+        if self.finish_reason is None and self.new_logprobs is None and self.num_generated_tokens > len(
+                self.new_token_ids):  # not its first report: the prompt and cache counts went with that one
+            return (self.request_id, self.new_token_ids, self.num_generated_tokens)
+        return (self.request_id, self.new_token_ids, self.num_generated_tokens, self.finish_reason, self.stop_reason,
+                self.num_prompt_tokens, self.num_cached_tokens, self.new_logprobs, self.error)
 
     @classmethod
     def unpack(cls, t: tuple) -> RequestOutput:
-        return cls(*t)
+        if len(t) == 3:
+            return cls(t[0], t[1], num_generated_tokens=t[2])
+        rid, ids, n, finish, stop, prompt, cached, lps, error = t
+        return cls(rid, ids, finish, stop, prompt, cached, lps, error, n)
 
     @staticmethod
     def merge(outs: list[RequestOutput]) -> RequestOutput:
@@ -54,8 +62,10 @@ class RequestOutput:
         lps = None
         if any(o.new_logprobs is not None for o in outs):
             lps = [lp for o in outs for lp in (o.new_logprobs or ())]
+        counts = next((o for o in outs if o.num_prompt_tokens), last)
         return RequestOutput(last.request_id, [t for o in outs for t in o.new_token_ids], last.finish_reason,
-                             last.stop_reason, last.num_prompt_tokens, last.num_cached_tokens, lps, last.error)
+                             last.stop_reason, counts.num_prompt_tokens, counts.num_cached_tokens, lps, last.error,
+                             last.num_generated_tokens)
 
 
 class IncrementalDetokenizer:
