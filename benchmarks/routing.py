@@ -125,7 +125,8 @@ def serve_run(args, path: str, routing: str, port: int, run_index: int) -> dict:
     app_args = dict(model=path, served_model_name="bench", num_replicas=args.replicas, routing=routing,
                     tensor_parallel_size=args.tensor_parallel_size, replica_num_cpus=0, max_model_len=8192,
                     num_kvcache_blocks=args.kv_blocks, block_size=args.block_size, max_num_seqs=64,
-                    max_num_batched_tokens=4096, max_ongoing_requests=128, max_queued_requests=-1, prefix_routing=json.loads(args.prefix_routing))
+                    max_num_batched_tokens=4096, max_ongoing_requests=128, max_queued_requests=-1,
+                    prefix_routing=json.loads(args.prefix_routing))
     t = time.perf_counter()
     serve.run(build_app(app_args), name=app, route_prefix="/", blocking=False)
     while serve.status().applications[app].status != "RUNNING":
