@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -19,6 +20,7 @@ from ray import serve
 from ray.serve import Application
 
 from deployments.ingress import OpenAIIngress
+from deployments.launch import API_KEY_ENV
 from deployments.llm_server import LLMServer
 from deployments.router import prefix_request_router_config
 from nanovllm_ray.config import Config
@@ -69,7 +71,10 @@ class LLMAppArgs(BaseModel):
     replica_num_cpus: float = Field(1.0, ge=0, description="CPUs of a replica's engine core when it runs the one rank")
     worker_num_cpus: float = Field(1.0, gt=0, description="CPUs of each rank's bundle when ranks are actors")
     # -- the service
-    api_key: str | None = Field(None, description="require 'Authorization: Bearer <key>' (or set NANOVLLM_API_KEY)")
+    api_key: str | None = Field(
+        None, description="require 'Authorization: Bearer <key>'; 'env:NAME' reads the key from the variable NAME "
+                          "where the app is built and refuses the deploy if it is unset; unset: NANOVLLM_API_KEY "
+                          "there, if set")
     num_replicas: int | Literal["auto"] = Field(1, description="LLMServer replicas (engines); 'auto' autoscales")
     autoscaling_config: dict[str, Any] | None = None
     routing: Literal["auto", "prefix_aware", "ray"] = Field(
@@ -127,7 +132,7 @@ def build_app(args: dict[str, Any] | LLMAppArgs | None = None) -> Application:
     engine_kwargs = args.config_kwargs()
     config = Config.from_kwargs(model, **engine_kwargs)  # a bad value fails here, before any replica starts
     name = args.served_model_name or os.path.basename(model.rstrip("/"))
-    api_key = args.api_key or os.environ.get("NANOVLLM_API_KEY") or None
+    api_key = resolve_api_key(args.api_key)
     tp = config.tensor_parallel_size
     use_ray = args.executor == "ray" or (args.executor == "auto" and tp > 1)
     use_gpu = _use_gpu(config.device)
@@ -168,6 +173,27 @@ def build_app(args: dict[str, Any] | LLMAppArgs | None = None) -> Application:
                         max_request_body_bytes=args.max_request_body_bytes,
                         max_prompts_per_request=args.max_prompts_per_request,
                         default_max_tokens=args.default_max_tokens)
+
+
+def resolve_api_key(value: str | None) -> str | None:
+    """The key the ingress enforces. Read here, in the process that builds the app: under `serve run` against a
+    running cluster that is a task on the cluster, which does not see the shell's environment (scripts/run.sh
+    and `python -m deployments.launch` fold the shell's NANOVLLM_API_KEY into the config for that reason)."""
+    if value is None:
+        return os.environ.get(API_KEY_ENV) or None
+    if value.startswith("env:"):
+        name = value.removeprefix("env:")
+        key = os.environ.get(name)
+        if not key:
+            raise ValueError(f"api_key={value!r}: the environment variable {name} is not set where the application "
+                             f"is built (host {socket.gethostname()}); refusing to serve without the key. On a running "
+                             "cluster Serve builds the app there, not in the shell that ran `serve run`: set it in the "
+                             "cluster's environment or the application's runtime_env.env_vars, or start with "
+                             "`python -m deployments.launch CONFIG` (scripts/run.sh), which passes the shell's key")
+        return key
+    if not value:
+        raise ValueError("api_key is empty; leave it out (null) to serve without a key")
+    return value
 
 
 def ingress_replicas(args: LLMAppArgs, use_gpu: bool) -> int:

@@ -139,6 +139,10 @@ class RowParser:
             raise ValueError("row has both 'prompt' and 'messages'; give one")
         if prompt is None and messages is None:
             raise ValueError("row has neither 'prompt' (text or token ids) nor 'messages'")
+        misplaced = sorted(set(row) & set(_SAMPLING_KEYS))
+        if misplaced:
+            raise ValueError(f'sampling parameters go under "sampling_params": {misplaced} are at the top level '
+                             "of the row")
         params = self.parse_params(row.get("sampling_params") or {})
         key = id_key(row_id)
         if messages is not None:

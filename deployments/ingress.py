@@ -50,6 +50,9 @@ from nanovllm_ray.serving.request_processor import Choice, RequestProcessor
 
 logger = logging.getLogger("ray.serve")
 
+HEALTH_ATTEMPTS = 2  # /health answers within HEALTH_ATTEMPTS x HEALTH_TIMEOUT_S (a Kubernetes probe's timeout)
+HEALTH_TIMEOUT_S = 1.0
+
 app = FastAPI(title="nanovllm-ray", description="OpenAI-compatible API of a nano-vllm-style Qwen3 engine")
 
 
@@ -216,8 +219,7 @@ def _chunk_head(run: _Run, model: str, obj: str) -> str:
 class OpenAIIngress:
     def __init__(self, llm: DeploymentHandle, model: str, served_model_name: str, engine_kwargs: dict[str, Any],
                  api_key: str | None = None, max_request_body_bytes: int = 2 * 1024 * 1024,
-                 max_prompts_per_request: int = 64, default_max_tokens: int | None = None,
-                 handle_by_reference: bool = False) -> None:
+                 max_prompts_per_request: int = 64, default_max_tokens: int | None = None) -> None:
         config = Config.from_kwargs(model, **engine_kwargs)
         self.model_name = served_model_name
         self.model_path = model
@@ -227,10 +229,10 @@ class OpenAIIngress:
                                           max_prompts_per_request, default_max_tokens)
         self.api_key = api_key
         self.max_body = max_request_body_bytes
-        # Stream items from the LLMServer over Serve's gRPC transport, not Ray object references: measured on the
-        # 2-core CPU machine, 17k against 3k items/s to 64 streams (benchmarks/serve_throughput.py's notes).
-        self.llm = llm.options(stream=True, _by_reference=handle_by_reference)
-        self.llm_unary = llm.options(_by_reference=handle_by_reference)
+        # Calls to the LLMServer over Serve's gRPC transport rather than Ray object references: on the 2-core CPU
+        # machine a stream hop carried 17k items/s to 64 streams that way, 3k the other (README, served path).
+        self.llm = llm.options(stream=True, _by_reference=False)
+        self.llm_unary = llm.options(_by_reference=False)
         # This replica's subscription at each engine core: the tokens of its requests, one message per step.
         self.subscriber = f"ingress-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self.routes: dict[str, tuple[_Run, int]] = {}  # engine request id -> (run, choice)
@@ -281,13 +283,22 @@ class OpenAIIngress:
 
     @app.get("/health")
     async def health(self) -> Response:
-        try:
-            await asyncio.wait_for(self.llm_unary.stats.remote(), timeout=10)
-        except BackPressureError:
-            pass  # alive, only busy
-        except Exception as e:  # the LLMServer is down or not answering
-            return JSONResponse(OpenAIError(f"engine unavailable: {e}", status=503).body(), status_code=503)
-        return Response(status_code=200)
+        """200 while an LLMServer replica has a live engine; 503 (OpenAI error body) when none answers that it
+        has. Each check goes to one replica, so a dead one is retried on another (a dead replica also leaves
+        within a second, and Serve routes around it)."""
+        error: BaseException | None = None
+        for _ in range(HEALTH_ATTEMPTS):
+            try:
+                await asyncio.wait_for(self.llm_unary.check_engine.remote(), timeout=HEALTH_TIMEOUT_S)
+                return Response(status_code=200)
+            except BackPressureError:
+                return Response(status_code=200)  # alive, only busy
+            except Exception as e:  # a dead engine, a replica gone or not answering
+                error = e
+        cause = getattr(error, "cause", None) or error
+        body = OpenAIError(f"engine unavailable: {type(cause).__name__}: {cause}", status=503,
+                           code="engine_unavailable").body()
+        return JSONResponse(body, status_code=503)
 
     @app.get("/v1/models")
     async def models(self, request: Request) -> ModelList:
@@ -340,10 +351,14 @@ class OpenAIIngress:
             data = json.loads(body)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise OpenAIError(f"request body is not valid JSON: {e}") from e
+        except RecursionError:
+            raise OpenAIError("request body is nested too deeply to parse") from None
         if not isinstance(data, dict):
             raise OpenAIError(f"request body must be a JSON object, not {type(data).__name__}")
         try:
             return model.model_validate(data)
+        except RecursionError:
+            raise OpenAIError("request body is nested too deeply to validate") from None
         except ValidationError as e:
             err = e.errors()[0]
             param = ".".join(str(x) for x in err["loc"]) or None

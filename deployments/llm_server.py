@@ -11,6 +11,7 @@ engine's stats and its KV-cache events for the prefix router. Detokenizing is th
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -32,6 +33,7 @@ from nanovllm_ray.sampling_params import SamplingParams
 logger = logging.getLogger("ray.serve")
 
 STATS_INTERVAL_S = 0.5  # engine gauges are recorded at most this often
+EXIT_AFTER_ENGINE_DEATH_S = 1.0  # time for the failed requests' errors to reach their clients
 
 
 @serve.deployment(max_ongoing_requests=256, max_queued_requests=512, health_check_period_s=10)
@@ -51,7 +53,7 @@ class LLMServer:
         self.replica_id = replica
         self.core = start_engine_core(config, executor, dispatch, worker_num_cpus, core_num_cpus, core_num_gpus)
         self.info = self.core.info
-        self.engine = AsyncEngine(self.core, on_report=self._on_report)
+        self.engine = AsyncEngine(self.core, on_report=self._on_report, on_dead=self._on_dead)
         self.metrics = EngineMetrics(served_model_name, replica)
         self.metrics.record_stats(self.engine.stats)
         self._last_stats = 0.0
@@ -128,6 +130,27 @@ class LLMServer:
         s = self.engine.stats
         return (s.num_running, s.num_waiting, s.num_free_blocks, self.info["num_blocks"], self.num_requests,
                 s.prefix_cache_queries, s.prefix_cache_hits)
+
+    def _on_dead(self, error: BaseException) -> None:
+        """The engine died (its core actor, the loop, a rank): every request here has failed with a 503 naming
+        the cause. Leave soon after, so that Serve starts a replacement at once; a failing health check would
+        take health_check_period_s times three."""
+        logger.error("LLMServer %s: %s; this replica exits in %.1f s to be replaced", self.replica_id, error,
+                     EXIT_AFTER_ENGINE_DEATH_S)
+        asyncio.get_running_loop().call_later(EXIT_AFTER_ENGINE_DEATH_S, self._exit)
+
+    def _exit(self) -> None:
+        import ray
+
+        try:
+            ray.kill(ray.get_runtime_context().current_actor, no_restart=True)
+        except Exception as e:  # outside a replica (tests that build the class directly)
+            logger.warning("cannot end this replica: %r", e)
+
+    async def check_engine(self) -> dict[str, Any]:
+        """For the ingress's /health: raises EngineDeadError if this replica's engine is dead."""
+        self.engine.check_health()
+        return {"replica": self.replica_id, "num_steps": self.engine.num_steps}
 
     async def check_health(self) -> None:
         self.engine.check_health()

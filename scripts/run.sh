@@ -8,4 +8,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup_env.sh
 export TOKENIZERS_PARALLELISM="${TOKENIZERS_PARALLELISM:-false}"
-exec .venv/bin/serve run "${1:-serve_config.yaml}" "${@:2}"
+# `serve run` through deployments.launch: a NANOVLLM_API_KEY exported here is enforced even on a running cluster.
+exec .venv/bin/python -m deployments.launch "${1:-serve_config.yaml}" "${@:2}"

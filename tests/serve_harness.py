@@ -3,12 +3,21 @@
 from __future__ import annotations
 
 import os
+import shutil
+import signal
 import socket
+import subprocess
+import sys
+import tempfile
 import time
+import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
+
+VENV_BIN = Path(sys.executable).parent
 
 
 def free_port() -> int:
@@ -81,3 +90,54 @@ def wait_for(predicate, timeout_s: float, interval_s: float = 0.2, what: str = "
             return last
         time.sleep(interval_s)
     raise AssertionError(f"timed out after {timeout_s} s waiting for {what} (last: {last!r})")
+
+
+@dataclass
+class Head:
+    gcs_address: str  # for a driver started by hand (RAY_ADDRESS)
+    dashboard_url: str  # for `ray job submit`
+    env: dict[str, str]
+
+
+@contextmanager
+def ray_head(num_cpus: int = 2) -> Iterator[Head]:
+    """`ray start --head --block` with the dashboard, in a temp dir of its own (so that `ray.init()` elsewhere on
+    this machine never finds it) and its own process group: teardown stops exactly what it started (no `ray stop`,
+    which would stop every Ray instance on the machine). Its processes never see this process's later environment:
+    a running cluster, as users have one."""
+    temp_dir = tempfile.mkdtemp(prefix="rbj", dir="/tmp")  # short: Ray's socket paths must fit in 107 bytes
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PATH": f"{VENV_BIN}:{os.environ.get('PATH', '')}",
+           "TOKENIZERS_PARALLELISM": "false", "RAY_USAGE_STATS_ENABLED": "0"}
+    ports = {flag: free_port() for flag in ("--port", "--dashboard-port", "--ray-client-server-port",
+                                            "--dashboard-agent-listen-port", "--dashboard-agent-grpc-port",
+                                            "--runtime-env-agent-port", "--metrics-export-port")}
+    cmd = [str(VENV_BIN / "ray"), "start", "--head", "--block", "--num-cpus", str(num_cpus), "--num-gpus", "0",
+           "--include-dashboard", "true", "--dashboard-host", "127.0.0.1", "--temp-dir", temp_dir,
+           *[x for flag, port in ports.items() for x in (flag, str(port))]]
+    log = open(Path(temp_dir) / "head.log", "w")
+    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{ports['--dashboard-port']}"
+    try:
+        wait_for(lambda: proc.poll() is not None or _http_ok(f"{url}/api/version"), 90, 0.5, "the Ray dashboard")
+        assert proc.poll() is None, (Path(temp_dir) / "head.log").read_text()[-3000:]
+        yield Head(f"127.0.0.1:{ports['--port']}", url, env)
+    finally:
+        proc.send_signal(signal.SIGINT)  # `ray start --block` stops its Ray processes on the way out ...
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            pass
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # ... and whatever is left of its process group goes
+        except ProcessLookupError:
+            pass
+        log.close()
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def _http_ok(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as r:
+            return r.status == 200
+    except OSError:
+        return False

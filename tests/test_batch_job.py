@@ -6,24 +6,19 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
-import urllib.request
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from serve_harness import free_port, wait_for
+from serve_harness import VENV_BIN, ray_head, wait_for
 
 from deployments.batch_job import INVALID, ResultWriter, RowParser, Task, build_parser, engine_kwargs, id_key
 from nanovllm_ray import LLM, SamplingParams
 from nanovllm_ray.config import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
-VENV_BIN = Path(sys.executable).parent
 ENGINE = dict(max_model_len=256, max_num_seqs=16, kv_cache_memory_gb=0.05)
 ENGINE_FLAGS = ["--max-model-len", "256", "--max-num-seqs", "16", "--kv-cache-memory-gb", "0.05"]
 DEFAULTS = {"temperature": 0.0, "max_tokens": 8}  # what --temperature 0 --max-tokens 8 give every row
@@ -46,6 +41,10 @@ DEFAULTS = {"temperature": 0.0, "max_tokens": 8}  # what --temperature 0 --max-t
     ({"id": 1, "prompt": "a", "sampling_params": [1]}, "sampling_params must be an object"),
     ({"id": 1, "messages": []}, "messages must be a non-empty list"),
     ({"id": 1, "messages": [{"role": "god", "content": "x"}]}, "messages.0.role"),
+    ({"id": 1, "prompt": "a", "sampling_params": {"top_k": 10**20}}, "top_k=100000000000000000000 must be"),
+    ({"id": 1, "prompt": "a", "sampling_params": {"seed": 2**70}}, "seed=1180591620717411303424 must be"),
+    ({"id": 1, "prompt": "a", "temperature": 0.5, "max_tokens": 3},
+     'sampling parameters go under "sampling_params": [\'max_tokens\', \'temperature\']'),
 ])
 def test_bad_rows_get_an_error_row(row, message):
     out = RowParser(DEFAULTS).parse(json.dumps(row), 3)
@@ -97,54 +96,10 @@ def test_flags():
 # ---- on a Ray head, through `ray job submit` -------------------------------------------------------------------
 
 
-@dataclass
-class Head:
-    gcs_address: str  # for a driver started by hand (RAY_ADDRESS)
-    dashboard_url: str  # for `ray job submit`
-    env: dict[str, str]
-
-
 @pytest.fixture(scope="module")
 def head():
-    """`ray start --head --block` with the dashboard, in a temp dir of its own (so that `ray.init()` elsewhere on
-    this machine never finds it) and its own process group: teardown stops exactly what it started (no `ray stop`,
-    which would stop every Ray instance on the machine)."""
-    temp_dir = tempfile.mkdtemp(prefix="rbj", dir="/tmp")  # short: Ray's socket paths must fit in 107 bytes
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PATH": f"{VENV_BIN}:{os.environ.get('PATH', '')}",
-           "TOKENIZERS_PARALLELISM": "false", "RAY_USAGE_STATS_ENABLED": "0"}
-    ports = {flag: free_port() for flag in ("--port", "--dashboard-port", "--ray-client-server-port",
-                                            "--dashboard-agent-listen-port", "--dashboard-agent-grpc-port",
-                                            "--runtime-env-agent-port", "--metrics-export-port")}
-    cmd = [str(VENV_BIN / "ray"), "start", "--head", "--block", "--num-cpus", "2", "--num-gpus", "0",
-           "--include-dashboard", "true", "--dashboard-host", "127.0.0.1", "--temp-dir", temp_dir,
-           *[x for flag, port in ports.items() for x in (flag, str(port))]]
-    log = open(Path(temp_dir) / "head.log", "w")
-    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{ports['--dashboard-port']}"
-    try:
-        wait_for(lambda: proc.poll() is not None or _http_ok(f"{url}/api/version"), 90, 0.5, "the Ray dashboard")
-        assert proc.poll() is None, (Path(temp_dir) / "head.log").read_text()[-3000:]
-        yield Head(f"127.0.0.1:{ports['--port']}", url, env)
-    finally:
-        proc.send_signal(signal.SIGINT)  # `ray start --block` stops its Ray processes on the way out ...
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            pass
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)  # ... and whatever is left of its process group goes
-        except ProcessLookupError:
-            pass
-        log.close()
-        shutil.rmtree(temp_dir, ignore_errors=True)
-
-
-def _http_ok(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=2) as r:
-            return r.status == 200
-    except OSError:
-        return False
+    with ray_head() as h:
+        yield h
 
 
 @pytest.fixture(scope="module")
@@ -179,6 +134,9 @@ def _job_rows() -> tuple[list[dict], list[dict | str]]:
         {"id": "no-tokens", "prompt": "x", "sampling_params": {"max_tokens": 0}},
         {"id": "vocab", "prompt": [5, 10**7]},
         {"id": "no-messages", "messages": []},
+        {"id": "surrogate", "prompt": "ab\ud800cd"},  # valid JSON that no tokenizer takes
+        {"id": "huge-top-k", "prompt": "x", "sampling_params": {"top_k": 10**20}},  # past int64
+        {"id": "top-level", "prompt": "x", "max_tokens": 4},  # a sampling key outside sampling_params
         "this line is not JSON",
     ]
     return good, bad
@@ -238,24 +196,26 @@ def test_ray_job_submit_matches_offline_engine(head, tiny_model, offline, tmp_pa
     log = proc.stdout + proc.stderr
     print(log[-6000:])  # shown by pytest -s or on failure
     assert proc.returncode == 0, log[-5000:]
-    assert "progress: " in log and "summary: rows 62 written this run (54 ok, 8 invalid)" in log, log[-5000:]
+    assert "progress: " in log and "summary: rows 65 written this run (54 ok, 11 invalid)" in log, log[-5000:]
 
     rows = _read_output(out)
     assert sorted(id_key(r["id"]) for r in rows) == sorted(
-        [id_key(r["id"]) for r in good + bad if isinstance(r, dict)] + [id_key("line-62")])
+        [id_key(r["id"]) for r in good + bad if isinstance(r, dict)] + [id_key("line-65")])
     errors = {r["id"]: r["error"] for r in rows if "error" in r}
     assert all(e["type"] == INVALID for e in errors.values())
     expected = {"no-prompt": "neither 'prompt'", "too-long": "prompt has 300 tokens; max_model_len is 256",
                 "cold": "temperature=-1.0 must be >= 0", "unknown-key": "unknown sampling parameters ['beam_width']",
                 "no-tokens": "max_tokens=0 must be >= 1", "vocab": "token id 10000000 is outside the vocabulary",
-                "no-messages": "messages must be a non-empty list", "line-62": "line 62 is not valid JSON"}
+                "no-messages": "messages must be a non-empty list", "line-65": "line 65 is not valid JSON",
+                "surrogate": "prompt cannot be tokenized", "huge-top-k": "top_k=100000000000000000000 must be",
+                "top-level": "sampling parameters go under \"sampling_params\": ['max_tokens']"}
     assert set(errors) == set(expected)
     for rid, fragment in expected.items():
         assert fragment in errors[rid]["message"], errors[rid]
     _check_against([r for r in rows if "error" not in r], _reference(offline, good))
 
     s = json.loads(summary.read_text())
-    assert (s["rows_total"], s["rows_ok"], s["rows_invalid"], s["rows_failed"], s["rows_not_run"]) == (62, 54, 8, 0, 0)
+    assert (s["rows_total"], s["rows_ok"], s["rows_invalid"], s["rows_failed"], s["rows_not_run"]) == (65, 54, 11, 0, 0)
     assert s["completion_tokens"] == sum(r["usage"]["completion_tokens"] for r in rows if "error" not in r)
     assert s["completion_tokens_per_s"] > 0 and s["replicas"] == 2
 

@@ -143,6 +143,12 @@ def test_rayservice_import_path_and_args_match_the_app():
     for g in groups:
         assert _mounted(g["template"]["spec"], args.model)
     assert 8000 in [p["containerPort"] for p in _container(head)["ports"]]
+    # readiness (and the workers' liveness) follow the app's /health, which tells whether an engine is alive
+    for pod in [head] + [g["template"]["spec"] for g in groups]:
+        probe = _container(pod)["readinessProbe"]["httpGet"]
+        assert (probe["path"], probe["port"]) == ("/health", 8000)
+    for g in groups:
+        assert _container(g["template"]["spec"])["livenessProbe"]["httpGet"]["path"] == "/health"
 
 
 # ---- the RayJob (the batch job) --------------------------------------------------------------------------------

@@ -121,3 +121,44 @@ def test_incremental_api_and_abort(llm):
     assert finished["b"].finish_reason == "length"
     assert len(seen["b"]) == 20 and finished["b"].num_prompt_tokens == 2
     assert_no_leak(engine)
+
+
+def test_a_step_that_fails_for_one_request_ends_only_that_request(llm):
+    """Values are range-checked when a request is added; if one still fails its step (here: changed after the
+    checks), that request ends with an error output and the others run on, with no block leaked."""
+    engine = llm.engine
+    sp = SamplingParams(temperature=0.7, max_tokens=6, ignore_eos=True)
+    engine.add_request("good", [1, 2, 3, 4], sp)
+    engine.add_request("poison", [5, 6, 7], SamplingParams(temperature=0.7, max_tokens=6, ignore_eos=True))
+    engine.get_sequence("poison").sampling_params.temperature = "hot"  # no float tensor takes it
+    outs: dict[str, list] = {"good": [], "poison": []}
+    while engine.has_unfinished_requests():
+        for o in engine.step():
+            outs[o.request_id].append(o)
+    assert outs["poison"][-1].finish_reason == "error" and "could not run this request" in outs["poison"][-1].error
+    assert sum(len(o.new_token_ids) for o in outs["good"]) == 6 and outs["good"][-1].finish_reason == "length"
+    assert engine.num_failed_requests == 1
+    assert_no_leak(engine)
+    # the engine serves the next request as usual
+    assert llm.generate([[1, 2, 3]], SamplingParams(max_tokens=3), use_tqdm=False)[0].num_generated_tokens == 3
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"top_k": 10**20}, "top_k=100000000000000000000 must be -1 \\(off\\), 0 \\(off\\) or >= 1, and at most"),
+    ({"seed": 2**64}, "seed=18446744073709551616 must be in"),
+    ({"temperature": float("nan")}, "temperature=nan must be a finite number"),
+    ({"top_p": float("inf")}, "top_p=inf must be a finite number"),
+    ({"max_tokens": 2.5}, "max_tokens=2.5 must be an integer"),
+    ({"stop_token_ids": [-3]}, "stop_token_ids: -3 is not a token id"),
+])
+def test_values_bound_for_tensors_are_range_checked(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        SamplingParams(**kwargs)
+
+
+def test_engine_refuses_what_the_model_cannot_take(llm):
+    with pytest.raises(RequestError, match="stop_token_ids: 999999999 is outside the vocabulary"):
+        llm.engine.add_request("x", [1, 2], SamplingParams(stop_token_ids=[999999999]))
+    with pytest.raises(RequestError, match="prompt cannot be tokenized: TypeError"):
+        llm.engine.add_request("y", "ab\ud800cd", SamplingParams())
+    assert_no_leak(llm.engine)

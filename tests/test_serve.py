@@ -150,19 +150,39 @@ def test_stop_string(client, offline):
     assert r.choices[0].text == full[:full.index(stop)]
 
 
-def test_32_concurrent_requests_match_offline(client, offline):
-    prompts = [_words(100 + i, 5 + 3 * i) for i in range(32)]
-    refs = [o.text for o in offline.generate(prompts, _greedy(16), use_tqdm=False)]
+def test_64_concurrent_streams_match_offline_and_the_unstreamed_text(client, offline):
+    """64 streams at once (every engine step then carries many requests' tokens to the ingress in one message):
+    each gets LLM.generate's greedy token ids and text; with stop strings too, and the chunks of each stream
+    concatenate to exactly what the same request answers unstreamed."""
+    n = 64
+    prompts = [_words(100 + i, 5 + i % 23) for i in range(n)]
+    lengths = [8 + (7 * i) % 33 for i in range(n)]
+    refs = offline.generate(prompts, [_greedy(m) for m in lengths], use_tqdm=False)
+    stops = [[ref.text[4:7]] if i % 4 == 0 and ref.text[4:7].strip() else None for i, ref in enumerate(refs)]
 
-    def one(i: int) -> str:
-        kw = dict(model=MODEL, prompt=prompts[i], max_tokens=16, temperature=0, extra_body={"ignore_eos": True})
-        if i % 2:
-            return "".join(c.choices[0].text for c in client.completions.create(stream=True, **kw) if c.choices)
-        return client.completions.create(**kw).choices[0].text
+    def kw(i: int) -> dict:
+        return dict(model=MODEL, prompt=prompts[i], max_tokens=lengths[i], temperature=0, stop=stops[i],
+                    extra_body={"ignore_eos": True, "return_token_ids": True})
 
-    with ThreadPoolExecutor(32) as pool:
-        texts = list(pool.map(one, range(32)))
-    assert texts == refs
+    def streamed(i: int) -> tuple[str, list[int], str]:
+        text, ids, reason = "", [], None
+        for c in client.completions.create(stream=True, **kw(i)):
+            if c.choices:
+                text += c.choices[0].text
+                ids += c.choices[0].model_extra.get("token_ids") or []
+                reason = c.choices[0].finish_reason or reason
+        return text, ids, reason
+
+    with ThreadPoolExecutor(n) as pool:
+        streams = list(pool.map(streamed, range(n)))
+        whole = list(pool.map(lambda i: client.completions.create(**kw(i)).choices[0], range(n)))
+    for i, ((text, ids, reason), ref, full) in enumerate(zip(streams, refs, whole)):
+        assert text == full.text, i
+        if stops[i] is None:
+            assert ids == ref.token_ids and text == ref.text and reason == "length", i
+        else:  # cut before the stop string; the tokens end with the one that completed it
+            assert text == ref.text[:ref.text.index(stops[i][0])] and reason == "stop", i
+            assert ids == ref.token_ids[:len(ids)] and 0 < len(ids) <= len(ref.token_ids), i
 
 
 def test_api_key_is_enforced(service):

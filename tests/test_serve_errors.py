@@ -14,7 +14,7 @@ from serve_harness import serve_cluster
 MODEL = "tiny"
 MAX_MODEL_LEN = 256
 BASE = dict(model=None, served_model_name=MODEL, replica_num_cpus=0, max_model_len=MAX_MODEL_LEN,
-            max_num_batched_tokens=512, max_request_body_bytes=4096, max_prompts_per_request=4)
+            max_num_batched_tokens=512, max_request_body_bytes=256 * 1024, max_prompts_per_request=4)
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
@@ -72,7 +72,25 @@ CASES = [
     ("n 0", "completions", {"prompt": "a", "n": 0}, 400, "n"),
     ("logprobs over 20", "completions", {"prompt": "a", "logprobs": 21}, 400, "logprobs"),
     ("empty stop string", "completions", {"prompt": "a", "stop": [""]}, 400, None),
-    ("body over the limit", "completions", {"prompt": "x" * 5000}, 413, None),
+    ("body over the limit", "completions", {"prompt": "x" * 300_000}, 413, None),
+    # values bound for a tensor, and input no tokenizer or parser takes: 400, and the engine goes on
+    ("top_k past int64", "completions", {"prompt": "x", "top_k": 10**20}, 400, "top_k"),
+    ("top_k past int32", "completions", {"prompt": "x", "top_k": 2**31}, 400, "top_k"),
+    ("seed past int64", "completions", {"prompt": "x", "seed": 2**70}, 400, "seed"),
+    ("stop token outside the vocabulary", "completions", {"prompt": "x", "stop_token_ids": [10**20]}, 400,
+     "stop_token_ids"),
+    ("temperature NaN", "completions", b'{"prompt": "x", "temperature": NaN}', 400, "temperature"),
+    ("temperature Infinity", "completions", b'{"prompt": "x", "temperature": Infinity}', 400, "temperature"),
+    ("top_p NaN", "completions", b'{"prompt": "x", "top_p": NaN}', 400, "top_p"),
+    ("min_p -Infinity", "completions", b'{"prompt": "x", "min_p": -Infinity}', 400, "min_p"),
+    ("lone surrogate in the prompt", "completions", b'{"prompt": "ab\\ud800cd"}', 400, "prompt"),
+    ("lone surrogate in a batch", "completions", b'{"prompt": ["ok", "ab\\udfffcd"]}', 400, "prompt"),
+    ("JSON nested 2,000 deep", "completions", b'{"prompt": ' + b"[" * 2000 + b"]" * 2000 + b"}", 400, None),
+    ("JSON nested 100,000 deep", "completions", b'{"prompt": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", 400, None),
+    ("chat: lone surrogate", "chat/completions", b'{"messages": [{"role": "user", "content": "hi \\ud800"}]}', 400,
+     "messages"),
+    ("chat: temperature NaN", "chat/completions",
+     b'{"messages": [{"role": "user", "content": "hi"}], "temperature": NaN}', 400, "temperature"),
     ("chat: no messages", "chat/completions", {"messages": []}, 400, "messages"),
     ("chat: bad role", "chat/completions", {"messages": [{"role": "wizard", "content": "hi"}]}, 400, None),
     ("chat: max_tokens 0", "chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 0},

@@ -4,12 +4,13 @@ that names the parameter, the value and the limit."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 
 from nanovllm_ray.sampling_params import SamplingParams
 from nanovllm_ray.serving.openai_protocol import ChatCompletionRequest, CompletionRequest, OpenAIError
 
 MAX_LOGPROBS = 20
+SAMPLING_FIELDS = {f.name for f in fields(SamplingParams)}
 
 
 @dataclass(slots=True)
@@ -88,8 +89,16 @@ class RequestProcessor:
     def tokenize(self, text: str, param: str = "prompt") -> list[int]:
         if not text:
             raise OpenAIError("prompt is empty", param=param)
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:  # JSON allows "\ud800" alone; no tokenizer can take it
+            raise OpenAIError(f"{param} is not valid Unicode: {e.reason} at character {e.start} "
+                              f"({text[e.start:e.end]!a})", param=param) from None
         # As the offline engine does: the chat template or the caller places any special tokens.
-        return self.tokenizer.encode(text, add_special_tokens=False)
+        try:
+            return self.tokenizer.encode(text, add_special_tokens=False)
+        except Exception as e:  # whatever else the tokenizer refuses: this request's fault, not the server's
+            raise OpenAIError(f"{param} cannot be tokenized: {type(e).__name__}: {e}", param=param) from e
 
     def token_text(self, token_id: int) -> str:
         return self.tokenizer.decode([token_id])
@@ -157,12 +166,17 @@ class RequestProcessor:
         if req.top_k < -1:
             raise OpenAIError(f"top_k={req.top_k} must be -1 (off), 0 (off) or >= 1", param="top_k")
         stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+        bad = next((t for t in req.stop_token_ids or () if not 0 <= t < self.vocab_size), None)
+        if bad is not None:
+            raise OpenAIError(f"stop_token_ids: {bad} is outside the vocabulary [0, {self.vocab_size})",
+                              param="stop_token_ids")
         try:
             return SamplingParams(temperature=req.temperature, top_p=req.top_p, top_k=req.top_k, min_p=req.min_p,
                                   max_tokens=max_tokens, ignore_eos=req.ignore_eos, stop=stop,
                                   stop_token_ids=list(req.stop_token_ids or []), seed=req.seed, logprobs=logprobs)
-        except ValueError as e:
-            raise OpenAIError(str(e)) from e
+        except ValueError as e:  # SamplingParams names the field first: "top_k=... must be ..."
+            name = str(e).split("=")[0].split(":")[0]
+            raise OpenAIError(str(e), param=name if name in SAMPLING_FIELDS else None) from e
 
     @staticmethod
     def _fan_out(prompt_index: int, n: int, ids: list[int], params: SamplingParams) -> list[Choice]:
