@@ -10,12 +10,15 @@ Workload (benchmarks/throughput.py's, nano-vllm's): 256 prompts of 100-1024 rand
 temperature 0.6, ignore_eos. At concurrency c below the workload's size, the first max(2c, 8) requests run.
 
 Offline: a subprocess drives LLMEngine.step() in a closed loop of c requests (at c = all, exactly LLM.generate:
-every request added at once), with the app's engine settings; it reports tok/s, TTFT, the gap between a request's
-tokens, and the engine's decode step at that batch. Served: `serve run` of a YAML like serve_config.yaml, written
-for the run (the same code path), then the same requests as streaming /v1/completions from several client
-processes (so that the client is not the bottleneck). Per request: TTFT (send to first token), the gap between
-chunks, and the gap per token (a chunk of k tokens g after the previous one: g/k for each of its k tokens).
-Requests per replica come from each LLMServer replica's counters.
+every request added at once), with the app's engine settings; it reports tok/s, TTFT, TPOT, the gap between a
+request's tokens, and the engine's decode step at that batch. Served: `serve run` of a YAML like serve_config.yaml,
+written for the run (the same code path), then the same requests as streaming /v1/completions from several client
+processes (benchmarks/http_client.py; all started before any sends, so that neither their start-up nor their CPU is
+measured). Per request: TTFT (send to first token), TPOT ((last chunk - first chunk) / (tokens - 1)), the gap
+between chunks, and the gap per token (a chunk of k tokens g after the previous one: g/k for each of its k tokens;
+its p50 is near 0 when chunks arrive in bursts, so read TPOT beside it). Requests per replica come from each
+LLMServer replica's counters; each replica's engine timeline (steps with prefill, decode steps, time outside any
+step) from its engine core; at concurrency 1, TTFT is split into admission, engine and delivery.
 
 --py-spy S samples the Serve processes (proxy, ingress, LLMServer, engine core) for S seconds during the largest
 streaming run and writes each one's costliest functions to results/ (py-spy must be on PATH).
@@ -513,9 +516,9 @@ def main() -> None:
             f"({sum(max_tokens)} output tokens)")
     print(f"\n{what}; service up in {startup_s:.1f} s")
     print_table([{k: v for k, v in r.items() if k in (
-        "variant", "concurrency", "served_tok_s", "offline_tok_s", "ratio", "ttft_p50_ms", "ttft_p99_ms", "gap_p50_ms",
-        "gap_p99_ms", "chunk_gap_p50_ms", "tokens_per_chunk", "engine_ttft_p50_ms", "engine_gap_p50_ms",
-        "engine_step_ms", "requests_per_replica")} for r in rows])
+        "variant", "concurrency", "served_tok_s", "offline_tok_s", "ratio", "ttft_p50_ms", "ttft_p99_ms", "tpot_p50_ms",
+        "gap_p50_ms", "gap_p99_ms", "chunk_gap_p50_ms", "tokens_per_chunk", "engine_ttft_p50_ms",
+        "engine_tpot_p50_ms", "engine_gap_p50_ms", "engine_step_ms", "requests_per_replica")} for r in rows])
     for r in rows:
         r["title"] = what
     data = {"benchmark": "serve_throughput", "device": device_name(), "model": path, "config": vars(args),

@@ -4,15 +4,17 @@ parallel), each replica with its own tensor-parallel group.
     ray job submit --working-dir . -- python -m deployments.batch_job \\
         --model /models/Qwen3-8B --input /data/in.jsonl --output /data/out.jsonl --replicas 4 --tensor-parallel-size 2
 
-Input row (one JSON object a line; other keys are ignored):
+Input row (one JSON object a line; a sampling key outside sampling_params gets an error row; other keys are
+ignored; the README's "Batch jobs: the row format" has the whole of it):
     {"id": "q1", "prompt": "text" or [token ids]          -- or "messages": [{"role": "user", "content": "..."}]
      "sampling_params": {"temperature": 0, "max_tokens": 64, ...},   (SamplingParams' names; CLI flags give defaults)
      "chat_template_kwargs": {"enable_thinking": false}}              (optional, with messages)
 Output row, in the order rows finish:
     {"id": "q1", "text": "...", "token_ids": [...], "finish_reason": "stop" | "length",
      "usage": {"prompt_tokens", "completion_tokens", "total_tokens", "prompt_tokens_details": {"cached_tokens"}}}
-or, for a row that cannot run (no prompt, prompt too long, bad parameters):
+or, for a row that cannot run (no prompt, prompt too long or not tokenizable, bad parameters):
     {"id": "q1", "error": {"message": "...", "type": "invalid_request"}}
+and "type": "engine_error" for a row the engine took but could not run (the job goes on).
 
 A row without an id is named by its line number ("line-7"). A rerun skips every id already in the output, so a
 crashed or stopped job is resumed by running the same command again.

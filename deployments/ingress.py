@@ -50,6 +50,7 @@ from nanovllm_ray.serving.request_processor import Choice, RequestProcessor
 
 logger = logging.getLogger("ray.serve")
 
+START_ATTEMPTS = 2  # a choice whose replica dies before its response starts is sent once more
 HEALTH_ATTEMPTS = 2  # /health answers within HEALTH_ATTEMPTS x HEALTH_TIMEOUT_S (a Kubernetes probe's timeout)
 HEALTH_TIMEOUT_S = 1.0
 
@@ -69,7 +70,8 @@ class _Run:
     A choice's tokens come from the engine core through the ingress's reader for that core (a subscription:
     one message per engine step for all of this ingress's requests there); its LLMServer call streams only
     where to read and any error, and stays open while the request runs. Cancelling the call (a client gone
-    away, a stop string found here) aborts the request on the engine."""
+    away, a stop string found here) aborts the request on the engine. A choice whose replica or engine dies
+    before the response has started is sent again (Serve routes it to a live replica): the client never knew."""
 
     def __init__(self, ingress: "OpenAIIngress", request_id: str, choices: list[Choice], tokenizer) -> None:
         self.request_id = request_id
@@ -78,27 +80,43 @@ class _Run:
         self.states = [RequestState(f"{request_id}-{c.index}", c.params, tokenizer, len(c.prompt_token_ids))
                        for c in choices]
         self.cores: list[str | None] = [None] * len(choices)  # the engine core each choice runs on
+        self._rids = [s.request_id for s in self.states]  # each choice's engine request id (a new one per attempt)
+        self._attempts = [0] * len(choices)
         self._ingress = ingress
-        self._queue: asyncio.Queue = asyncio.Queue()
-        self._tasks: list[asyncio.Task] = []
-        self._gens: list = []
+        self._queue: asyncio.Queue = asyncio.Queue()  # (choice, engine request id, output or error)
+        self._tasks: list[asyncio.Task | None] = [None] * len(choices)
+        self._gens: list = [None] * len(choices)
         self._pending: list[tuple[int, Any]] = []  # what arrived before the response started
         self._live = set(range(len(choices)))
+
+    def _send(self, i: int) -> None:
+        ingress, c, rid = self._ingress, self.choices[i], self._rids[i]
+        ingress.routes[rid] = (self, i)
+        gen = ingress.llm.generate.remote(c.prompt_token_ids, c.params, rid, ingress.subscriber)
+        self._gens[i] = gen
+        self._tasks[i] = asyncio.create_task(self._pump(i, rid, gen))
 
     async def start(self) -> None:
         """Send every choice, and wait until each has its first output: a refusal becomes an error response
         before any byte of a stream is sent."""
-        ingress = self._ingress
-        for i, (c, state) in enumerate(zip(self.choices, self.states)):
-            ingress.routes[state.request_id] = (self, i)
-            gen = ingress.llm.generate.remote(c.prompt_token_ids, c.params, state.request_id, ingress.subscriber)
-            self._gens.append(gen)
-            self._tasks.append(asyncio.create_task(self._pump(i, gen)))
+        for i in range(len(self.choices)):
+            self._send(i)
         started: set[int] = set()
         try:
             while len(started) < len(self.states):
-                i, item = await self._queue.get()
+                i, rid, item = await self._queue.get()
+                if rid != self._rids[i]:
+                    continue  # from an attempt given up
                 if isinstance(item, BaseException):
+                    if _replica_lost(item) and self._attempts[i] < START_ATTEMPTS - 1:
+                        logger.warning("request %s: %s; sending it again", rid, type(item).__name__)
+                        self._cancel(i)
+                        self._ingress.routes.pop(rid, None)
+                        self._attempts[i] += 1
+                        self._rids[i] = f"{self.states[i].request_id}-r{self._attempts[i]}"
+                        self.cores[i] = None
+                        self._send(i)
+                        continue
                     raise _as_openai_error(item)
                 started.add(i)
                 self._pending.append((i, item))
@@ -106,7 +124,7 @@ class _Run:
             self.close()
             raise
 
-    async def _pump(self, i: int, gen) -> None:
+    async def _pump(self, i: int, rid: str, gen) -> None:
         """The choice's LLMServer call: where its tokens are (a CoreRef), or an error."""
         try:
             async for item in gen:
@@ -114,14 +132,14 @@ class _Run:
                     self.cores[i] = item.core_id
                     self._ingress.ensure_reader(item)
                 else:  # an LLMServer that streams the outputs itself
-                    self._queue.put_nowait((i, item))
+                    self._queue.put_nowait((i, rid, item))
         except asyncio.CancelledError:
             raise
         except BaseException as e:  # handed to the reader, which raises it as an OpenAI error
-            self._queue.put_nowait((i, e))
+            self._queue.put_nowait((i, rid, e))
 
-    def deliver(self, i: int, item: RequestOutput | BaseException) -> None:
-        self._queue.put_nowait((i, item))
+    def deliver(self, i: int, rid: str, item: RequestOutput | BaseException) -> None:
+        self._queue.put_nowait((i, rid, item))
 
     async def events(self) -> AsyncIterator[tuple[int, Delta]]:
         """(choice, what it added) as the engine produces it."""
@@ -130,7 +148,9 @@ class _Run:
                 if self._pending:
                     i, item = self._pending.pop(0)
                 else:
-                    i, item = await self._queue.get()
+                    i, rid, item = await self._queue.get()
+                    if rid != self._rids[i]:
+                        continue
                 if i not in self._live:
                     continue  # after a stop string: dropped
                 if isinstance(item, BaseException):
@@ -152,17 +172,23 @@ class _Run:
             pass
 
     def _cancel(self, i: int) -> None:
-        if not self._tasks[i].done():
-            self._tasks[i].cancel()
+        task = self._tasks[i]
+        if task is not None and not task.done():
+            task.cancel()
             self._gens[i].cancel()
 
     def close(self) -> None:
         """Stop the calls of choices still running (a client gone away: the LLMServer aborts them); those that
         finished end by themselves."""
         for i, state in enumerate(self.states):
-            self._ingress.routes.pop(state.request_id, None)
+            self._ingress.routes.pop(self._rids[i], None)
             if i in self._live or not state.finished or state.stopped_by_string:
                 self._cancel(i)
+
+
+def _replica_lost(e: BaseException) -> bool:
+    """The LLMServer replica or its engine died (not this request's fault): worth sending again elsewhere."""
+    return any(isinstance(err, (EngineDeadError, RayActorError)) for err in (e, getattr(e, "cause", None)))
 
 
 def _as_openai_error(e: BaseException) -> OpenAIError:
@@ -269,14 +295,14 @@ class OpenAIIngress:
             for rid, packed in by_request.items():
                 route = self.routes.get(rid)
                 if route is not None:
-                    route[0].deliver(route[1], RequestOutput.merge([RequestOutput.unpack(t) for t in packed]))
+                    route[0].deliver(route[1], rid, RequestOutput.merge([RequestOutput.unpack(t) for t in packed]))
 
     def _fail_core(self, core_id: str, error: BaseException) -> None:
         dead = error if isinstance(error, EngineDeadError) else EngineDeadError(
             f"the engine core is gone: {type(error).__name__}: {error}")
-        for run, i in list(self.routes.values()):
+        for rid, (run, i) in list(self.routes.items()):
             if run.cores[i] == core_id:
-                run.deliver(i, dead)
+                run.deliver(i, rid, dead)
         self._readers.pop(core_id, None)
 
     # ---- endpoints -----------------------------------------------------------------------------------------

@@ -90,8 +90,11 @@ class PrefixRouterActor:
 
 def get_router_actor(app_name: str, replica_timeout_s: float = 30.0):
     """The application's router actor, created by whoever asks first (a replica or a request router)."""
+    # "DEFAULT": outside the caller's placement group. A replica's actors inherit its group, and the group goes
+    # with the replica: the router actor would die with the first replica to be replaced.
     return PrefixRouterActor.options(name=router_actor_name(app_name), namespace=ROUTER_NAMESPACE,
-                                     lifetime="detached", get_if_exists=True).remote(replica_timeout_s)
+                                     lifetime="detached", get_if_exists=True,
+                                     scheduling_strategy="DEFAULT").remote(replica_timeout_s)
 
 
 def prefix_request_router_config(block_size: int, routing_kwargs: dict[str, Any]) -> RequestRouterConfig:

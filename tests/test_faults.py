@@ -274,10 +274,12 @@ def test_router_actor_killed(cluster):
     ray.kill(actor)
     statuses = [_post(url, "/two/v1/completions", {"prompt": f"routed {i}", "max_tokens": 2}) for i in range(6)]
     assert all(s == 200 for s, _, _ in statuses), statuses
-    assert max(t for _, _, t in statuses) < BOUND_S
-    RESULTS.append({"case": "prefix router actor killed", "client_sees": "200 (routing goes on from the local index "
-                    "copy; the actor restarts empty and refills)", "within_bound": True, "lost": 0,
-                    "serving_again_s": round(time.monotonic() - killed, 1)})
+    slowest = max(t for _, _, t in statuses)
+    assert slowest < BOUND_S
+    assert time.monotonic() - killed < BOUND_S * 6
+    RESULTS.append({"case": "prefix router actor killed", "client_sees": f"6 requests right after: 200, the slowest "
+                    f"in {slowest:.2f} s (routing goes on from the ingress's copy of the index; the actor restarts "
+                    "empty and refills)", "within_bound": True, "lost": 0, "serving_again_s": 0})
 
 
 def test_overload_past_max_queued_requests(cluster):
