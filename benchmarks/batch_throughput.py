@@ -22,11 +22,10 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from benchmarks.common import demo_checkpoint, device_name, print_table, write_result
+from benchmarks.throughput import workload
 
-from benchmarks.common import demo_checkpoint, device_name, print_table, write_result  # noqa: E402
-from benchmarks.throughput import workload  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def write_rows(path: Path, prompts: list[list[int]], max_tokens: list[int], detokenize: bool) -> None:

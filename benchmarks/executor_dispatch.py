@@ -12,14 +12,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
 from pathlib import Path
 from random import Random
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from benchmarks.common import demo_checkpoint, device_name, print_table, write_result  # noqa: E402
+from benchmarks.common import demo_checkpoint, device_name, print_table, write_result
 
 
 def decode_step_ms(engine, batch: int, steps: int, rng: Random) -> float:
@@ -93,7 +90,7 @@ def main() -> None:
                 # The whole dispatch is a method call: time it around a no-op of the same shape.
                 noop = noop_us(lambda step, ex=executor: None if step is None else ex.execute(step))
             else:
-                executor = RayExecutor(config, dispatch=mode.removeprefix("ray-"))
+                executor = RayExecutor(config.replace(dispatch=mode.removeprefix("ray-")))
                 noop = noop_us(executor.execute)
             engine = LLMEngine(config, executor=executor)
             row = {"tp": tp, "mode": mode, "noop_step_us": noop}

@@ -11,14 +11,10 @@ is longer.
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
 from random import Random
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from benchmarks.common import (  # noqa: E402
+from benchmarks.common import (
     demo_checkpoint,
     device_name,
     measure_bandwidth,

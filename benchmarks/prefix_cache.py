@@ -20,16 +20,13 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from random import Random
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from benchmarks.common import demo_checkpoint, device_name, print_table, write_result  # noqa: E402
-from nanovllm_ray.engine.block_hash import prefix_block_hashes  # noqa: E402
+from benchmarks.common import demo_checkpoint, device_name, print_table, write_result
+from nanovllm_ray.kv_events import prefix_block_hashes
 
 VOCAB = (1000, 150000)  # token ids drawn from here: ordinary tokens, no special ones
 

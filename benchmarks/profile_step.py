@@ -11,15 +11,11 @@ kernels with the most device time. Prints tables and writes JSON.
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from collections import defaultdict
-from pathlib import Path
 from random import Random
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from benchmarks.common import demo_checkpoint, device_name, print_table, write_result  # noqa: E402
+from benchmarks.common import demo_checkpoint, device_name, print_table, write_result
 
 
 def instrument(engine) -> dict[str, float]:

@@ -21,22 +21,19 @@ import asyncio
 import json
 import os
 import statistics
-import sys
 import time
 from pathlib import Path
 from random import Random
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from benchmarks.common import (  # noqa: E402
+from benchmarks.common import (
     demo_checkpoint,
     device_name,
     print_table,
     stream_completion,
     write_result,
 )
-from benchmarks.prefix_cache import Chat, ReuseBound, make_chats, random_ids  # noqa: E402
+from benchmarks.prefix_cache import Chat, ReuseBound, make_chats, random_ids
 
 
 def workload(args) -> list[Chat]:
@@ -119,7 +116,7 @@ def serve_run(args, path: str, routing: str, port: int, run_index: int) -> dict:
     from ray import serve
 
     from deployments.app import build_app
-    from deployments.router import ROUTER_NAMESPACE, router_actor_name
+    from deployments.router_actor import ROUTER_NAMESPACE, router_actor_name
 
     app = f"bench-{routing}-{run_index}"
     app_args = dict(model=path, served_model_name="bench", num_replicas=args.replicas, routing=routing,

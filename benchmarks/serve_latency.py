@@ -18,21 +18,18 @@ import asyncio
 import gc
 import os
 import statistics
-import sys
 import time
 from pathlib import Path
 from random import Random
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from benchmarks.common import (  # noqa: E402
+from benchmarks.common import (
     demo_checkpoint,
     device_name,
     print_table,
     stream_completion,
     write_result,
 )
-from benchmarks.latency import run_batch  # noqa: E402
+from benchmarks.latency import run_batch
 
 
 async def http_one(client, url: str, prompt: list[int], output_len: int) -> tuple[float, float]:
@@ -87,7 +84,7 @@ def main() -> None:
     path = str(Path(demo_checkpoint(args.shape, args.model)).resolve())
     batches = [int(b) for b in args.batch_sizes.split(",")]
     engine_kwargs = dict(tensor_parallel_size=args.tp, max_model_len=args.max_model_len,
-                         gpu_memory_utilization=args.gpu_memory_utilization,
+                         gpu_memory_utilization=args.gpu_memory_utilization, dispatch=args.dispatch,
                          max_num_seqs=max(64, max(batches)))
     if not torch.cuda.is_available():
         torch.set_num_threads(max(1, (os.cpu_count() or 2) // 2))  # leave a core for Ray on small machines
@@ -95,13 +92,7 @@ def main() -> None:
     rows: dict[int, dict] = {b: {"batch": b} for b in batches}
 
     # -- the engine alone, in this process (ranks as Ray actors when tp > 1)
-    config = Config.from_kwargs(path, **engine_kwargs)
-    executor = None
-    if args.tp > 1:
-        from nanovllm_ray.executor.ray_executor import RayExecutor
-
-        executor = RayExecutor(config, dispatch=args.dispatch)
-    engine = LLMEngine(config, executor=executor)
+    engine = LLMEngine(Config.from_kwargs(path, **engine_kwargs))
     rng = Random(0)
     run_batch(engine, 2, args.prompt_len, 8, rng, detokenize=True)  # warm-up
     for b in batches:
@@ -110,7 +101,7 @@ def main() -> None:
         rows[b]["engine_ttft_ms"] = statistics.median(r[0] for r in res) * 1e3
         rows[b]["engine_tpot_ms"] = statistics.median(r[1] for r in res) * 1e3
     engine.shutdown()
-    del engine, executor
+    del engine
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -118,7 +109,7 @@ def main() -> None:
     # -- the same engine behind the HTTP service
     serve.start(http_options={"host": "127.0.0.1", "port": args.port})
     app_args = dict(model=path, served_model_name="bench", max_ongoing_requests=1024, max_queued_requests=-1,
-                    replica_num_cpus=0, dispatch=args.dispatch, **engine_kwargs)
+                    replica_num_cpus=0, **engine_kwargs)
     t = time.perf_counter()
     serve.run(build_app(app_args), name="bench", route_prefix="/")
     print(f"service up in {time.perf_counter() - t:.1f} s")

@@ -39,10 +39,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from benchmarks.common import RESULTS, demo_checkpoint, device_name, print_table, write_result  # noqa: E402
-from benchmarks.throughput import workload  # noqa: E402
+from benchmarks.common import RESULTS, demo_checkpoint, device_name, print_table, write_result
+from benchmarks.throughput import workload
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -14,14 +14,10 @@ by the copy bandwidth measured on this card in this run.
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
 from random import randint, seed
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from benchmarks.common import (  # noqa: E402
+from benchmarks.common import (
     demo_checkpoint,
     device_name,
     measure_bandwidth,

@@ -25,14 +25,11 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
 from random import Random
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from benchmarks.common import (  # noqa: E402
+from benchmarks.common import (
     demo_checkpoint,
     device_name,
     measure_bandwidth,
@@ -40,9 +37,9 @@ from benchmarks.common import (  # noqa: E402
     print_table,
     write_result,
 )
-from benchmarks.executor_dispatch import decode_step_ms  # noqa: E402
-from benchmarks.latency import run_batch  # noqa: E402
-from benchmarks.throughput import floor_seconds, workload  # noqa: E402
+from benchmarks.executor_dispatch import decode_step_ms
+from benchmarks.latency import run_batch
+from benchmarks.throughput import floor_seconds, workload
 
 
 def run_tp(path: str, tp: int, args: argparse.Namespace, prompts: list[list[int]], max_tokens: list[int],

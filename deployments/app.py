@@ -15,14 +15,14 @@ import os
 import socket
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
 from ray import serve
 from ray.serve import Application
 
 from deployments.ingress import OpenAIIngress
 from deployments.launch import API_KEY_ENV
 from deployments.llm_server import LLMServer
-from deployments.router import prefix_request_router_config
+from deployments.request_router import prefix_request_router_config
 from nanovllm_ray.config import Config
 from nanovllm_ray.router import PrefixRoutingConfig
 
@@ -30,14 +30,12 @@ logger = logging.getLogger("ray.serve")
 
 DEFAULT_MODEL = "checkpoints/qwen3-tiny"
 MIN_BUNDLE_CPUS = 0.01
-_ENGINE_KEYS = ("tensor_parallel_size", "max_model_len", "max_num_seqs", "max_num_batched_tokens",
-                "gpu_memory_utilization", "kv_cache_memory_gb", "num_kvcache_blocks", "block_size", "dtype", "device",
-                "enable_prefix_caching", "enable_chunked_prefill", "enforce_eager", "attention_backend",
-                "scheduling_policy", "seed")
+ENGINE_SETTINGS = Config.settings()  # (name, type, default, help) of each engine setting: declared in Config only
 
 
-class LLMAppArgs(BaseModel):
-    """Everything a user tunes, with vLLM's names for the engine's keys."""
+class _ServiceArgs(BaseModel):
+    """The service's own args. LLMAppArgs adds every engine setting of nanovllm_ray.Config, with its type, default
+    and help taken from there (vLLM's names)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -47,29 +45,7 @@ class LLMAppArgs(BaseModel):
         None, description="write a demo checkpoint of this shape (random weights) at `model` if it is absent; "
                           "the default model gets the tiny one")
     served_model_name: str | None = Field(None, description="the model id clients send (default: directory name)")
-    # -- the engine (nanovllm_ray.Config)
-    tensor_parallel_size: int = Field(1, ge=1)
-    max_model_len: int | None = Field(None, ge=2)
-    max_num_seqs: int = Field(256, ge=1)
-    max_num_batched_tokens: int = Field(8192, ge=1)
-    gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
-    kv_cache_memory_gb: float = Field(1.0, gt=0, description="KV pool on CPU")
-    num_kvcache_blocks: int | None = Field(None, ge=1)
-    block_size: int = Field(16, ge=1)
-    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
-    device: Literal["auto", "cuda", "cpu"] = "auto"
-    enable_prefix_caching: bool = True
-    enable_chunked_prefill: bool = True
-    enforce_eager: bool = False
-    attention_backend: Literal["auto", "torch", "triton", "flash_attn"] = "auto"
-    scheduling_policy: Literal["mixed", "prefill_first"] = "prefill_first"
-    seed: int = 0
-    # -- the ranks
-    executor: Literal["auto", "inprocess", "ray"] = Field(
-        "auto", description="auto: in the replica's process for one rank, Ray actors for more")
-    dispatch: Literal["compiled", "remote"] = Field("compiled", description="how the driver sends each step")
     replica_num_cpus: float = Field(1.0, ge=0, description="CPUs of a replica's engine core when it runs the one rank")
-    worker_num_cpus: float = Field(1.0, gt=0, description="CPUs of each rank's bundle when ranks are actors")
     # -- the service
     api_key: str | None = Field(
         None, description="require 'Authorization: Bearer <key>'; 'env:NAME' reads the key from the variable NAME "
@@ -95,13 +71,11 @@ class LLMAppArgs(BaseModel):
     max_request_body_bytes: int = Field(2 * 1024 * 1024, ge=1024)
     max_prompts_per_request: int = Field(64, ge=1, description="prompts x n in one request")
     default_max_tokens: int | None = Field(None, ge=1, description="cap when a chat request sets no max_tokens")
-    engine_kwargs: dict[str, Any] = Field(default_factory=dict, description="any other nanovllm_ray.Config key")
+
+    # (enable_prefix_caching below is an engine setting: LLMAppArgs, the only class made from this one, has it)
 
     @model_validator(mode="after")
-    def _check(self) -> LLMAppArgs:
-        both = sorted(set(self.engine_kwargs) & set(_ENGINE_KEYS))
-        if both:
-            raise ValueError(f"set {both} as top-level args, not in engine_kwargs")
+    def _check(self) -> _ServiceArgs:
         PrefixRoutingConfig.from_kwargs(**self.prefix_routing)
         if self.routing == "prefix_aware" and not self.enable_prefix_caching:
             raise ValueError("routing='prefix_aware' needs enable_prefix_caching=true")
@@ -117,7 +91,14 @@ class LLMAppArgs(BaseModel):
         return self.num_replicas > 1
 
     def config_kwargs(self) -> dict[str, Any]:
-        return {**{k: getattr(self, k) for k in _ENGINE_KEYS}, **self.engine_kwargs}
+        """The engine settings as given (a value out of range fails in Config, with its name and limit)."""
+        return {name: getattr(self, name) for name, *_ in ENGINE_SETTINGS}
+
+
+LLMAppArgs = create_model(
+    "LLMAppArgs", __base__=_ServiceArgs, __module__=__name__,
+    **{name: (typ, Field(default, description=help)) for name, typ, default, help in ENGINE_SETTINGS})
+LLMAppArgs.__doc__ = "Everything a user tunes: the service's own args and every engine setting (nanovllm_ray.Config)."
 
 
 def build_app(args: dict[str, Any] | LLMAppArgs | None = None) -> Application:
@@ -129,12 +110,15 @@ def build_app(args: dict[str, Any] | LLMAppArgs | None = None) -> Application:
 
         logger.info("writing a %s demo checkpoint (random weights) to %s", shape, model)
         ensure_demo_checkpoint(model, shape)
-    engine_kwargs = args.config_kwargs()
-    config = Config.from_kwargs(model, **engine_kwargs)  # a bad value fails here, before any replica starts
+    # The one Config of the app: built (and checked) here, before any replica starts, and passed to each deployment.
+    config = Config.from_kwargs(model, **args.config_kwargs())
+    prefix_routing = None
+    if args.use_prefix_routing():  # the router actor's index is fed by the engines' cache events
+        prefix_routing = PrefixRoutingConfig.from_kwargs(**args.prefix_routing).to_dict()
+        config = config.replace(enable_kv_cache_events=True)
     name = args.served_model_name or os.path.basename(model.rstrip("/"))
     api_key = resolve_api_key(args.api_key)
     tp = config.tensor_parallel_size
-    use_ray = args.executor == "ray" or (args.executor == "auto" and tp > 1)
     use_gpu = _use_gpu(config.device)
 
     llm_options: dict[str, Any] = dict(
@@ -148,8 +132,8 @@ def build_app(args: dict[str, Any] | LLMAppArgs | None = None) -> Application:
     # share bundle 0; with one rank in the core's process the core holds that bundle's GPU and CPUs, with more
     # ranks each rank actor holds its bundle's.
     gpu = {"GPU": 1} if use_gpu else {}
-    if use_ray:
-        bundles = [{"CPU": args.worker_num_cpus, **gpu} for _ in range(tp)]
+    if config.uses_rank_actors:
+        bundles = [{"CPU": config.worker_num_cpus, **gpu} for _ in range(tp)]
         core_cpus, core_gpus = 0.0, 0.0
     else:
         core_cpus = max(args.replica_num_cpus, MIN_BUNDLE_CPUS)  # Ray refuses a bundle of zeros
@@ -157,20 +141,15 @@ def build_app(args: dict[str, Any] | LLMAppArgs | None = None) -> Application:
         core_gpus = 1.0 if use_gpu else 0.0
     llm_options.update(ray_actor_options={"num_cpus": 0, "num_gpus": 0}, placement_group_bundles=bundles,
                        placement_group_strategy="STRICT_PACK")
-    prefix_routing = None
-    if args.use_prefix_routing():  # the ingress's handle routes by cached prefix (deployments/router.py)
-        prefix_routing = PrefixRoutingConfig.from_kwargs(**args.prefix_routing).to_dict()
+    if prefix_routing is not None:  # the ingress's handle routes by cached prefix (deployments/request_router.py)
         llm_options["request_router_config"] = prefix_request_router_config(config.block_size, prefix_routing)
-    llm = LLMServer.options(**llm_options).bind(
-        model, engine_kwargs, name, executor="ray" if use_ray else "inprocess", dispatch=args.dispatch,
-        worker_num_cpus=args.worker_num_cpus, core_num_cpus=core_cpus, core_num_gpus=core_gpus,
-        prefix_routing=prefix_routing)
+    llm = LLMServer.options(**llm_options).bind(config, name, core_num_cpus=core_cpus, core_num_gpus=core_gpus,
+                                                prefix_routing=prefix_routing)
     ingress = serve.deployment(OpenAIIngress).options(
         num_replicas=ingress_replicas(args, use_gpu), ray_actor_options={"num_cpus": args.ingress_num_cpus},
         max_ongoing_requests=args.ingress_max_ongoing_requests, max_queued_requests=args.ingress_max_queued_requests,
         backpressure_config={"status_code": args.overload_status_code, "retry_after_s": args.retry_after_s})
-    return ingress.bind(llm, model, name, engine_kwargs, api_key=api_key,
-                        max_request_body_bytes=args.max_request_body_bytes,
+    return ingress.bind(llm, config, name, api_key=api_key, max_request_body_bytes=args.max_request_body_bytes,
                         max_prompts_per_request=args.max_prompts_per_request,
                         default_max_tokens=args.default_max_tokens)
 
@@ -196,7 +175,7 @@ def resolve_api_key(value: str | None) -> str | None:
     return value
 
 
-def ingress_replicas(args: LLMAppArgs, use_gpu: bool) -> int:
+def ingress_replicas(args: _ServiceArgs, use_gpu: bool) -> int:
     """Two ingress replicas per GPU replica: measured on an H200, one ingress replica was near a full core
     (detokenizing and formatting 256 streams) when the engine ran at 19k tokens/s."""
     if args.ingress_num_replicas != "auto":

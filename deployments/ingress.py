@@ -243,14 +243,13 @@ def _chunk_head(run: _Run, model: str, obj: str) -> str:
 
 @serve.ingress(app)
 class OpenAIIngress:
-    def __init__(self, llm: DeploymentHandle, model: str, served_model_name: str, engine_kwargs: dict[str, Any],
-                 api_key: str | None = None, max_request_body_bytes: int = 2 * 1024 * 1024,
-                 max_prompts_per_request: int = 64, default_max_tokens: int | None = None) -> None:
-        config = Config.from_kwargs(model, **engine_kwargs)
+    def __init__(self, llm: DeploymentHandle, config: Config, served_model_name: str, api_key: str | None = None,
+                 max_request_body_bytes: int = 2 * 1024 * 1024, max_prompts_per_request: int = 64,
+                 default_max_tokens: int | None = None) -> None:
         self.model_name = served_model_name
-        self.model_path = model
+        self.model_path = config.model
         self.max_model_len = config.max_model_len
-        self.processor = RequestProcessor(load_tokenizer(config.tokenizer or model), served_model_name,
+        self.processor = RequestProcessor(load_tokenizer(config.tokenizer or config.model), served_model_name,
                                           config.max_model_len, config.hf_config["vocab_size"],
                                           max_prompts_per_request, default_max_tokens)
         self.api_key = api_key

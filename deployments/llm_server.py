@@ -20,8 +20,8 @@ from typing import Any
 
 from ray import serve
 
+from deployments.cache_event_publisher import CacheEventPublisher
 from deployments.metrics import EngineMetrics
-from deployments.router import CacheEventPublisher
 from nanovllm_ray.config import Config
 from nanovllm_ray.engine.async_engine import AsyncEngine, StepReport
 from nanovllm_ray.engine.core import CoreRef, start_engine_core
@@ -38,20 +38,17 @@ EXIT_AFTER_ENGINE_DEATH_S = 1.0  # time for the failed requests' errors to reach
 
 @serve.deployment(max_ongoing_requests=256, max_queued_requests=512, health_check_period_s=10)
 class LLMServer:
-    def __init__(self, model: str, engine_kwargs: dict[str, Any], served_model_name: str,
-                 executor: str = "auto", dispatch: str = "compiled", worker_num_cpus: float = 1.0,
-                 core_num_cpus: float = 0.0, core_num_gpus: float = 0.0,
-                 prefix_routing: dict[str, Any] | None = None) -> None:
-        if prefix_routing is not None:  # the router actor's index is fed by this engine's cache events
-            engine_kwargs = {**engine_kwargs, "enable_kv_cache_events": True}
-        config = Config.from_kwargs(model, **engine_kwargs)
+    def __init__(self, config: Config, served_model_name: str, core_num_cpus: float = 0.0,
+                 core_num_gpus: float = 0.0, prefix_routing: dict[str, Any] | None = None) -> None:
+        """config: the app's (built once by build_app); with prefix_routing it records KV-cache events, which this
+        replica reports to the router actor."""
         try:
             ctx = serve.get_replica_context()
             replica, app = ctx.replica_id.unique_id, ctx.app_name
         except Exception:  # outside a replica (tests that build the class directly)
             replica, app = "local", "local"
         self.replica_id = replica
-        self.core = start_engine_core(config, executor, dispatch, worker_num_cpus, core_num_cpus, core_num_gpus)
+        self.core = start_engine_core(config, core_num_cpus, core_num_gpus)
         self.info = self.core.info
         self.engine = AsyncEngine(self.core, on_report=self._on_report, on_dead=self._on_dead)
         self.metrics = EngineMetrics(served_model_name, replica)
@@ -64,7 +61,7 @@ class LLMServer:
             self.publisher = CacheEventPublisher(app, replica, self.cache_events, self._load,
                                                  PrefixRoutingConfig.from_kwargs(**prefix_routing))
             self.publisher.start()
-        logger.info("LLMServer %s: %s, tp=%d, engine core on %s, %d KV blocks", replica, model,
+        logger.info("LLMServer %s: %s, tp=%d, engine core on %s, %d KV blocks", replica, config.model,
                     config.tensor_parallel_size, self.info["device"], self.info["num_blocks"])
 
     async def generate(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str,

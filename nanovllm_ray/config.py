@@ -1,10 +1,17 @@
-"""Engine configuration: one dataclass, vLLM's key names where vLLM has one."""
+"""Engine configuration: one dataclass, vLLM's key names where vLLM has one.
+
+Every engine setting is declared here once, with its type, its one default and its help: the Serve app's args
+(deployments.app.LLMAppArgs) and the batch job's flags are made from these fields (`Config.settings()`), as vLLM's
+EngineArgs makes its CLI from its own dataclass. Which executor runs the ranks is a setting too (`executor`,
+`dispatch`, `worker_num_cpus`), read in one place: nanovllm_ray.executor.make_executor.
+"""
 
 from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field, fields
+import typing
+from dataclasses import MISSING, dataclass, field, fields
 from typing import Any
 
 _DTYPES = ("auto", "float32", "float16", "bfloat16")
@@ -14,28 +21,38 @@ class ConfigError(ValueError):
     """A configuration value a user set is out of range or inconsistent."""
 
 
+def _setting(default: Any, help: str) -> Any:
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass(slots=True)
 class Config:
     model: str
-    dtype: str = "auto"  # auto: the checkpoint's dtype on GPU, float32 on CPU
-    device: str = "auto"  # auto | cuda | cpu
-    max_model_len: int | None = None  # None: the checkpoint's max_position_embeddings
-    max_num_seqs: int = 256
-    max_num_batched_tokens: int = 16384
-    gpu_memory_utilization: float = 0.9
-    kv_cache_memory_gb: float = 1.0  # KV pool size on CPU (on GPU it comes from gpu_memory_utilization)
-    num_kvcache_blocks: int | None = None  # forces the pool size (tests, benchmarks)
-    enforce_eager: bool = False
-    tensor_parallel_size: int = 1
-    enable_prefix_caching: bool = True
-    enable_chunked_prefill: bool = True
-    enable_kv_cache_events: bool = False  # record block stored/removed events for a prefix-aware router
-    async_scheduling: bool = True  # launch step t+1 before applying step t's tokens
-    scheduling_policy: str = "prefill_first"  # prefill_first (nano-vllm; measured faster) | mixed (vLLM v1)
-    attention_backend: str = "auto"  # auto | torch | triton | flash_attn
-    block_size: int = 16
-    seed: int = 0
-    tokenizer: str | None = None  # defaults to the model directory
+    dtype: str = _setting("auto", "auto | float32 | float16 | bfloat16 (auto: the checkpoint's on GPU, float32 on CPU)")
+    device: str = _setting("auto", "auto | cuda | cpu")
+    max_model_len: int | None = _setting(None, "prompt + output limit (default: the checkpoint's)")
+    max_num_seqs: int = _setting(256, "running requests at once")
+    max_num_batched_tokens: int = _setting(16384, "tokens per step (prefills are chunked to fit)")
+    gpu_memory_utilization: float = _setting(0.9, "fraction of GPU memory for weights, activations and KV")
+    kv_cache_memory_gb: float = _setting(1.0, "KV pool on CPU (on GPU it comes from gpu_memory_utilization)")
+    num_kvcache_blocks: int | None = _setting(None, "force the KV pool size (tests, benchmarks)")
+    enforce_eager: bool = _setting(False, "no CUDA graphs")
+    tensor_parallel_size: int = _setting(1, "ranks (GPUs) per engine")
+    enable_prefix_caching: bool = _setting(True, "reuse KV blocks across requests that share a prefix")
+    enable_chunked_prefill: bool = _setting(True, "split long prompts over steps")
+    enable_kv_cache_events: bool = _setting(False, "record block stored/removed events (a prefix-aware router)")
+    async_scheduling: bool = _setting(True, "launch step t+1 before applying step t's tokens")
+    scheduling_policy: str = _setting("prefill_first", "prefill_first (nano-vllm; measured faster) | mixed (vLLM v1)")
+    attention_backend: str = _setting("auto", "auto | torch | triton | flash_attn")
+    block_size: int = _setting(16, "tokens per KV block")
+    seed: int = _setting(0, "global seed")
+    tokenizer: str | None = _setting(None, "tokenizer directory (default: the model's)")
+    # -- where the ranks run (nanovllm_ray.executor.make_executor reads these, and nothing else decides it)
+    executor: str = _setting("auto", "inprocess (one rank, in the engine's process) | ray (a Ray actor per rank) | "
+                                     "auto: in-process for one rank, actors for more")
+    dispatch: str = _setting("compiled", "how the driver sends each step to rank actors: compiled (a Ray compiled "
+                                         "graph) | remote (actor calls)")
+    worker_num_cpus: float = _setting(1.0, "CPUs of each rank actor's placement-group bundle")
     hf_config: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
@@ -44,11 +61,12 @@ class Config:
         cfg_path = os.path.join(self.model, "config.json")
         if not os.path.isfile(cfg_path):
             raise ConfigError(f"model directory {self.model!r} has no config.json: not a Hugging Face checkpoint")
-        try:
-            with open(cfg_path) as f:
-                self.hf_config = json.load(f)
-        except (OSError, json.JSONDecodeError) as e:
-            raise ConfigError(f"cannot read {cfg_path}: {e}") from e
+        if not self.hf_config:  # a Config passed to another process keeps what was read here
+            try:
+                with open(cfg_path) as f:
+                    self.hf_config = json.load(f)
+            except (OSError, json.JSONDecodeError) as e:
+                raise ConfigError(f"cannot read {cfg_path}: {e}") from e
         missing = [k for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
                    if k not in self.hf_config]
         if missing:
@@ -84,6 +102,12 @@ class Config:
                f"scheduling_policy={self.scheduling_policy!r} must be 'mixed' or 'prefill_first'")
         _check(self.attention_backend in ("auto", "torch", "triton", "flash_attn"),
                f"attention_backend={self.attention_backend!r} must be auto, torch, triton or flash_attn")
+        _check(self.executor in ("auto", "inprocess", "ray"),
+               f"executor={self.executor!r} must be auto, inprocess or ray")
+        _check(not (self.executor == "inprocess" and tp > 1),
+               f"executor='inprocess' runs one rank; tensor_parallel_size={tp} needs 'ray' (or auto)")
+        _check(self.dispatch in ("compiled", "remote"), f"dispatch={self.dispatch!r} must be compiled or remote")
+        _check(self.worker_num_cpus > 0, f"worker_num_cpus={self.worker_num_cpus} must be > 0")
 
     @classmethod
     def from_kwargs(cls, model: str, **kwargs: Any) -> Config:
@@ -92,6 +116,28 @@ class Config:
         if unknown:
             raise ConfigError(f"unknown config keys {unknown}; known keys: {sorted(known)}")
         return cls(model=model, **kwargs)
+
+    @classmethod
+    def settings(cls) -> list[tuple[str, Any, Any, str]]:
+        """(name, type, default, help) of every engine setting (the model excepted), for the app args and CLIs."""
+        hints = typing.get_type_hints(cls)
+        return [(f.name, hints[f.name], f.default, f.metadata["help"]) for f in fields(cls)
+                if f.metadata.get("help") and f.default is not MISSING]
+
+    def replace(self, **changes: Any) -> Config:
+        """A copy with some settings changed, checked again."""
+        values = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "hf_config"}
+        return Config(**{**values, **changes}, hf_config=dict(self.hf_config))
+
+    @classmethod
+    def default(cls, name: str) -> Any:
+        """A setting's one default (for a caller that holds settings but cannot read the checkpoint)."""
+        return cls.__dataclass_fields__[name].default
+
+    @property
+    def uses_rank_actors(self) -> bool:
+        """Ranks run as Ray actors (else the one rank runs in the engine's process)."""
+        return ranks_as_actors(self.executor, self.tensor_parallel_size)
 
     @property
     def eos_token_ids(self) -> list[int]:
@@ -103,6 +149,11 @@ class Config:
                 g = json.load(f).get("eos_token_id")
             ids += g if isinstance(g, list) else [g] if g is not None else []
         return sorted(set(ids))
+
+
+def ranks_as_actors(executor: str, tensor_parallel_size: int) -> bool:
+    """`executor` auto: one rank in the engine's process, Ray actors for more."""
+    return executor == "ray" or (executor == "auto" and tensor_parallel_size > 1)
 
 
 def _check(ok: bool, message: str) -> None:

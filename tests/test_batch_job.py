@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 from serve_harness import VENV_BIN, ray_head, wait_for
 
-from deployments.batch_job import INVALID, ResultWriter, RowParser, Task, build_parser, engine_kwargs, id_key
+from deployments.batch_job import INVALID, ResultWriter, RowParser, Task, build_parser, engine_settings, id_key
 from nanovllm_ray import LLM, SamplingParams
-from nanovllm_ray.config import ConfigError
+from nanovllm_ray.config import Config
 
 ROOT = Path(__file__).resolve().parent.parent
 ENGINE = dict(max_model_len=256, max_num_seqs=16, kv_cache_memory_gb=0.05)
@@ -82,18 +82,17 @@ def test_writer_cuts_a_torn_line_and_locks_the_file(tmp_path):
 
 
 def test_flags():
+    """Every engine setting has a flag made from nanovllm_ray.Config (only those given are passed on)."""
     args = build_parser().parse_args(["--model", "m", "--input", "i", "--output", "o", "--tensor-parallel-size", "2",
-                                      "--max-num-seqs", "8", "--no-enable-prefix-caching",
-                                      "--engine-kwargs", '{"enable_kv_cache_events": true}'])
-    assert engine_kwargs(args) == {"enable_kv_cache_events": True, "max_num_seqs": 8,
-                                   "enable_prefix_caching": False, "tensor_parallel_size": 2}
-    args = build_parser().parse_args(["--model", "m", "--input", "i", "--output", "o",
-                                      "--engine-kwargs", '{"max_num_seqs": 8}'])
-    with pytest.raises(ConfigError, match="use their own flags"):
-        engine_kwargs(args)
-
-
-# ---- on a Ray head, through `ray job submit` -------------------------------------------------------------------
+                                      "--max-num-seqs", "8", "--no-enable-prefix-caching", "--enable-kv-cache-events",
+                                      "--dispatch", "remote", "--gpu-memory-utilization", "0.5"])
+    assert engine_settings(args) == {"tensor_parallel_size": 2, "max_num_seqs": 8, "enable_prefix_caching": False,
+                                     "enable_kv_cache_events": True, "dispatch": "remote",
+                                     "gpu_memory_utilization": 0.5}
+    assert engine_settings(build_parser().parse_args(["--model", "m", "--input", "i", "--output", "o"])) == {}
+    flags = build_parser().format_help()
+    for name, *_ in Config.settings():
+        assert "--" + name.replace("_", "-") in flags, name
 
 
 @pytest.fixture(scope="module")

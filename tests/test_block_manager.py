@@ -9,9 +9,9 @@ from __future__ import annotations
 import pytest
 
 from nanovllm_ray.engine import block_manager as bm_module
-from nanovllm_ray.engine.block_hash import NO_PARENT, hash_block, prefix_block_hashes
-from nanovllm_ray.engine.block_manager import BlockManager, BlockRemoved, BlockStored
+from nanovllm_ray.engine.block_manager import BlockManager
 from nanovllm_ray.engine.sequence import Sequence
+from nanovllm_ray.kv_events import NO_PARENT, BlockRemoved, BlockStored, hash_block, prefix_block_hashes
 from nanovllm_ray.sampling_params import SamplingParams
 
 BS = 4

@@ -17,7 +17,7 @@ import ray
 import yaml
 
 from deployments.app import LLMAppArgs
-from deployments.batch_job import build_parser, engine_kwargs
+from deployments.batch_job import build_parser, engine_settings
 from nanovllm_ray.config import Config
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # Serve's pydantic models
@@ -165,13 +165,14 @@ def test_rayjob_entrypoint_is_the_batch_job_and_its_flags_parse():
     assert (doc["apiVersion"], doc["kind"]) == ("ray.io/v1", "RayJob")
     assert importlib.util.find_spec("deployments.batch_job") is not None
     args = _rayjob_args()
-    assert set(engine_kwargs(args)) <= CONFIG_KEYS
+    assert set(engine_settings(args)) <= CONFIG_KEYS
     assert args.device == "cuda" and args.summary
 
     spec = doc["spec"]
     assert spec["shutdownAfterJobFinishes"] is True
     _check_ray_cluster(spec["rayClusterSpec"])
-    _check_fit(spec["rayClusterSpec"], args.replicas, args.tensor_parallel_size, args.worker_num_cpus)
+    _check_fit(spec["rayClusterSpec"], args.replicas, args.tensor_parallel_size,
+               args.worker_num_cpus or Config.default("worker_num_cpus"))
     head, groups = _pods(spec["rayClusterSpec"])
     # The driver runs on the head: it reads the input and writes the output and the summary there.
     for path in (args.input, args.output, args.summary):

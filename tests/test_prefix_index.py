@@ -10,9 +10,9 @@ import random
 
 import pytest
 
-from nanovllm_ray.engine.block_hash import prefix_block_hashes
-from nanovllm_ray.engine.block_manager import BlockManager, BlockRemoved, BlockStored
+from nanovllm_ray.engine.block_manager import BlockManager
 from nanovllm_ray.engine.sequence import Sequence
+from nanovllm_ray.kv_events import BlockRemoved, BlockStored, prefix_block_hashes
 from nanovllm_ray.router import (
     CacheEventBuffer,
     IndexMirror,

@@ -15,8 +15,8 @@ import ray
 from serve_harness import serve_cluster, wait_for
 
 from deployments.app import LLMAppArgs
-from deployments.router import ROUTER_NAMESPACE, router_actor_name
-from nanovllm_ray.engine.block_hash import prefix_block_hashes
+from deployments.router_actor import ROUTER_NAMESPACE, router_actor_name
+from nanovllm_ray.kv_events import prefix_block_hashes
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 

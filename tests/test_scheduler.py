@@ -13,10 +13,10 @@ from types import SimpleNamespace
 
 import pytest
 
-from nanovllm_ray.engine.block_hash import prefix_block_hashes
 from nanovllm_ray.engine.block_manager import BlockManager
 from nanovllm_ray.engine.scheduler import ScheduledBatch, Scheduler
 from nanovllm_ray.engine.sequence import Sequence, SequenceStatus
+from nanovllm_ray.kv_events import prefix_block_hashes
 from nanovllm_ray.sampling_params import SamplingParams
 
 

@@ -54,8 +54,8 @@ def test_tp2_gloo_matches_tp1(cluster, tiny_untied_model, reference, dispatch, a
     from nanovllm_ray.executor.ray_executor import RayExecutor
 
     config = Config.from_kwargs(tiny_untied_model, tensor_parallel_size=2, async_scheduling=async_scheduling,
-                                **ENGINE)
-    executor = RayExecutor(config, dispatch=dispatch)
+                                dispatch=dispatch, **ENGINE)
+    executor = RayExecutor(config)
     engine = LLMEngine(config, executor=executor)
     try:
         assert engine.async_scheduling == async_scheduling

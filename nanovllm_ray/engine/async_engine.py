@@ -24,9 +24,9 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from nanovllm_ray.engine.block_manager import KVCacheEvent
 from nanovllm_ray.engine.llm_engine import EngineStats, LLMEngine, RequestError
 from nanovllm_ray.engine.output import RequestOutput
+from nanovllm_ray.kv_events import KVCacheEvent
 from nanovllm_ray.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)

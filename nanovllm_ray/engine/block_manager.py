@@ -1,8 +1,9 @@
 """Paged KV blocks with hash-based prefix caching.
 
-Each full, computed block is keyed by its chained hash (block_hash.py). Blocks are reference counted; a freed
-block keeps its hash and contents and stays reusable until it is evicted, least recently freed first. Lookups
-compare token ids as well as the hash, so a hash collision can never serve the wrong KV.
+Each full, computed block is keyed by its chained hash (nanovllm_ray/kv_events.py, with the stored / removed events
+recorded here for a prefix-aware router). Blocks are reference counted; a freed block keeps its hash and contents and
+stays reusable until it is evicted, least recently freed first. Lookups compare token ids as well as the hash, so a
+hash collision can never serve the wrong KV.
 """
 
 from __future__ import annotations
@@ -10,8 +11,8 @@ from __future__ import annotations
 from collections import OrderedDict
 from dataclasses import dataclass
 
-from nanovllm_ray.engine.block_hash import NO_PARENT, hash_block
 from nanovllm_ray.engine.sequence import Sequence
+from nanovllm_ray.kv_events import NO_PARENT, BlockRemoved, BlockStored, KVCacheEvent, hash_block
 
 
 @dataclass(slots=True)
@@ -22,20 +23,6 @@ class Block:
     parent_hash: int = NO_PARENT  # with token_ids, the key that was hashed: compared on lookup
     token_ids: tuple[int, ...] = ()
 
-
-@dataclass(frozen=True, slots=True)
-class BlockStored:
-    block_hash: int
-    parent_hash: int  # NO_PARENT for a first block
-    token_ids: tuple[int, ...]
-
-
-@dataclass(frozen=True, slots=True)
-class BlockRemoved:
-    block_hash: int
-
-
-KVCacheEvent = BlockStored | BlockRemoved
 
 
 class BlockManager:

@@ -49,15 +49,12 @@ class EngineCoreActor:
     """Made a Ray actor by start_engine_core(). Its methods run on the actor's asyncio loop; the engine on the
     EngineLoop's thread."""
 
-    def __init__(self, config: Config, executor: str = "auto", dispatch: str = "compiled",
-                 worker_num_cpus: float = 1.0) -> None:
-        from nanovllm_ray.executor.base import make_executor
-
+    def __init__(self, config: Config) -> None:
         # The engine thread holds the GIL for most of a busy step; the actor's loop (commands in, reads out) and
         # Ray's threads wait for it. Hand it over after 1 ms rather than the default 5 ms: each token's way out
         # passes this point.
         sys.setswitchinterval(0.001)
-        self.engine = LLMEngine(config, executor=make_executor(config, executor, dispatch, worker_num_cpus))
+        self.engine = LLMEngine(config)
         self._lock = threading.Lock()
         self._pending: list[StepReport] = []
         self._dead: BaseException | None = None
@@ -236,8 +233,7 @@ class RemoteCore:
             pass
 
 
-def start_engine_core(config: Config, executor: str = "auto", dispatch: str = "compiled",
-                      worker_num_cpus: float = 1.0, num_cpus: float = 0.0, num_gpus: float = 0.0,
+def start_engine_core(config: Config, num_cpus: float = 0.0, num_gpus: float = 0.0,
                       timeout_s: float = 1800.0) -> RemoteCore:
     """Start an EngineCoreActor in bundle 0 of the caller's placement group (a Serve replica's: the actor and the
     rank actors it makes inherit it) or wherever it fits; wait until its engine is ready."""
@@ -250,7 +246,7 @@ def start_engine_core(config: Config, executor: str = "auto", dispatch: str = "c
     if pg is not None:
         options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
             placement_group=pg, placement_group_bundle_index=0, placement_group_capture_child_tasks=True)
-    actor = ray.remote(EngineCoreActor).options(**options).remote(config, executor, dispatch, worker_num_cpus)
+    actor = ray.remote(EngineCoreActor).options(**options).remote(config)
     try:
         info = ray.get(actor.describe.remote(), timeout=timeout_s)
     except BaseException:

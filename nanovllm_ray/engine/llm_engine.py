@@ -13,12 +13,14 @@ from collections.abc import Sequence as Seq
 from dataclasses import dataclass
 
 from nanovllm_ray.config import Config
-from nanovllm_ray.engine.block_manager import BlockManager, KVCacheEvent
+from nanovllm_ray.engine.block_manager import BlockManager
 from nanovllm_ray.engine.output import RequestOutput
 from nanovllm_ray.engine.scheduler import ScheduledBatch, Scheduler
 from nanovllm_ray.engine.sequence import PENDING, Sequence, SequenceStatus
-from nanovllm_ray.executor.base import Executor, make_executor
+from nanovllm_ray.executor.base import Executor
+from nanovllm_ray.executor.factory import make_executor
 from nanovllm_ray.executor.step import PendingOutput, StepInput
+from nanovllm_ray.kv_events import KVCacheEvent
 from nanovllm_ray.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)

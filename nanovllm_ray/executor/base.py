@@ -1,5 +1,5 @@
 """How the driver drives its ranks. The executor is the only place that knows whether ranks are in this
-process or Ray actors."""
+process or Ray actors; executor/factory.py picks one from the Config."""
 
 from __future__ import annotations
 
@@ -47,16 +47,3 @@ class InProcessExecutor(Executor):
 
     def execute_async(self, step: StepInput) -> PendingOutput:
         return self.runner.execute_async(step)
-
-
-def make_executor(config: Config, executor: str = "auto", dispatch: str = "compiled",
-                  worker_num_cpus: float = 1.0) -> Executor:
-    """`inprocess`: one rank in this process; `ray`: one Ray actor per rank (a local Ray instance is started if
-    none is); `auto`: in this process for one rank, actors for more."""
-    if executor not in ("auto", "inprocess", "ray"):
-        raise ValueError(f"executor={executor!r} must be auto, inprocess or ray")
-    if executor == "inprocess" or (executor == "auto" and config.tensor_parallel_size == 1):
-        return InProcessExecutor(config)
-    from nanovllm_ray.executor.ray_executor import RayExecutor
-
-    return RayExecutor(config, dispatch=dispatch, worker_num_cpus=worker_num_cpus)

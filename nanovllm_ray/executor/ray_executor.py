@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Literal
 
 import torch
 
@@ -23,21 +22,16 @@ from nanovllm_ray.executor.worker import TPWorker
 
 logger = logging.getLogger(__name__)
 
-Dispatch = Literal["compiled", "remote"]
-
-
 class RayExecutor(Executor):
     supports_async = True  # rank 0 keeps its sampled tokens on the device and broadcasts them to the others
 
-    def __init__(self, config: Config, dispatch: Dispatch = "compiled", placement_group=None,
-                 worker_num_cpus: float = 1.0, init_timeout_s: float = 600.0) -> None:
+    def __init__(self, config: Config, placement_group=None, init_timeout_s: float = 600.0) -> None:
         import ray
         from ray.util.placement_group import get_current_placement_group, remove_placement_group
         from ray.util.placement_group import placement_group as make_placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-        if dispatch not in ("compiled", "remote"):
-            raise ValueError(f"dispatch={dispatch!r} must be 'compiled' or 'remote'")
+        dispatch, worker_num_cpus = config.dispatch, config.worker_num_cpus
         if not ray.is_initialized():
             ray.init()
         self.config, self.dispatch = config, dispatch

@@ -1,6 +1,7 @@
 """Prefix-aware routing, pure Python: the global index of cached prefix blocks (prefix_index), the router actor's
 state and the request routers' copies of it (state), the replica's event buffer (events) and the routing policy
-(policy). The Ray pieces that carry them are in deployments/router.py."""
+(policy). The Ray pieces that carry them are in deployments/: router_actor.py, cache_event_publisher.py and
+request_router.py, one per process."""
 
 from nanovllm_ray.router.events import CacheEventBuffer, CacheReport
 from nanovllm_ray.router.policy import Decision, PrefixRoutingConfig, decide, is_imbalanced

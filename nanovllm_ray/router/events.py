@@ -14,7 +14,7 @@ import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from nanovllm_ray.engine.block_manager import BlockRemoved, BlockStored, KVCacheEvent
+from nanovllm_ray.kv_events import BlockRemoved, BlockStored, KVCacheEvent
 
 
 @dataclass(slots=True)

@@ -1,4 +1,4 @@
-"""The global prefix index: which replica holds which KV block, keyed by the chained block hash (block_hash.py).
+"""The global prefix index: which replica holds which KV block, keyed by the chained block hash (kv_events.py).
 
 Replicas report what their block managers store and evict, so the index holds what each replica really caches,
 not a guess from past routing. Because a block's hash chains its parent's, the blocks a request can reuse on a

@@ -1,16 +1,6 @@
-"""Prefix-aware routing on Ray Serve: the router actor, the replicas' cache-event publisher, and the RequestRouter
-that the ingress's handle to the LLMServer uses.
-
-    LLMServer replica: engine core --KV cache events with each step's report--> CacheEventBuffer
-        --publisher thread, every publish_period_s, fire and forget--> PrefixRouterActor (named, detached, one
-        per application: it outlives replica restarts)
-    ingress process: PrefixAwareRequestRouter --pulls the changes every refresh_period_s, in the background-->
-        its own IndexMirror; a routing decision is local Python: hash the token ids, match, rank.
-
-The actor drops a replica's entries when a request router sees the replica die or leave (update_replicas,
-on_replica_actor_died) or when it stays silent for replica_timeout_s. A replica's first report is a snapshot of
-what it holds, so a (re)started replica replaces whatever the index had for it.
-"""
+"""The ingress's side of prefix-aware routing: a Serve RequestRouter on the ingress -> LLMServer handle that ranks
+the replicas by the cached prefix of each call's token ids against their loads, from a local copy of the router
+actor's index (pulled in the background: a decision is local Python, no remote call)."""
 
 from __future__ import annotations
 
@@ -19,82 +9,24 @@ import logging
 import os
 import random
 import statistics
-import threading
 import time
 import uuid
 from collections import Counter, deque
-from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
-import ray
 from ray.exceptions import RayActorError
 from ray.serve.config import RequestRouterConfig
 from ray.serve.request_router import PendingRequest, ReplicaID, ReplicaResult, RequestRouter, RunningReplica
 
-from nanovllm_ray.engine.block_hash import prefix_block_hashes
-from nanovllm_ray.router.events import CacheEventBuffer
+from deployments.router_actor import get_router_actor
+from nanovllm_ray.kv_events import prefix_block_hashes
 from nanovllm_ray.router.policy import DecayingCount, PrefixRoutingConfig, decide
-from nanovllm_ray.router.state import DROPPED, RESYNC, IndexMirror, RouterState
+from nanovllm_ray.router.state import IndexMirror
 
 logger = logging.getLogger("ray.serve")
 
-ROUTER_NAMESPACE = "nanovllm"
-REQUEST_ROUTER_CLASS = "deployments.router:PrefixAwareRequestRouter"
-
-
-def router_actor_name(app_name: str) -> str:
-    return f"prefix-router:{app_name}"
-
-
-@ray.remote(num_cpus=0, max_restarts=-1)
-class PrefixRouterActor:
-    """The global prefix index of one application (RouterState behind Ray). Its methods are synchronous, so a
-    caller's calls run in the order it made them. Detached, so that it outlives replica restarts; it ends
-    itself once nothing has called it for idle_exit_s (the application was deleted: replicas heartbeat and
-    request routers pull every fraction of a second while it runs)."""
-
-    def __init__(self, replica_timeout_s: float = 30.0, idle_exit_s: float = 600.0) -> None:
-        self.state = RouterState(replica_timeout_s=replica_timeout_s)
-        self.idle_exit_s = idle_exit_s
-        threading.Thread(target=self._exit_when_idle, name="idle-exit", daemon=True).start()
-
-    def _exit_when_idle(self) -> None:
-        while True:
-            time.sleep(min(60.0, self.idle_exit_s / 4))
-            if time.monotonic() - self.state.last_call > self.idle_exit_s:  # state's clock is time.monotonic
-                logger.info("prefix router: no calls for %.0f s, exiting", self.idle_exit_s)
-                ray.kill(ray.get_runtime_context().current_actor, no_restart=True)
-                return
-
-    def report(self, replica: str, number: int, load: tuple[int, ...], stored: Sequence[int],
-               removed: Sequence[int], snapshot: Sequence[int] | None) -> str:
-        return self.state.report(replica, number, load, stored, removed, snapshot)
-
-    def drop_replicas(self, replicas: list[str]) -> list[str]:
-        dropped = self.state.drop_replicas(replicas)
-        if dropped:
-            logger.info("prefix router: dropped replicas %s and their cached blocks", dropped)
-        return dropped
-
-    def pull(self, epoch: str | None, since: int, router: str | None = None,
-             router_stats: dict[str, Any] | None = None) -> dict[str, Any]:
-        return self.state.pull(epoch, since, router, router_stats)
-
-    def match(self, hashes: list[int]) -> dict[str, int]:
-        return self.state.index.match(hashes)
-
-    def stats(self) -> dict[str, Any]:
-        return {**self.state.stats(), "actor_cpu_s": time.process_time()}
-
-
-def get_router_actor(app_name: str, replica_timeout_s: float = 30.0):
-    """The application's router actor, created by whoever asks first (a replica or a request router)."""
-    # "DEFAULT": outside the caller's placement group. A replica's actors inherit its group, and the group goes
-    # with the replica: the router actor would die with the first replica to be replaced.
-    return PrefixRouterActor.options(name=router_actor_name(app_name), namespace=ROUTER_NAMESPACE,
-                                     lifetime="detached", get_if_exists=True,
-                                     scheduling_strategy="DEFAULT").remote(replica_timeout_s)
+REQUEST_ROUTER_CLASS = "deployments.request_router:PrefixAwareRequestRouter"
 
 
 def prefix_request_router_config(block_size: int, routing_kwargs: dict[str, Any]) -> RequestRouterConfig:
@@ -103,96 +35,6 @@ def prefix_request_router_config(block_size: int, routing_kwargs: dict[str, Any]
     return RequestRouterConfig(request_router_class=REQUEST_ROUTER_CLASS,
                                request_router_kwargs={"block_size": block_size, **config.to_dict()},
                                request_routing_stats_period_s=2.0)
-
-
-# ---- the replica's side ------------------------------------------------------------------------------------
-
-
-class CacheEventPublisher:
-    """A thread that sends the replica's buffered cache events (and its load) to the router actor with
-    non-blocking calls: every publish_period_s when something changed, every heartbeat_period_s regardless.
-    At most max_inflight_reports are in flight; beyond that, changes merge in the buffer until one returns."""
-
-    def __init__(self, app_name: str, replica_id: str, buffer: CacheEventBuffer,
-                 load: Callable[[], tuple[int, ...]], config: PrefixRoutingConfig) -> None:
-        self.app_name = app_name
-        self.replica_id = replica_id
-        self.buffer = buffer
-        self.config = config
-        self._load = load
-        self._actor = None
-        self._number = 0
-        self._last_snapshot = -1
-        self._inflight: list[tuple[ray.ObjectRef, int]] = []
-        self._last_sent = 0.0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="cache-event-publisher", daemon=True)
-        self.dropped = False
-        self.num_reports = 0
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-
-    def _run(self) -> None:
-        last_error = 0.0
-        while not self._stop.wait(self.config.publish_period_s) and not self.dropped:
-            try:
-                self._tick()
-            except Exception as e:  # never let reporting take the replica down; the next tick retries
-                self._actor = None
-                self.buffer.request_resync()
-                if time.monotonic() - last_error > 10:
-                    logger.warning("prefix router: report from %s failed: %r", self.replica_id, e)
-                    last_error = time.monotonic()
-
-    def _tick(self) -> None:
-        if self._actor is None:
-            self._actor = get_router_actor(self.app_name, self.config.replica_timeout_s)
-        self._collect_answers()
-        if len(self._inflight) >= self.config.max_inflight_reports:
-            return
-        now = time.monotonic()
-        report = self.buffer.take()
-        if report is None and now - self._last_sent < self.config.heartbeat_period_s:
-            return
-        snapshot, stored, removed = (report.snapshot, report.stored, report.removed) if report else (None, [], [])
-        ref = self._actor.report.remote(self.replica_id, self._number, self._load(), stored, removed, snapshot)
-        if snapshot is not None:
-            self._last_snapshot = self._number
-        self._inflight.append((ref, self._number))
-        self._number += 1
-        self._last_sent = now
-        self.num_reports += 1
-
-    def _collect_answers(self) -> None:
-        if not self._inflight:
-            return
-        refs = [r for r, _ in self._inflight]
-        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
-        if not ready:
-            return
-        done = set(ready)
-        answers = [(ref, n) for ref, n in self._inflight if ref in done]
-        self._inflight = [(ref, n) for ref, n in self._inflight if ref not in done]
-        for ref, n in answers:
-            try:
-                answer = ray.get(ref)
-            except RayActorError:  # the actor died (it restarts empty) or was killed: find it again, resync
-                self._actor = None
-                self.buffer.request_resync()
-                continue
-            if answer == RESYNC and n > self._last_snapshot:
-                self.buffer.request_resync()
-            elif answer == DROPPED:
-                logger.info("prefix router: replica %s was dropped from the index; it stops reporting",
-                            self.replica_id)
-                self.dropped = True
-
-
-# ---- the ingress's side ------------------------------------------------------------------------------------
 
 
 class PrefixAwareRequestRouter(RequestRouter):
@@ -207,7 +49,9 @@ class PrefixAwareRequestRouter(RequestRouter):
         super().__init__(*args, **kwargs)
         self.initialize_state()
 
-    def initialize_state(self, block_size: int = 16, **kwargs: Any) -> None:
+    def initialize_state(self, block_size: int | None = None, **kwargs: Any) -> None:
+        """Serve passes the request_router_kwargs of prefix_request_router_config(): block_size is the engine's
+        (the app's Config), so prompts hash as the block manager hashes them. Until then: load alone."""
         self._config = PrefixRoutingConfig.from_kwargs(**kwargs)
         self._block_size = block_size
         self._mirror = IndexMirror(self._config.expect_ttl_s)
@@ -253,6 +97,8 @@ class PrefixAwareRequestRouter(RequestRouter):
         """The block hashes of a generate call's prompt that the engine could reuse (all but its last token),
         hashed as the block manager does; [] for other calls."""
         if pr is None or pr.metadata.call_method != "generate" or not pr.args:
+            return []
+        if self._block_size is None:
             return []
         rid = pr.metadata.internal_request_id
         hashes = self._sent_hashes.get(rid)

@@ -1,4 +1,7 @@
-"""The chained block hash shared by the block manager and the prefix-aware router.
+"""What the engine and the prefix-aware router agree on about KV blocks: the chained block hash that names a full
+block, and the events the block manager records when it stores or evicts one (the router's index follows them).
+A neutral module: the engine (block manager) and the router (index, request router) both import it, neither
+imports the other.
 
 A full block of `block_size` token ids hashes to xxhash64(parent hash, token ids); the first block has no
 parent. Two sequences that share their first n full blocks share the first n hashes.
@@ -7,6 +10,7 @@ parent. Two sequences that share their first n full blocks share the first n has
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import xxhash
@@ -33,3 +37,18 @@ def prefix_block_hashes(token_ids: Sequence[int], block_size: int, max_blocks: i
         parent = hash_block(parent, token_ids[i * block_size:(i + 1) * block_size])
         hashes.append(parent)
     return hashes
+
+
+@dataclass(frozen=True, slots=True)
+class BlockStored:
+    block_hash: int
+    parent_hash: int  # NO_PARENT for a first block
+    token_ids: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class BlockRemoved:
+    block_hash: int
+
+
+KVCacheEvent = BlockStored | BlockRemoved

@@ -1,0 +1,5 @@
+import sys
+
+from deployments.batch.cli import main
+
+sys.exit(main())
