@@ -1,4 +1,5 @@
-"""Shared by the benchmarks: the demo checkpoint, the card's measured bandwidth and FLOP rate, JSON results."""
+"""Shared by the benchmarks: the demo checkpoint, the card's measured bandwidth and FLOP rate, JSON results,
+percentiles, and each LLMServer replica's answer to a method (the streaming HTTP client is http_client.py)."""
 
 from __future__ import annotations
 
@@ -67,15 +68,28 @@ def model_shape(path: str) -> dict:
             "flops_per_token": 2 * (params - embed)}  # the LM head runs on sampled rows only
 
 
-async def stream_completion(client, url: str, body: dict):
-    """POST a streaming completion; yields (arrival time, parsed chunk) for each `data: {...}` server event."""
-    import json as _json
+def percentile(xs: list[float], q: float) -> float:
+    """The q-quantile of xs (nearest rank); NaN for none."""
+    if not xs:
+        return float("nan")
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(q * len(xs)))]
 
-    async with client.stream("POST", url, json={**body, "stream": True}) as r:
-        r.raise_for_status()
-        async for line in r.aiter_lines():
-            if line.startswith("data: {"):
-                yield time.perf_counter(), _json.loads(line[6:])
+
+def per_replica(app: str, method: str, *args) -> dict[str, dict]:
+    """An LLMServer method's answer from every replica, by replica (each call lands on one: ask until all have
+    answered). The method's answer names its replica (`"replica"`)."""
+    from ray import serve
+
+    handle = serve.get_deployment_handle("LLMServer", app_name=app)
+    n_replicas = sum(serve.status().applications[app].deployments["LLMServer"].replica_states.values()) or 1
+    seen: dict[str, dict] = {}
+    for _ in range(200):
+        res = getattr(handle, method).remote(*args).result(timeout_s=60)
+        seen[res["replica"]] = res
+        if len(seen) >= n_replicas:
+            return seen
+    raise RuntimeError(f"only {len(seen)} of {n_replicas} replicas of {app} answered {method}")
 
 
 def device_name() -> str:

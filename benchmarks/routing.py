@@ -29,10 +29,12 @@ from typing import Any
 from benchmarks.common import (
     demo_checkpoint,
     device_name,
+    per_replica,
+    percentile,
     print_table,
-    stream_completion,
     write_result,
 )
+from benchmarks.http_client import stream_completion
 from benchmarks.prefix_cache import Chat, ReuseBound, make_chats, random_ids
 
 
@@ -42,18 +44,13 @@ def workload(args) -> list[Chat]:
     return make_chats(rng, args.users, args.turns, systems, args.message_len)
 
 
-def percentile(xs: list[float], q: float) -> float:
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(q * len(xs)))]
-
-
 # ---- through the service -------------------------------------------------------------------------------------
 
 
 async def one_request(client, url: str, prompt: list[int], max_tokens: int) -> dict[str, Any]:
     body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True, "stream": True,
             "return_token_ids": True, "stream_options": {"include_usage": True}}
-    start = time.perf_counter()
+    start = time.monotonic()
     first = None
     ids: list[int] = []
     usage = None
@@ -64,7 +61,7 @@ async def one_request(client, url: str, prompt: list[int], max_tokens: int) -> d
         if chunk.get("usage"):
             usage = chunk["usage"]
     assert first is not None and usage is not None and len(ids) == max_tokens, (usage, len(ids))
-    return {"ttft": first - start, "e2e": time.perf_counter() - start, "ids": ids,
+    return {"ttft": first - start, "e2e": time.monotonic() - start, "ids": ids,
             "prompt_tokens": usage["prompt_tokens"], "cached": usage["prompt_tokens_details"]["cached_tokens"]}
 
 
@@ -95,20 +92,6 @@ async def run_users(url: str, chats: list[Chat], max_tokens: int, stagger_s: flo
         await asyncio.gather(*(user(u, c, client) for u, c in enumerate(chats)))
         wall = time.perf_counter() - start
     return {"results": results, "wall": wall}
-
-
-def replica_stats(app: str, num_replicas: int) -> dict[str, dict]:
-    """Each replica's engine counters, by asking until every replica has answered."""
-    from ray import serve
-
-    handle = serve.get_deployment_handle("LLMServer", app_name=app)
-    seen: dict[str, dict] = {}
-    for _ in range(50):
-        for s in [h.result(timeout_s=30) for h in [handle.stats.remote() for _ in range(4 * num_replicas)]]:
-            seen[s["replica"]] = s
-        if len(seen) >= num_replicas:
-            return seen
-    raise RuntimeError(f"only {len(seen)} of {num_replicas} replicas answered")
 
 
 def serve_run(args, path: str, routing: str, port: int, run_index: int) -> dict:
@@ -142,11 +125,11 @@ def serve_run(args, path: str, routing: str, port: int, run_index: int) -> dict:
                 await asyncio.gather(*(one_request(client, url, p, 2) for p in warm[i:i + args.replicas]))
 
     asyncio.run(warm_up())
-    before = replica_stats(app, args.replicas)
+    before = per_replica(app, "stats")
     run = asyncio.run(run_users(url, workload(args), args.max_tokens, args.stagger_s, args.think_s,
                                 args.block_size, args.seed))
     time.sleep(1.5)  # let the replicas' counters and the router's stats catch up
-    after = replica_stats(app, args.replicas)
+    after = per_replica(app, "stats")
     decisions = None
     if routing == "prefix_aware":
         actor = ray.get_actor(router_actor_name(app), namespace=ROUTER_NAMESPACE)
@@ -156,12 +139,11 @@ def serve_run(args, path: str, routing: str, port: int, run_index: int) -> dict:
     serve.delete(app)
     if routing == "prefix_aware":
         ray.kill(actor)
-    per_replica = {r: {"requests": after[r]["num_requests"] - before.get(r, {}).get("num_requests", 0),
-                       "computed_tokens": (after[r]["prefix_cache_queries"] - after[r]["prefix_cache_hits"])
-                       - (before.get(r, {}).get("prefix_cache_queries", 0)
-                          - before.get(r, {}).get("prefix_cache_hits", 0))}
-                   for r in after}
-    return {**run, "per_replica": per_replica, "decisions": decisions}
+    loads = {r: {"requests": after[r]["num_requests"] - before.get(r, {}).get("num_requests", 0),
+                 "computed_tokens": (after[r]["prefix_cache_queries"] - after[r]["prefix_cache_hits"])
+                 - (before.get(r, {}).get("prefix_cache_queries", 0) - before.get(r, {}).get("prefix_cache_hits", 0))}
+             for r in after}
+    return {**run, "per_replica": loads, "decisions": decisions}
 
 
 def summarize(name: str, runs: list[dict]) -> dict:

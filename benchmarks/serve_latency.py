@@ -26,16 +26,16 @@ from benchmarks.common import (
     demo_checkpoint,
     device_name,
     print_table,
-    stream_completion,
     write_result,
 )
+from benchmarks.http_client import stream_completion
 from benchmarks.latency import run_batch
 
 
 async def http_one(client, url: str, prompt: list[int], output_len: int) -> tuple[float, float]:
     body = {"prompt": prompt, "max_tokens": output_len, "temperature": 0, "ignore_eos": True, "stream": True,
             "stream_options": {"include_usage": True}}
-    start = time.perf_counter()
+    start = time.monotonic()
     first = last = None
     tokens = 0
     async for now, chunk in stream_completion(client, url, body):

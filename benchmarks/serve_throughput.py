@@ -39,17 +39,10 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import RESULTS, demo_checkpoint, device_name, print_table, write_result
+from benchmarks.common import RESULTS, demo_checkpoint, device_name, per_replica, percentile, print_table, write_result
 from benchmarks.throughput import workload
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def pct(xs: list[float], q: float) -> float:
-    if not xs:
-        return float("nan")
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(q * len(xs)))]
 
 
 def subset(n_all: int, c: int) -> int:
@@ -112,10 +105,10 @@ def offline(args, path: str, engine_kwargs: dict, levels: list[int]) -> dict[int
         tokens = sum(max_tokens[:n])
         full = [e - t for t, e, seqs, k in steps if k == seqs and seqs >= 0.9 * min(c, n)]
         out[c] = {"requests": n, "output_tokens": tokens, "seconds": wall, "tok_s": tokens / wall,
-                  "ttft_p50_ms": 1e3 * pct([first[r] - sent[r] for r in sent], 0.5),
-                  "ttft_p99_ms": 1e3 * pct([first[r] - sent[r] for r in sent], 0.99),
-                  "gap_p50_ms": 1e3 * pct(gaps, 0.5), "gap_p99_ms": 1e3 * pct(gaps, 0.99),
-                  "tpot_p50_ms": 1e3 * pct([(last[r] - first[r]) / max(1, m - 1)
+                  "ttft_p50_ms": 1e3 * percentile([first[r] - sent[r] for r in sent], 0.5),
+                  "ttft_p99_ms": 1e3 * percentile([first[r] - sent[r] for r in sent], 0.99),
+                  "gap_p50_ms": 1e3 * percentile(gaps, 0.5), "gap_p99_ms": 1e3 * percentile(gaps, 0.99),
+                  "tpot_p50_ms": 1e3 * percentile([(last[r] - first[r]) / max(1, m - 1)
                                             for r, m in zip(sent, max_tokens[:n])], 0.5),
                   "step_ms_at_batch": 1e3 * statistics.median(full) if full else float("nan"),
                   "engine": engine_summary(steps, wall)}
@@ -192,29 +185,15 @@ def summarize(results: list[dict]) -> dict:
         if len(ch) > 1 and r["tokens"] > 1:
             tpot.append((ch[-1][0] - ch[0][0]) / (r["tokens"] - 1))
     return {"requests": len(results), "output_tokens": tokens, "seconds": end - start, "tok_s": tokens / (end - start),
-            "ttft_p50_ms": 1e3 * pct(ttft, 0.5), "ttft_p99_ms": 1e3 * pct(ttft, 0.99),
-            "gap_p50_ms": 1e3 * pct(token_gaps, 0.5), "gap_p99_ms": 1e3 * pct(token_gaps, 0.99),
-            "chunk_gap_p50_ms": 1e3 * pct(chunk_gaps, 0.5), "chunk_gap_p99_ms": 1e3 * pct(chunk_gaps, 0.99),
+            "ttft_p50_ms": 1e3 * percentile(ttft, 0.5), "ttft_p99_ms": 1e3 * percentile(ttft, 0.99),
+            "gap_p50_ms": 1e3 * percentile(token_gaps, 0.5), "gap_p99_ms": 1e3 * percentile(token_gaps, 0.99),
+            "chunk_gap_p50_ms": 1e3 * percentile(chunk_gaps, 0.5),
+            "chunk_gap_p99_ms": 1e3 * percentile(chunk_gaps, 0.99),
             "tokens_per_chunk": statistics.fmean(per_chunk) if per_chunk else float("nan"),
-            "tpot_p50_ms": 1e3 * pct(tpot, 0.5)}
+            "tpot_p50_ms": 1e3 * percentile(tpot, 0.5)}
 
 
 # ---- the service ---------------------------------------------------------------------------------------------
-
-
-def per_replica(app: str, method: str, *args) -> dict[str, dict]:
-    """An LLMServer method's answer from every replica (each call lands on one; ask until all have answered)."""
-    from ray import serve
-
-    h = serve.get_deployment_handle("LLMServer", app_name=app)
-    n_replicas = sum(serve.status().applications[app].deployments["LLMServer"].replica_states.values()) or 1
-    seen: dict[str, dict] = {}
-    for _ in range(200):
-        res = getattr(h, method).remote(*args).result(timeout_s=60)
-        seen[res["replica"]] = res
-        if len(seen) >= n_replicas:
-            break
-    return seen
 
 
 def _delta(after: dict[str, dict], before: dict[str, dict], key: str) -> dict[str, int]:
@@ -231,7 +210,7 @@ def engine_summary(steps: list, wall: float) -> dict:
             "prefill_tokens_per_step": statistics.fmean(k for *_, k in prefill) if prefill else 0.0,
             "decode_steps": len(decode), "decode_s": sum(d for d, _ in decode),
             "decode_batch_mean": statistics.fmean(n for _, n in decode) if decode else 0.0,
-            "decode_step_ms_p50": 1e3 * pct([d for d, _ in decode], 0.5),
+            "decode_step_ms_p50": 1e3 * percentile([d for d, _ in decode], 0.5),
             "outside_steps_s": max(0.0, wall - busy), "wall_s": wall}
 
 

@@ -115,7 +115,7 @@ class LLMServer:
 
     async def engine_timeline(self, since: float = 0.0) -> dict[str, Any]:
         """The engine loop's steps since `since` (benchmarks: where the engine's time went)."""
-        return {**await self.core.actor.timeline.remote(since), "replica": self.replica_id}
+        return {"steps": await self.core.actor.timeline.remote(since), "replica": self.replica_id}
 
     def record_routing_stats(self) -> dict[str, Any]:
         """Polled by Serve for the request router (RunningReplica.routing_stats)."""

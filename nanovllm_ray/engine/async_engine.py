@@ -8,8 +8,7 @@ stops the loop and is reported once (the engine's state is unknown).
 
 AsyncEngine: the asyncio side. `generate()` streams one request's outputs; each item merges every output that
 arrived since the reader last took one (the first goes out at once: no timer), so a slow reader gets fewer, larger
-items and never slows the engine. The loop runs in an engine core: a Ray actor of its own (engine/core.py; the
-service: its own process and GIL) or a thread of this process (tests, `LocalCore`).
+items and never slows the engine. The loop runs in an engine core, a Ray actor of its own (engine/core.py).
 """
 
 from __future__ import annotations
@@ -22,7 +21,6 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 from nanovllm_ray.engine.llm_engine import EngineStats, LLMEngine, RequestError
 from nanovllm_ray.engine.output import RequestOutput
@@ -73,10 +71,8 @@ class EngineLoop:
         self._events = engine.config.enable_kv_cache_events
         self.error: BaseException | None = None
         self.num_steps = 0
-        # (start, end, sequences, tokens, requests added before it) per step, and the time spent waiting for
-        # work: where the loop's time goes, for benchmarks (a few floats a step)
-        self.trace: deque[tuple[float, float, int, int, int]] = deque(maxlen=200_000)
-        self.idle_s = 0.0
+        # (start, end, sequences, tokens) of each step: where the loop's time goes, for benchmarks
+        self.trace: deque[tuple[float, float, int, int]] = deque(maxlen=200_000)
         self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
 
     def start(self) -> None:
@@ -94,14 +90,9 @@ class EngineLoop:
         if self._thread.is_alive():
             self._thread.join(timeout_s)
 
-    @property
-    def alive(self) -> bool:
-        return self._thread.is_alive() and self.error is None
-
-    def timeline(self, since: float = 0.0) -> dict[str, Any]:
-        """The steps that started after `since` (time.monotonic) and the loop's idle time so far."""
-        return {"steps": [t for t in list(self.trace) if t[0] >= since], "idle_s": self.idle_s,
-                "now": time.monotonic()}
+    def timeline(self, since: float = 0.0) -> list[tuple[float, float, int, int]]:
+        """The steps that started after `since` (time.monotonic)."""
+        return [t for t in list(self.trace) if t[0] >= since]
 
     def _apply(self, cmd: tuple) -> RequestOutput | None:
         engine = self.engine
@@ -135,11 +126,7 @@ class EngineLoop:
         try:
             while True:
                 # Block only when there is nothing to step; otherwise take whatever commands are queued.
-                cmds = []
-                if not engine.has_unfinished_requests():
-                    t = time.monotonic()
-                    cmds.append(self._commands.get())
-                    self.idle_s += time.monotonic() - t
+                cmds = [] if engine.has_unfinished_requests() else [self._commands.get()]
                 while True:
                     try:
                         cmds.append(self._commands.get_nowait())
@@ -151,7 +138,7 @@ class EngineLoop:
                 if engine.has_unfinished_requests():
                     t = time.monotonic()
                     outputs += engine.step()
-                    self.trace.append((t, time.monotonic(), *engine.last_batch, len(cmds)))
+                    self.trace.append((t, time.monotonic(), *engine.last_batch))
                     self.num_steps += 1
                 events = engine.take_kv_events() if self._events else []
                 if outputs or events or cmds:
@@ -161,7 +148,6 @@ class EngineLoop:
             logger.exception("engine loop died")
             self.error = e
             self._on_dead(e)
-
 
     def _route(self, outputs: list[RequestOutput]) -> tuple[list[tuple], dict[str, list[tuple]]]:
         """Outputs for the sink's own stream, and for each subscriber."""
@@ -200,9 +186,9 @@ class _Stream:
 
 
 class AsyncEngine:
-    """Requests in, streams of RequestOutput out, on one asyncio loop. `core` carries commands to the engine
-    loop and its StepReports back (LocalCore or engine.core.RemoteCore); `on_report` sees every report (metrics,
-    cache events), `on_dead` the error that stopped the engine."""
+    """Requests in, streams of RequestOutput out, on one asyncio loop. `core` (engine.core.RemoteCore) carries
+    commands to the engine loop and its StepReports back; `on_report` sees every report (metrics, cache events),
+    `on_dead` the error that stopped the engine."""
 
     def __init__(self, core, on_report: Callable[[StepReport], None] | None = None,
                  on_dead: Callable[[BaseException], None] | None = None) -> None:
@@ -215,7 +201,6 @@ class AsyncEngine:
         self.error: BaseException | None = None
         self.stats: EngineStats = core.initial_stats
         self.num_steps = 0
-        self.last_report = time.monotonic()
 
     # ---- requests ------------------------------------------------------------------------------------------
 
@@ -262,9 +247,6 @@ class AsyncEngine:
             if not finished:
                 self._send(("abort", request_id))
 
-    def abort(self, request_id: str) -> None:
-        self._send(("abort", request_id))
-
     def _send(self, cmd: tuple) -> None:
         """Commands of one loop iteration go to the core together."""
         if not self._outbox:
@@ -288,7 +270,6 @@ class AsyncEngine:
                 s.wake()
         self.stats = report.stats
         self.num_steps = report.num_steps
-        self.last_report = time.monotonic()
         if self._on_report_hook is not None:
             self._on_report_hook(report)
 
@@ -315,34 +296,3 @@ class AsyncEngine:
 
     def shutdown(self) -> None:
         self.core.shutdown()
-
-
-class LocalCore:
-    """The engine loop on a thread of this process: reports reach the AsyncEngine's loop by call_soon_threadsafe."""
-
-    def __init__(self, engine: LLMEngine) -> None:
-        self.engine = engine
-        self.initial_stats = engine.stats()
-        self.loop: EngineLoop | None = None
-
-    def start(self, client: AsyncEngine) -> None:
-        aloop = asyncio.get_running_loop()
-        self.loop = EngineLoop(self.engine, lambda r: aloop.call_soon_threadsafe(client.on_report, r),
-                               lambda e: aloop.call_soon_threadsafe(client.on_dead, e))
-        self.loop.start()
-
-    def submit(self, cmds: list[tuple]) -> None:
-        self.loop.submit(cmds)
-
-    def shutdown(self) -> None:
-        if self.loop is not None:
-            self.loop.stop()
-        self.engine.shutdown()
-
-
-def describe(engine: LLMEngine) -> dict[str, Any]:
-    """What a client of an engine core needs to know about it."""
-    return {"num_blocks": engine.block_manager.num_blocks, "block_size": engine.config.block_size,
-            "max_model_len": engine.max_model_len, "stats": engine.stats(),
-            "device": str(getattr(engine.executor, "device", "?")),
-            "tensor_parallel_size": engine.config.tensor_parallel_size}

@@ -2,18 +2,15 @@
 
 A Serve replica that ran the engine loop on a thread of its own process shared one GIL between the loop and
 Serve's event loop and stream bookkeeping; under 256 streams the loop ran each step about 15 times slower. Here the
-loop owns its process (and, with one rank, the model and the GPU), and talks to its client in two channels:
+loop owns its process (and, with one rank, the model and the GPU). Commands come in with submit() (the add and
+abort commands of one client event-loop turn, fire and forget); outputs go out through channels, each read with
+read(channel): one long-poll call that returns everything the channel got since its last read, so one message per
+engine step carries every request's news while the reader keeps up, and several steps' when it falls behind.
 
-    client --submit([add/abort commands of one event-loop turn]), fire and forget--> EngineCoreActor
-    client <--one long-lived streaming call, reports(): each item is every StepReport since the last-- actor
-
-so one message per engine step carries every request's new tokens, and the client (AsyncEngine) fans them out.
-
-A third channel takes the token stream off the client's process altogether: a request added with a subscriber
-(an HTTP front end) has all its outputs kept for that subscriber, which reads them with read(): one long-poll
-call that returns every output since its last one, for all its requests. The client's stream then carries only
-each such request's first and last output (its bookkeeping: admission, metrics), the engine's stats at most
-every STATS_PERIOD_S, and the KV-cache events.
+    CONTROL (the client, AsyncEngine): StepReports with each request's outputs; of a request added with a
+        subscriber only its first and last (the client's bookkeeping: admission, metrics); the engine's stats at
+        most every STATS_PERIOD_S; the KV-cache events
+    a subscriber (an HTTP front end): every output of its requests, packed, straight from here
 """
 
 from __future__ import annotations
@@ -27,21 +24,23 @@ from dataclasses import dataclass
 from typing import Any
 
 from nanovllm_ray.config import Config
-from nanovllm_ray.engine.async_engine import AsyncEngine, EngineDeadError, EngineLoop, StepReport, describe
+from nanovllm_ray.engine.async_engine import AsyncEngine, EngineDeadError, EngineLoop, StepReport
 from nanovllm_ray.engine.llm_engine import LLMEngine
 
 logger = logging.getLogger(__name__)
 
+CONTROL = "control"  # the client's channel
 STATS_PERIOD_S = 0.05  # a report that carries only stats goes to the client at most this often
-SUBSCRIBER_TIMEOUT_S = 120.0  # outputs of a subscriber that has not read for this long are dropped
+READ_TIMEOUT_S = 5.0  # a read with nothing to return answers [] after this long
+CHANNEL_TIMEOUT_S = 120.0  # what a channel holds is dropped once nobody has read it for this long
 
 
-class _Subscriber:
+class _Channel:
     __slots__ = ("items", "event", "last_read")
 
     def __init__(self) -> None:
-        self.items: list[tuple] = []
-        self.event: asyncio.Event | None = None
+        self.items: list = []
+        self.event: asyncio.Event | None = None  # made on the actor's loop by the first read that waits
         self.last_read = time.monotonic()
 
 
@@ -56,71 +55,51 @@ class EngineCoreActor:
         sys.setswitchinterval(0.001)
         self.engine = LLMEngine(config)
         self._lock = threading.Lock()
-        self._pending: list[StepReport] = []
-        self._dead: BaseException | None = None
+        self._channels: dict[str, _Channel] = {}
+        self._to_wake: set[str] = set()  # channels with news since the last wake-up ran on the loop
         self._aloop: asyncio.AbstractEventLoop | None = None
-        self._wakeup: asyncio.Event | None = None
-        self._signalled = False
+        self._dead: BaseException | None = None
         self._last_forward = 0.0
-        self._subs: dict[str, _Subscriber] = {}
-        self._to_wake: set[str] = set()
         self.loop = EngineLoop(self.engine, self._add_report, self._died)
         self.loop.start()
 
     def describe(self) -> dict[str, Any]:
-        return describe(self.engine)
+        """What the client needs to know about this engine."""
+        engine = self.engine
+        return {"num_blocks": engine.block_manager.num_blocks, "stats": engine.stats(),
+                "device": str(getattr(engine.executor, "device", "?"))}
 
     def submit(self, commands: list[tuple]) -> None:
         self.loop.submit(commands)
 
-    async def reports(self):
-        """Stream every StepReport, as lists of those made since the last item; ends by raising when the engine
-        loop dies."""
-        self._aloop, self._wakeup = asyncio.get_running_loop(), asyncio.Event()
-        while True:
-            with self._lock:
-                batch, self._pending, self._signalled = self._pending, [], False
-                dead = self._dead
-            if batch:
-                yield batch
-            elif dead is not None:
-                raise EngineDeadError(f"the engine loop died: {type(dead).__name__}: {dead}")
-            else:
-                await self._wakeup.wait()
-                self._wakeup.clear()
-
-    async def read(self, subscriber: str, timeout_s: float = 5.0) -> list[tuple]:
-        """Every output of `subscriber`'s requests since its last read (packed RequestOutputs, in order); waits
-        up to timeout_s for one, then returns [] (the caller checks the engine and reads again)."""
-        self._aloop = self._aloop or asyncio.get_running_loop()
+    async def read(self, channel: str, timeout_s: float = READ_TIMEOUT_S) -> list:
+        """Everything `channel` got since its last read, in order; waits up to timeout_s for something, then
+        returns []. Raises EngineDeadError once the engine loop has died and the channel is drained."""
+        if self._aloop is None:  # the first read: from now on the engine thread wakes readers on this loop
+            self._aloop = asyncio.get_running_loop()
+            self._wake()  # (and forgets what it noted before)
         with self._lock:
-            sub = self._subs.get(subscriber)
-            if sub is None:
-                sub = self._subs[subscriber] = _Subscriber()
-        sub.last_read = time.monotonic()
-        deadline = sub.last_read + timeout_s
+            ch = self._channels.get(channel)
+            if ch is None:
+                ch = self._channels[channel] = _Channel()
+        ch.last_read = time.monotonic()
+        deadline = ch.last_read + timeout_s
         while True:
             with self._lock:
-                items, sub.items = sub.items, []
+                items, ch.items = ch.items, []
             if items:
                 return items
             if self._dead is not None:
                 raise EngineDeadError(f"the engine loop died: {type(self._dead).__name__}: {self._dead}")
-            if sub.event is None:
-                sub.event = asyncio.Event()
+            if ch.event is None:
+                ch.event = asyncio.Event()
             try:
-                await asyncio.wait_for(sub.event.wait(), max(0.0, deadline - time.monotonic()))
+                await asyncio.wait_for(ch.event.wait(), max(0.0, deadline - time.monotonic()))
             except TimeoutError:
                 return []
-            sub.event.clear()
+            ch.event.clear()
 
-    def ping(self) -> int:
-        """The number of steps so far; raises if the engine loop is dead."""
-        if not self.loop.alive:
-            raise EngineDeadError(f"the engine loop is not running: {self.loop.error!r}")
-        return self.loop.num_steps
-
-    def timeline(self, since: float = 0.0) -> dict[str, Any]:
+    def timeline(self, since: float = 0.0) -> list[tuple]:
         return self.loop.timeline(since)
 
     def shutdown(self) -> None:
@@ -133,51 +112,43 @@ class EngineCoreActor:
         now = time.monotonic()
         idle = report.stats.num_running == 0 and report.stats.num_waiting == 0  # the last stats for a while
         forward = bool(report.outputs or report.kv_events) or idle or now - self._last_forward >= STATS_PERIOD_S
-        wake = False
         with self._lock:
+            wake = not self._to_wake  # else a wake-up is already on its way to the loop
             for name, items in report.by_subscriber.items():
-                sub = self._subs.get(name)
-                if sub is None:
-                    sub = self._subs[name] = _Subscriber()
-                sub.items += items
-                if self._aloop is not None:  # else no reader has come yet: its first read takes these
-                    wake = wake or not self._to_wake  # a wake-up is not already on its way
-                    self._to_wake.add(name)
-            signal = False
+                self._put(name, items)
             if forward:
                 report.by_subscriber = {}
-                self._pending.append(report)
+                self._put(CONTROL, [report])
                 self._last_forward = now
-                signal, self._signalled = not self._signalled, True
-        if wake and self._aloop is not None:
-            self._aloop.call_soon_threadsafe(self._wake_subscribers)
-        if signal:
-            self._signal()
+            wake = wake and bool(self._to_wake)
+        if wake and self._aloop is not None:  # else no read has come yet: the first one finds what is there
+            self._aloop.call_soon_threadsafe(self._wake)
 
-    def _wake_subscribers(self) -> None:
+    def _put(self, name: str, items: list) -> None:
+        ch = self._channels.get(name)
+        if ch is None:
+            ch = self._channels[name] = _Channel()
+        ch.items += items
+        self._to_wake.add(name)
+
+    def _wake(self) -> None:
         """On the actor's loop: wake the readers that have news; drop what readers gone for good left behind."""
         now = time.monotonic()
         with self._lock:
             names, self._to_wake = self._to_wake, set()
             for name in names:
-                sub = self._subs[name]
-                if now - sub.last_read > SUBSCRIBER_TIMEOUT_S:
-                    sub.items = []  # its reader is gone (an ingress replica that died)
-                elif sub.event is not None:
-                    sub.event.set()
+                ch = self._channels[name]
+                if now - ch.last_read > CHANNEL_TIMEOUT_S:
+                    ch.items = []  # its reader is gone (an ingress replica that died)
+                elif ch.event is not None:
+                    ch.event.set()
 
     def _died(self, error: BaseException) -> None:
         with self._lock:
             self._dead = error
-            names = list(self._subs)
-            self._to_wake.update(names)
-        self._signal()
+            self._to_wake.update(self._channels)
         if self._aloop is not None:
-            self._aloop.call_soon_threadsafe(self._wake_subscribers)
-
-    def _signal(self) -> None:
-        if self._aloop is not None:
-            self._aloop.call_soon_threadsafe(self._wakeup.set)
+            self._aloop.call_soon_threadsafe(self._wake)
 
 
 @dataclass(frozen=True, slots=True)
@@ -202,25 +173,19 @@ class RemoteCore:
         self._task = asyncio.get_running_loop().create_task(self._consume(client))
 
     async def _consume(self, client: AsyncEngine) -> None:
+        """Read the control channel for as long as the engine lives; its death (the actor's: RayActorError, the
+        loop's: EngineDeadError) goes to the client."""
         try:
-            # Backpressure: at most two items unread; meanwhile the actor gathers reports into its next item.
-            gen = self.actor.reports.options(num_returns="streaming",
-                                             _generator_backpressure_num_objects=2).remote()
-            async for ref in gen:
-                for report in await ref:
+            while True:
+                for report in await self.actor.read.remote(CONTROL):
                     client.on_report(report)
-            error: BaseException = EngineDeadError("the engine core's report stream ended")
         except asyncio.CancelledError:
             return
-        except Exception as e:  # the actor died (RayActorError) or its loop did (RayTaskError)
-            error = e
-        client.on_dead(error)
+        except Exception as e:
+            client.on_dead(e)
 
     def submit(self, cmds: list[tuple]) -> None:
         self.actor.submit.remote(cmds)
-
-    async def ping(self, timeout_s: float) -> int:
-        return await asyncio.wait_for(self.actor.ping.remote(), timeout_s)
 
     def shutdown(self) -> None:
         import ray

@@ -69,38 +69,23 @@ class RequestOutput:
 
 
 class IncrementalDetokenizer:
-    """Text of a growing list of token ids, O(new tokens) per call. Holds back an incomplete UTF-8 character
-    (a byte-level token that starts one) until the token that completes it arrives."""
+    """Text of a growing list of token ids, O(new tokens) per call: the tokenizers library's DecodeStream, which
+    holds back an incomplete UTF-8 character (a byte-level token that starts one) until the token that completes
+    it arrives."""
 
     def __init__(self, tokenizer, skip_special_tokens: bool = True) -> None:
-        self.tokenizer = tokenizer
-        self.skip_special_tokens = skip_special_tokens
-        backend = getattr(tokenizer, "backend_tokenizer", None)
-        self._stream = None
-        try:
-            from tokenizers import Tokenizer
-            from tokenizers.decoders import DecodeStream
+        from tokenizers import Tokenizer
+        from tokenizers.decoders import DecodeStream
 
-            if isinstance(backend, Tokenizer):
-                self._backend, self._stream = backend, DecodeStream(skip_special_tokens=skip_special_tokens)
-        except ImportError:  # an old tokenizers: the prefix-offset method below
-            pass
-        # prefix-offset method (a tokenizer without a Rust backend): decode a window of recent tokens twice
-        self._ids: list[int] = []
-        self._prefix = self._read = 0
+        self._backend = getattr(tokenizer, "backend_tokenizer", None)
+        if not isinstance(self._backend, Tokenizer):
+            raise TypeError(f"{type(tokenizer).__name__} has no Rust tokenizer (backend_tokenizer): incremental "
+                            "detokenizing needs a fast tokenizer, as every Qwen3 checkpoint has")
+        self._stream = DecodeStream(skip_special_tokens=skip_special_tokens)
 
     def add(self, token_ids: list[int]) -> str:
         """The text that token_ids add."""
-        if self._stream is not None:
-            return self._stream.step(self._backend, token_ids) or ""
-        self._ids += token_ids
-        decode = self.tokenizer.decode
-        prefix = decode(self._ids[self._prefix:self._read], skip_special_tokens=self.skip_special_tokens)
-        full = decode(self._ids[self._prefix:], skip_special_tokens=self.skip_special_tokens)
-        if len(full) <= len(prefix) or full.endswith("\ufffd"):
-            return ""
-        self._prefix, self._read = self._read, len(self._ids)
-        return full[len(prefix):]
+        return self._stream.step(self._backend, token_ids) or ""
 
 
 @dataclass(slots=True)

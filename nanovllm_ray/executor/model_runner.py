@@ -222,11 +222,10 @@ class ModelRunner:
 
     def sampling_tensors(self, step: StepInput) -> SamplingTensors:
         all_greedy = all(x == 0 for x in step.temperatures)
-        floats, ks = step.sampling_arrays(self.vocab_size)
         if all_greedy:  # sample() reads none of the tensors
             floats, ks = torch.empty(3, 0), torch.empty(0, dtype=torch.int64)
         else:
-            floats, ks = _to_device(floats, self.device), _to_device(ks, self.device)
+            floats, ks = (_to_device(t, self.device) for t in step.sampling_arrays(self.vocab_size))
         return SamplingTensors(
             temperatures=floats[0], top_ks=ks, top_ps=floats[1], min_ps=floats[2],
             seeds=step.seeds,
