@@ -224,16 +224,20 @@ def test_engine_core_death_fails_its_requests_with_503_and_the_replica_is_replac
     assert not stream.is_alive(), "the stream hung after its engine died"
     assert stream.error is not None and "engine" in stream.error["message"], stream.error
     failed_after = round(stream.done_at - killed, 2)
+    # /health tells the truth while no replica has a live engine: 503 with an OpenAI body, within its 2 s
+    t = time.monotonic()
+    health = httpx.get(f"{url}/one/health", timeout=10)
+    health_s = time.monotonic() - t
+    assert health.status_code == 503 and health.json()["error"]["code"] == "engine_unavailable", health.text
+    assert health_s < 5
     # a request meanwhile: a 503 or, once replaced, a 200 — never a hang
     status, data, seconds = _post(url, "/one/v1/completions", {"prompt": "meanwhile", "max_tokens": 2})
     assert status in (200, 503) and seconds < BOUND_S, (status, data)
-    health = httpx.get(f"{url}/one/health", timeout=10)
-    assert health.status_code in (200, 503)
     again = _serving_again(url, "one", killed)
     assert httpx.get(f"{url}/one/health", timeout=10).status_code == 200
     RESULTS.append({"case": "engine core actor killed mid-stream (1 replica)",
                     "client_sees": f"error event {stream.error.get('code')} after {failed_after} s; "
-                                   f"a new request: {status} in {seconds:.1f} s; /health {health.status_code}",
+                                   f"/health 503 in {health_s:.1f} s; a new request: {status} in {seconds:.1f} s",
                     "within_bound": failed_after < BOUND_S, "lost": 1, "serving_again_s": again})
 
 
