@@ -5,7 +5,7 @@ import torch
 from conftest import assert_no_leak
 
 from nanovllm_ray import LLM, RequestState, SamplingParams
-from nanovllm_ray.layers.sampler import SamplingTensors, sample
+from nanovllm_ray.layers.sampler import SamplingTensors, sample, sample_temperature
 
 # A known distribution over 8 tokens: probabilities 0.4, 0.2, 0.15, 0.1, 0.08, 0.04, 0.02, 0.01
 PROBS = torch.tensor([0.4, 0.2, 0.15, 0.1, 0.08, 0.04, 0.02, 0.01])
@@ -49,6 +49,21 @@ def test_sampling_frequencies_follow_the_distribution():
     tokens = sample(PROBS.log().expand(n, -1).clone(), _tensors(n)).token_ids
     freq = torch.bincount(tokens, minlength=8).float() / n
     assert torch.allclose(freq, PROBS, atol=0.015), freq
+
+
+def test_temperature_path_of_the_decode_graphs_follows_the_distribution():
+    """sample_temperature (what the decode graphs call): T=1 rows follow softmax, T=0 rows are the argmax, and the
+    result lands in `out`."""
+    torch.manual_seed(0)
+    n = 20000
+    logits = PROBS.log().expand(n, -1).clone()
+    temps = torch.ones(n, dtype=torch.float64)
+    temps[::2] = 0.0
+    out = torch.full((n,), -1, dtype=torch.int64)
+    sample_temperature(logits, temps, out=out)
+    assert (out[::2] == 0).all()
+    freq = torch.bincount(out[1::2], minlength=8).float() / (n // 2)
+    assert torch.allclose(freq, PROBS, atol=0.02), freq
 
 
 def test_greedy_rows_take_the_argmax_in_a_mixed_batch():

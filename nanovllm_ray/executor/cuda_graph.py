@@ -13,18 +13,16 @@ Requests that need more (top-k/p, min-p, seeds, logprobs) sample from the graph'
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
+from nanovllm_ray.config import Config
 from nanovllm_ray.executor.step import StepInput
 from nanovllm_ray.layers import ops
-from nanovllm_ray.layers.attention import AttentionMetadata
+from nanovllm_ray.layers.attention import AttentionBackend, AttentionMetadata
 from nanovllm_ray.layers.parallel import tp_size
-
-if TYPE_CHECKING:
-    from nanovllm_ray.executor.model_runner import ModelRunner
+from nanovllm_ray.layers.sampler import sample_temperature
 
 # Sections of the packed per-step vector, each `bs` long for a graph of bs rows.
 IDS, POS, SLOTS, LENS, SRC, TEMPS = range(6)
@@ -37,12 +35,14 @@ def graph_batch_sizes(max_num_seqs: int) -> list[int]:
 
 
 class DecodeGraphs:
-    def __init__(self, runner: ModelRunner) -> None:
-        cfg = runner.config
-        self.runner = runner
+    def __init__(self, model: torch.nn.Module, backend: AttentionBackend, config: Config, device: torch.device,
+                 dtype: torch.dtype) -> None:
+        """model: called as model(ids, positions, meta) -> hidden states, with an `lm_head`; captured at once."""
+        cfg = self.config = config
+        self.model, self.backend = model, backend
         self.sizes = graph_batch_sizes(cfg.max_num_seqs)
         self.max_bs = self.sizes[-1]
-        dev = runner.device
+        dev = device
         max_blocks = math.ceil(cfg.max_model_len / cfg.block_size)
         # The LM head and sampler go in the graph only with one rank (several gather logits to rank 0).
         self.with_head = tp_size() == 1
@@ -50,12 +50,12 @@ class DecodeGraphs:
         self.vec = torch.zeros(SECTIONS * self.max_bs, dtype=torch.int64, device=dev)
         self.block_tables = torch.zeros(self.max_bs, max_blocks, dtype=torch.int32, device=dev)
         self.query_start_loc = torch.arange(self.max_bs + 1, dtype=torch.int32, device=dev)
-        self.hidden = torch.zeros(self.max_bs, cfg.hf_config["hidden_size"], dtype=runner.dtype, device=dev)
+        self.hidden = torch.zeros(self.max_bs, cfg.hf_config["hidden_size"], dtype=dtype, device=dev)
         # Sampled tokens, rows of the last step (its sampled rows may be more than max_bs after a mixed step).
         self.tokens = torch.zeros(max(cfg.max_num_seqs, self.max_bs), dtype=torch.int64, device=dev)
         self.logits = None
         if self.with_head:
-            self.logits = torch.zeros(self.max_bs, runner.vocab_size, dtype=runner.dtype, device=dev)
+            self.logits = torch.zeros(self.max_bs, cfg.hf_config["vocab_size"], dtype=dtype, device=dev)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self._capture()
 
@@ -63,26 +63,24 @@ class DecodeGraphs:
         return self.vec[k * bs:(k + 1) * bs]
 
     def _meta(self, bs: int) -> AttentionMetadata:
-        max_len = self.runner.config.max_model_len
+        max_len = self.config.max_model_len
         meta = AttentionMetadata(
-            backend=self.runner.backend, slot_mapping=self.section(bs, SLOTS),
+            backend=self.backend, slot_mapping=self.section(bs, SLOTS),
             query_start_loc=self.query_start_loc[:bs + 1], seq_lens=self.section(bs, LENS),
             block_tables=self.block_tables[:bs], max_query_len=1, max_seq_len=max_len, query_lens_cpu=[1] * bs,
             seq_lens_cpu=[max_len] * bs, is_decode_only=True, no_cached_context=False)
-        self.runner.backend.prepare(meta)
+        self.backend.prepare(meta)
         return meta
 
     def _forward(self, bs: int, meta: AttentionMetadata) -> None:
         """The captured work: gather pending tokens, model, and (one rank) LM head and sampling."""
-        model = self.runner.model
+        model = self.model
         ids = ops.merge_pending(self.section(bs, IDS), self.section(bs, SRC), self.tokens)
         hidden = model(ids, self.section(bs, POS), meta)
         self.hidden[:bs] = hidden
         if self.with_head:
-            from nanovllm_ray.kernels.sampling import sample_tokens
-
             torch.mm(hidden, model.lm_head.weight.t(), out=self.logits[:bs])
-            sample_tokens(self.logits[:bs], self.section(bs, TEMPS).view(torch.float64), out=self.tokens[:bs])
+            sample_temperature(self.logits[:bs], self.section(bs, TEMPS).view(torch.float64), out=self.tokens[:bs])
 
     @torch.inference_mode()
     def _capture(self) -> None:

@@ -84,7 +84,7 @@ class ModelRunner:
         if self.device.type == "cuda" and not self.config.enforce_eager and self.backend.supports_cuda_graphs:
             from nanovllm_ray.executor.cuda_graph import DecodeGraphs
 
-            self.graphs = DecodeGraphs(self)
+            self.graphs = DecodeGraphs(self.model, self.backend, self.config, self.device, self.dtype)
 
     # ---- KV cache ------------------------------------------------------------------------------------------
 

@@ -71,12 +71,25 @@ def apply_filters(logits: torch.Tensor, t: SamplingTensors) -> torch.Tensor:
     return logits
 
 
+def sample_temperature(logits: torch.Tensor, temperatures: torch.Tensor,
+                       out: torch.Tensor | None = None) -> torch.Tensor:
+    """Temperature-only sampling, no CPU sync (safe inside a CUDA graph): argmax where the temperature is 0, else a
+    draw from softmax(logits / T). On CUDA with Triton one kernel reads the logits once; elsewhere torch does it."""
+    if logits.is_cuda and HAS_TRITON:
+        from nanovllm_ray.kernels.sampling import sample_tokens
+
+        return sample_tokens(logits, temperatures, out=out)
+    logits = logits.float()
+    temps = temperatures.float()
+    drawn = ops.exponential_race(logits, torch.where(temps > 0, temps, 1.0), torch.empty_like(logits).exponential_())
+    tokens = torch.where(temps > 0, drawn, logits.argmax(-1))
+    return tokens if out is None else out.copy_(tokens)
+
+
 def sample(logits: torch.Tensor, t: SamplingTensors) -> SamplerOutput:
     """logits: [n, vocab] (any float dtype) -> sampled token ids and, if asked, logprobs of the raw model."""
     if logits.is_cuda and HAS_TRITON and not t.all_greedy and t.plain:  # one read of the logits, no noise tensor
-        from nanovllm_ray.kernels.sampling import sample_tokens
-
-        return _add_logprobs(SamplerOutput(sample_tokens(logits, t.temperatures)), logits, t)
+        return _add_logprobs(SamplerOutput(sample_temperature(logits, t.temperatures)), logits, t)
     logits = logits.float()
     if t.all_greedy:
         tokens = logits.argmax(-1)

@@ -5,8 +5,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from nanovllm_ray.layers.attention.backend import AttentionBackend, select_backend
+from nanovllm_ray.layers.attention.backend import AttentionBackend
 from nanovllm_ray.layers.attention.metadata import AttentionMetadata
+from nanovllm_ray.layers.attention.selector import select_backend
 
 __all__ = ["Attention", "AttentionBackend", "AttentionMetadata", "select_backend"]
 
