@@ -20,8 +20,10 @@ its p50 is near 0 when chunks arrive in bursts, so read TPOT beside it). Request
 LLMServer replica's counters; each replica's engine timeline (steps with prefill, decode steps, time outside any
 step) from its engine core; at concurrency 1, TTFT is split into admission, engine and delivery.
 
---py-spy S samples the Serve processes (proxy, ingress, LLMServer, engine core) for S seconds during the largest
-streaming run and writes each one's costliest functions to results/ (py-spy must be on PATH).
+--http haproxy (the default) or proxy: who takes HTTP, Ray Serve's HAProxy ingress as deployments.launch sets it
+up, or Serve's Python proxy actor. --py-spy S samples the Serve processes (proxy, ingress, LLMServer, engine core)
+for S seconds during the largest streaming run and writes each one's costliest functions to results/ (py-spy must
+be on PATH).
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from typing import Any
 
 from benchmarks.common import RESULTS, demo_checkpoint, device_name, per_replica, percentile, print_table, write_result
 from benchmarks.throughput import workload
+from deployments.launch import HAPROXY_ENV, serve_environment
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -369,6 +372,10 @@ def main() -> None:
     ap.add_argument("--skip-offline", action="store_true")
     ap.add_argument("--app-dir", default=str(ROOT), help="where the app's code is imported from (a before-run)")
     ap.add_argument("--port", type=int, default=8000)
+    ap.add_argument("--http", choices=("haproxy", "proxy"), default="haproxy",
+                    help="who takes HTTP: Ray Serve's HAProxy ingress (RAY_SERVE_ENABLE_HA_PROXY=1, as "
+                         "deployments.launch sets it up: the ingress replicas serve HTTP behind HAProxy), or Serve's "
+                         "Python proxy actor")
     ap.add_argument("--startup-timeout-s", type=float, default=900)
     ap.add_argument("--py-spy", type=float, default=0, metavar="S")
     ap.add_argument("--tag", default="")
@@ -411,6 +418,8 @@ def main() -> None:
     import ray
     from ray import serve
 
+    # HTTP as deployments.launch sets it up (or Serve's proxy actor): read by the processes this ray.init starts
+    os.environ.update(serve_environment({**os.environ, HAPROXY_ENV: "1" if args.http == "haproxy" else "0"}))
     ray.init(include_dashboard=False, logging_level="WARNING", log_to_driver=False)
     address = ray.get_runtime_context().gcs_address
     app_args = dict(model=path, served_model_name=name, num_replicas=args.replicas,
@@ -490,7 +499,7 @@ def main() -> None:
         serve.shutdown()
         ray.shutdown()
     what = (f"{Path(path).name} on {device_name()}, {args.replicas} replica(s), {args.num_seqs} requests "
-            f"({sum(max_tokens)} output tokens)")
+            f"({sum(max_tokens)} output tokens), HTTP through {args.http}")
     print(f"\n{what}; service up in {startup_s:.1f} s")
     print_table([{k: v for k, v in r.items() if k in (
         "variant", "concurrency", "served_tok_s", "offline_tok_s", "ratio", "ttft_p50_ms", "ttft_p99_ms", "tpot_p50_ms",

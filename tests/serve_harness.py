@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from deployments.launch import DRAIN_ENV, HAPROXY_ENV, serve_environment
+
 VENV_BIN = Path(sys.executable).parent
 
 
@@ -40,17 +42,34 @@ class ServeCluster:
         return self.llm_handle(app).stats.remote().result(timeout_s=30)
 
 
+def cluster_environment(haproxy: bool | None = None) -> dict[str, str]:
+    """What the cluster's processes see: HTTP as `deployments.launch` sets it up (Serve's HAProxy ingress where
+    HAProxy is installed; haproxy=False: Serve's proxy actor), a 1 s drain for a stopping replica."""
+    env = dict(os.environ)
+    if haproxy is not None:
+        env[HAPROXY_ENV] = "1" if haproxy else "0"
+    env.setdefault(DRAIN_ENV, "1")
+    return serve_environment(env)
+
+
 @contextmanager
-def ray_cluster(num_cpus: int = 2) -> Iterator[int]:
-    """ray.init for one module; yields the metrics export port."""
+def ray_cluster(num_cpus: int = 2, haproxy: bool | None = None) -> Iterator[int]:
+    """ray.init for one module; yields the metrics export port. The cluster's processes start with this process's
+    environment, set for the time being to cluster_environment(haproxy)."""
     import ray
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a local test cluster: no token
     if ray.is_initialized():
         ray.shutdown()
     metrics_port = free_port()
-    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, _metrics_export_port=metrics_port,
-             logging_level="WARNING", log_to_driver=False)
+    saved = dict(os.environ)
+    os.environ.update(cluster_environment(haproxy))
+    try:
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, _metrics_export_port=metrics_port,
+                 logging_level="WARNING", log_to_driver=False)
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
     try:
         yield metrics_port
     finally:
@@ -75,9 +94,10 @@ def serve_apps(apps: list[tuple[str, str, dict[str, Any]]], metrics_port: int) -
 
 
 @contextmanager
-def serve_cluster(apps: list[tuple[str, str, dict[str, Any]]], num_cpus: int = 2) -> Iterator[ServeCluster]:
+def serve_cluster(apps: list[tuple[str, str, dict[str, Any]]], num_cpus: int = 2,
+                  haproxy: bool | None = None) -> Iterator[ServeCluster]:
     """A Ray cluster with Serve and the apps deployed."""
-    with ray_cluster(num_cpus) as metrics_port, serve_apps(apps, metrics_port) as cluster:
+    with ray_cluster(num_cpus, haproxy) as metrics_port, serve_apps(apps, metrics_port) as cluster:
         yield cluster
 
 
@@ -106,7 +126,7 @@ def ray_head(num_cpus: int = 2) -> Iterator[Head]:
     which would stop every Ray instance on the machine). Its processes never see this process's later environment:
     a running cluster, as users have one."""
     temp_dir = tempfile.mkdtemp(prefix="rbj", dir="/tmp")  # short: Ray's socket paths must fit in 107 bytes
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PATH": f"{VENV_BIN}:{os.environ.get('PATH', '')}",
+    env = {**cluster_environment(), "RAY_AUTH_MODE": "disabled", "PATH": f"{VENV_BIN}:{os.environ.get('PATH', '')}",
            "TOKENIZERS_PARALLELISM": "false", "RAY_USAGE_STATS_ENABLED": "0"}
     ports = {flag: free_port() for flag in ("--port", "--dashboard-port", "--ray-client-server-port",
                                             "--dashboard-agent-listen-port", "--dashboard-agent-grpc-port",

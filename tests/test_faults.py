@@ -332,6 +332,18 @@ def test_launcher_folds_the_key_into_nanovllm_apps_only():
     assert [a.get("args", {}).get("api_key") for a in config["applications"]] == ["k", "own", "k", None]
 
 
+def test_launcher_sends_http_through_haproxy_unless_told_otherwise(monkeypatch):
+    import deployments.launch as launch
+
+    monkeypatch.setattr(launch, "haproxy_available", lambda: True)
+    env = launch.serve_environment({"PATH": "/bin"})
+    assert env[launch.HAPROXY_ENV] == "1" and env[launch.DRAIN_ENV] == "2" and env["PATH"] == "/bin"
+    assert launch.serve_environment({launch.HAPROXY_ENV: "1", launch.DRAIN_ENV: "7"})[launch.DRAIN_ENV] == "7"
+    assert launch.serve_environment({launch.HAPROXY_ENV: "0"}) == {launch.HAPROXY_ENV: "0"}  # Serve's proxy actor
+    monkeypatch.setattr(launch, "haproxy_available", lambda: False)
+    assert launch.HAPROXY_ENV not in launch.serve_environment({})
+
+
 def test_api_key_values(monkeypatch):
     from deployments.app import resolve_api_key
 
