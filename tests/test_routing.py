@@ -115,6 +115,15 @@ def test_app_args_choose_the_routing():
         LLMAppArgs(routing="random")
 
 
+def test_app_args_choose_the_ingress_replicas():
+    from deployments.app import ingress_replicas
+
+    assert [ingress_replicas(LLMAppArgs(num_replicas=n), use_gpu=True) for n in (1, 2, 4)] == [2, 2, 4]
+    assert ingress_replicas(LLMAppArgs(num_replicas=4), use_gpu=False) == 1
+    assert ingress_replicas(LLMAppArgs(num_replicas=1, ingress_num_replicas=3), use_gpu=True) == 3
+    assert ingress_replicas(LLMAppArgs(autoscaling_config={"min_replicas": 1, "max_replicas": 3}), use_gpu=True) == 3
+
+
 def test_shared_prefix_lands_on_the_replica_that_holds_it(client, router):
     p1, p2 = _ids(1, PREFIX_LEN), _ids(2, PREFIX_LEN)
     assert _complete(client, p1 + _ids(100, 20)).usage.prompt_tokens_details.cached_tokens == 0
