@@ -38,6 +38,8 @@ class Config:
     num_kvcache_blocks: int | None = _setting(None, "force the KV pool size (tests, benchmarks)")
     enforce_eager: bool = _setting(False, "no CUDA graphs")
     tensor_parallel_size: int = _setting(1, "ranks (GPUs) per engine")
+    fast_all_reduce: bool = _setting(True, "tensor parallelism on GPUs with P2P access: decode-sized all-reduces "
+                                           "through one-shot/two-shot kernels over symmetric memory, not NCCL")
     enable_prefix_caching: bool = _setting(True, "reuse KV blocks across requests that share a prefix")
     enable_chunked_prefill: bool = _setting(True, "split long prompts over steps")
     enable_kv_cache_events: bool = _setting(False, "record block stored/removed events (a prefix-aware router)")

@@ -3,6 +3,7 @@ blocks and, on GPU, CUDA graphs). The class is plain Python; ray_executor.py mak
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import time
@@ -11,12 +12,16 @@ import torch
 
 from nanovllm_ray.config import Config
 from nanovllm_ray.executor.step import StepInput, StepOutput
+from nanovllm_ray.layers.parallel import all_reduce, close_all_reduce, init_all_reduce
+
+logger = logging.getLogger(__name__)
 
 
 class TPWorker:
     def __init__(self, config: Config, rank: int, world_size: int) -> None:
         self.config, self.rank, self.world_size = config, rank, world_size
         self.runner = None
+        self.all_reduce_path = "none"
 
     def address(self) -> tuple[str, int]:
         """An address and a free port on this node for the process group's rendezvous (asked of rank 0)."""
@@ -40,6 +45,9 @@ class TPWorker:
         # Layers read the TP rank and size when they are built: the group must exist before the ModelRunner.
         dist.init_process_group(backend="nccl" if use_gpu else "gloo", init_method=f"tcp://{addr}:{port}",
                                 rank=self.rank, world_size=self.world_size)
+        # Before the model and its CUDA graphs: they capture the fast all-reduce's buffer address.
+        self.all_reduce_path = init_all_reduce(self.config.fast_all_reduce)
+        logger.info("rank %d of %d: all-reduce through %s", self.rank, self.world_size, self.all_reduce_path)
         # CUDA graphs bake in the KV cache's addresses: build without them, agree on the block count, then capture.
         self.runner = runner = ModelRunner(self.config, defer_graphs=True)
         # Every rank must hold the same number of blocks: the driver's block ids index all of them. Rank 0 gathers
@@ -67,16 +75,14 @@ class TPWorker:
 
     def measure_allreduce(self, num_tokens: int, calls: int, iters: int = 20) -> float:
         """Seconds for `calls` back-to-back all-reduces of [num_tokens, hidden] activations in the model's dtype:
-        a step's communication without its compute. Run on every rank at once. On GPU the burst is one CUDA graph,
-        as a decode step runs."""
-        import torch.distributed as dist
-
+        a step's communication without its compute, through the layers' all_reduce (the fast path where it is set
+        up). Run on every rank at once. On GPU the burst is one CUDA graph, as a decode step runs."""
         runner = self.runner
         x = torch.zeros(num_tokens, self.config.hf_config["hidden_size"], dtype=runner.dtype, device=runner.device)
 
         def burst() -> None:
             for _ in range(calls):
-                dist.all_reduce(x)  # zeros stay zeros
+                all_reduce(x)  # zeros stay zeros
 
         burst()  # warm-up (and on gloo every rank has arrived; on NCCL the synchronize below waits for them)
         run, graph = burst, None
@@ -99,5 +105,6 @@ class TPWorker:
         import torch.distributed as dist
 
         self.runner = None
+        close_all_reduce()
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -7,7 +7,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from nanovllm_ray.layers.parallel import divide, tp_rank, tp_size
+from nanovllm_ray.layers.parallel import all_reduce, divide, tp_rank, tp_size
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -31,8 +31,7 @@ class VocabParallelEmbedding(nn.Module):
             return F.embedding(ids, self.weight)
         mask = (ids >= self.start) & (ids < self.start + self.per_rank)
         y = F.embedding((ids - self.start) * mask, self.weight) * mask.unsqueeze(-1)
-        dist.all_reduce(y)
-        return y
+        return all_reduce(y)
 
 
 class ParallelLMHead(VocabParallelEmbedding):

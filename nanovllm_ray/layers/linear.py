@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
 from nanovllm_ray.layers import ops
-from nanovllm_ray.layers.parallel import divide, tp_rank, tp_size
+from nanovllm_ray.layers.parallel import all_reduce, divide, tp_rank, tp_size
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -105,9 +104,7 @@ class RowParallelLinear(LinearBase):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = linear(x, self.weight, self.bias)
-        if self.tp_size > 1:
-            dist.all_reduce(y)
-        return y
+        return all_reduce(y) if self.tp_size > 1 else y
 
 
 def _copy(dst: torch.Tensor, src: torch.Tensor) -> None:

@@ -1,8 +1,15 @@
-"""Tensor-parallel state: the rank and group size of this process (1 rank when torch.distributed is off)."""
+"""Tensor-parallel state: the rank and group size of this process (1 rank when torch.distributed is off), and the
+one all-reduce the layers call."""
 
 from __future__ import annotations
 
+import torch
 import torch.distributed as dist
+
+from nanovllm_ray.layers import fast_all_reduce
+
+# This rank's fast all-reduce over symmetric memory (fast_all_reduce.py), set up by init_all_reduce; None: NCCL/gloo.
+_fast: fast_all_reduce.SymmMemAllReduce | None = None
 
 
 def tp_rank() -> int:
@@ -16,3 +23,38 @@ def tp_size() -> int:
 def divide(a: int, b: int) -> int:
     assert a % b == 0, f"{a} is not divisible by {b}"
     return a // b
+
+
+def all_reduce(x: torch.Tensor) -> torch.Tensor:
+    """Sum x over the tensor-parallel ranks, in place; returns x. Decode-sized messages go through the one-shot or
+    two-shot kernel when init_all_reduce set it up (captured in CUDA graphs like any kernel), the rest through
+    torch.distributed (NCCL, gloo on the CPU). Every rank must call it with the same shape and dtype."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return x
+    if _fast is not None and _fast.eligible(x):
+        return _fast.all_reduce_(x)
+    dist.all_reduce(x)
+    return x
+
+
+def init_all_reduce(enabled: bool = True, max_bytes: int = fast_all_reduce.DEFAULT_MAX_BYTES) -> str:
+    """Once per rank, after init_process_group and before CUDA graphs are captured (they bake in the buffer's
+    address): set up the fast all-reduce where the group can use it. Collective. Returns the path taken, for the
+    log."""
+    global _fast
+    close_all_reduce()
+    if not dist.is_initialized():
+        return "none (one process)"
+    backend = dist.get_backend()
+    if not enabled:
+        return f"{backend} (fast all-reduce off)"
+    _fast, why = fast_all_reduce.create(dist.group.WORLD, max_bytes)
+    return why if _fast is not None else f"{backend} ({why})"
+
+
+def close_all_reduce() -> None:
+    """Drop the fast all-reduce's buffer (before destroy_process_group)."""
+    global _fast
+    if _fast is not None:
+        _fast.close()
+    _fast = None
