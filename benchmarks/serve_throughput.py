@@ -261,6 +261,20 @@ def start_service(args, app_args: dict, port: int, address: str) -> tuple[subpro
     raise RuntimeError(f"the service did not answer /v1/models within {args.startup_timeout_s} s")
 
 
+def wait_for_replicas(app: str, n: int, timeout_s: float) -> None:
+    """Until all n LLMServer replicas run (/v1/models answers as soon as an ingress replica does)."""
+    from ray import serve
+
+    deadline = time.monotonic() + timeout_s
+    states: dict = {}
+    while time.monotonic() < deadline:
+        states = dict(serve.status().applications[app].deployments["LLMServer"].replica_states)
+        if states.get("RUNNING", 0) >= n:
+            return
+        time.sleep(0.5)
+    raise RuntimeError(f"LLMServer replicas of {app}: {states}, not {n} running, after {timeout_s:.0f} s")
+
+
 def profile_serve_processes(seconds: float, tag: str) -> Path | None:
     """py-spy each Serve process for `seconds`; one text file of each one's costliest functions."""
     if shutil.which("py-spy") is None:
@@ -433,6 +447,7 @@ def main() -> None:
     profile = None
     try:
         proc, startup_s = start_service(args, app_args, args.port, address)
+        wait_for_replicas(name, args.replicas, args.startup_timeout_s)
         print(f"service up in {startup_s:.1f} s (serve run until /v1/models answers)", flush=True)
         url = f"http://127.0.0.1:{args.port}"
         text_prompts = None

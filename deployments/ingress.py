@@ -24,6 +24,7 @@ from ray.serve.handle import DeploymentHandle
 
 from nanovllm_ray.config import Config
 from nanovllm_ray.engine.async_engine import ERROR, EngineDeadError, RequestFailedError
+from nanovllm_ray.engine.channel import ChannelClosed
 from nanovllm_ray.engine.core import CoreRef
 from nanovllm_ray.engine.llm_engine import RequestError, load_tokenizer
 from nanovllm_ray.engine.output import Delta, RequestOutput, RequestState
@@ -271,30 +272,30 @@ class OpenAIIngress:
             self._readers[core.core_id] = asyncio.get_running_loop().create_task(self._read(core))
 
     async def _read(self, core: CoreRef) -> None:
-        """Read this replica's outputs from one engine core, one call per engine step while it keeps up (each
-        returns everything since the last), and hand each request's to its run, merged."""
-        failures = 0
-        while True:
-            try:
-                items = await core.actor.read.remote(self.subscriber, 5.0)
-                failures = 0
-            except asyncio.CancelledError:
-                raise
-            except Exception as e:  # the core died (its LLMServer calls fail too), or a transient error
-                failures += 1
-                if isinstance(e, (RayActorError, EngineDeadError)) or failures > 5:
-                    logger.warning("engine core %s: reader stops: %r", core.core_id, e)
-                    self._fail_core(core.core_id, e)
-                    return
-                await asyncio.sleep(0.05 * failures)
-                continue
-            by_request: dict[str, list[tuple]] = {}
-            for t in items:
-                by_request.setdefault(t[0], []).append(t)
-            for rid, packed in by_request.items():
-                route = self.routes.get(rid)
-                if route is not None:
-                    route[0].deliver(route[1], rid, RequestOutput.merge([RequestOutput.unpack(t) for t in packed]))
+        """Read this replica's outputs from one engine core over its channel (a frame per engine step while it
+        keeps up, each with everything since the last), and hand each request's to its run, merged. The
+        connection ending means the core is gone (or its engine died): its requests here fail."""
+        try:
+            conn = await core.connect(self.subscriber)
+        except OSError as e:
+            self._fail_core(core.core_id, e)
+            return
+        try:
+            while True:
+                items = await conn.recv()
+                by_request: dict[str, list[tuple]] = {}
+                for t in items:
+                    by_request.setdefault(t[0], []).append(t)
+                for rid, packed in by_request.items():
+                    route = self.routes.get(rid)
+                    if route is not None:
+                        route[0].deliver(route[1], rid,
+                                         RequestOutput.merge([RequestOutput.unpack(t) for t in packed]))
+        except ChannelClosed as e:
+            logger.warning("engine core %s: reader stops: %s", core.core_id, e)
+            self._fail_core(core.core_id, e)
+        finally:
+            conn.close()
 
     def _fail_core(self, core_id: str, error: BaseException) -> None:
         dead = error if isinstance(error, EngineDeadError) else EngineDeadError(

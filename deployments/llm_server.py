@@ -70,8 +70,9 @@ class LLMServer:
         Cancelling the call (a client gone away) aborts the request and frees its blocks.
 
         With a subscriber (an ingress replica), the outputs go from the engine core straight to that subscriber
-        (EngineCoreActor.read): this stream yields where to read them (a CoreRef) and ends when the request does;
-        the call stays open as long as the request runs, so Serve's queue lengths and cancellation still hold."""
+        (its channel, engine/channel.py): this stream yields where to read them (a CoreRef) and ends when the
+        request does; the call stays open as long as the request runs, so Serve's queue lengths and cancellation
+        still hold."""
         arrival = time.monotonic()
         first: float | None = None
         generated = 0

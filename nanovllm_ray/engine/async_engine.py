@@ -214,7 +214,7 @@ class AsyncEngine:
         """The outputs of one request as they come. Raises RequestError if the engine refuses it (before any
         output), RequestFailedError if it fails on the engine, EngineDeadError if the engine dies. Leaving the
         loop early aborts the request and frees its blocks. With a subscriber, every output goes to that
-        subscriber (EngineCoreActor.read) and this stream has only the first and the last."""
+        subscriber (its channel at the engine core) and this stream has only the first and the last."""
         self._ensure_started()
         self.check_health()
         if request_id in self._streams:

@@ -1,0 +1,98 @@
+"""The engine core's channel (engine/channel.py): commands in order, a channel's items in order and never lost
+(also those put before its reader connected), a wrong token refused, the engine's death and a closed server
+reaching the reader."""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+
+import pytest
+
+from nanovllm_ray.engine.channel import ChannelClient, ChannelClosed, ChannelServer
+
+
+@pytest.fixture
+def server():
+    got: queue.SimpleQueue = queue.SimpleQueue()
+    s = ChannelServer("127.0.0.1", got.put)
+    s.got = got
+    yield s
+    s.close()
+
+
+def test_commands_arrive_in_order_and_items_put_before_the_reader_are_kept(server):
+    server.put("ingress-a", [("r1", 1)])  # before anyone reads it
+
+    async def main():
+        reader = await ChannelClient.connect(server.address, server.token, "ingress-a")
+        control = await ChannelClient.connect(server.address, server.token, None)
+        for i in range(50):
+            control.send([("add", i)])
+        received = list(await reader.recv())
+        for i in range(2, 200):
+            server.put("ingress-a", [("r1", i)])
+        while len(received) < 199:
+            received += await reader.recv()
+        reader.close()
+        control.close()
+        return received
+
+    received = asyncio.run(main())
+    assert received == [("r1", 1)] + [("r1", i) for i in range(2, 200)]
+    assert [server.got.get(timeout=5) for _ in range(50)] == [[("add", i)] for i in range(50)]
+
+
+def test_a_client_without_the_token_is_refused(server):
+    async def main():
+        client = await ChannelClient.connect(server.address, b"0" * 16, "ingress-a")
+        client.send([("add", "sneaky")])
+        with pytest.raises(ChannelClosed):
+            await asyncio.wait_for(client.recv(), 5)
+
+    asyncio.run(main())
+    assert server.got.empty()
+
+
+def test_the_engines_death_reaches_the_reader_after_what_came_before(server):
+    async def main():
+        reader = await ChannelClient.connect(server.address, server.token, "ingress-a")
+        server.put("ingress-a", [("r1", 1)])
+        first = await asyncio.wait_for(reader.recv(), 5)
+        server.put("ingress-a", [("r1", 2)])
+        server.fail("the engine loop died: RuntimeError: boom")
+        rest = []
+        with pytest.raises(ChannelClosed, match="boom"):
+            while True:
+                rest += await asyncio.wait_for(reader.recv(), 5)
+        return first + rest
+
+    assert asyncio.run(main()) == [("r1", 1), ("r1", 2)]
+
+
+def test_a_closed_server_ends_the_read(server):
+    async def main():
+        reader = await ChannelClient.connect(server.address, server.token, "ingress-a")
+        server.put("ingress-a", [("r1", 1)])
+        await asyncio.wait_for(reader.recv(), 5)
+        threading.Timer(0.1, server.close).start()
+        with pytest.raises(ChannelClosed):
+            await asyncio.wait_for(reader.recv(), 5)
+
+    asyncio.run(main())
+
+
+def test_a_reader_that_reconnects_takes_the_channel_over(server):
+    async def main():
+        old = await ChannelClient.connect(server.address, server.token, "ingress-a")
+        server.put("ingress-a", [("r1", 1)])
+        assert await asyncio.wait_for(old.recv(), 5) == [("r1", 1)]
+        new = await ChannelClient.connect(server.address, server.token, "ingress-a")
+        await asyncio.sleep(0.2)  # its hello is in
+        server.put("ingress-a", [("r1", 2)])
+        assert await asyncio.wait_for(new.recv(), 5) == [("r1", 2)]
+        with pytest.raises(ChannelClosed):
+            await asyncio.wait_for(old.recv(), 5)
+
+    asyncio.run(main())
