@@ -47,6 +47,23 @@ def test_checkpoint_with_wrong_shape(tiny_model, tmp_path):
         LLM(str(bad))
 
 
+def test_a_head_dim_the_gpu_kernels_cannot_tile_gets_a_clear_error_or_the_reference_path(monkeypatch):
+    import sys
+    import types
+
+    import torch
+
+    from nanovllm_ray.layers.attention import select_backend, triton_supports_head_dim
+
+    assert [triton_supports_head_dim(d) for d in (16, 64, 128, 256)] == [True] * 4
+    assert not any(triton_supports_head_dim(d) for d in (8, 24, 96, 512))
+    with pytest.raises(ValueError, match="head_dim to be a power of two from 16 to 256; this model's head_dim is 24"):
+        select_backend("triton", torch.device("cuda"), 16, 24, torch.bfloat16)
+    # auto on CUDA (triton importable) never picks kernels that cannot take the model: the reference, with a warning
+    monkeypatch.setitem(sys.modules, "triton", types.ModuleType("triton"))
+    assert select_backend("auto", torch.device("cuda"), 16, 24, torch.bfloat16).name == "torch"
+
+
 @pytest.mark.parametrize("kwargs, match", [
     ({"max_model_len": 10**6}, "max_model_len=1000000 must be in \\[1, 40960\\]"),
     ({"block_size": 24}, "block_size=24 must be a power of two"),

@@ -13,7 +13,7 @@ import torch.distributed as dist
 from nanovllm_ray.config import Config
 from nanovllm_ray.executor.step import PendingOutput, StepInput, StepOutput
 from nanovllm_ray.layers import ops
-from nanovllm_ray.layers.attention import Attention, AttentionMetadata, select_backend
+from nanovllm_ray.layers.attention import Attention, AttentionMetadata, select_backend, triton_supports_head_dim
 from nanovllm_ray.layers.parallel import tp_rank, tp_size
 from nanovllm_ray.layers.sampler import SamplerOutput, SamplingTensors, sample
 from nanovllm_ray.models.loader import load_model
@@ -58,7 +58,8 @@ class ModelRunner:
         if self.device.type == "cuda" and not config.enforce_eager:
             ops.enable_compiled_ops()  # fuse the small element-wise ops (measured: most decode kernels)
             if importlib.util.find_spec("triton") is not None:
-                ops.enable_triton_ops()  # fused q/k norm + rotary + KV store; skinny GEMM where it measured faster
+                # fused q/k norm + rotary + KV store; skinny GEMM where it measured faster (if they tile this head)
+                ops.enable_triton_ops(triton_supports_head_dim(self.head_dim))
         default_dtype = torch.get_default_dtype()
         torch.set_default_dtype(self.dtype)
         try:

@@ -7,9 +7,9 @@ from torch import nn
 
 from nanovllm_ray.layers.attention.backend import AttentionBackend
 from nanovllm_ray.layers.attention.metadata import AttentionMetadata
-from nanovllm_ray.layers.attention.selector import select_backend
+from nanovllm_ray.layers.attention.selector import select_backend, triton_supports_head_dim
 
-__all__ = ["Attention", "AttentionBackend", "AttentionMetadata", "select_backend"]
+__all__ = ["Attention", "AttentionBackend", "AttentionMetadata", "select_backend", "triton_supports_head_dim"]
 
 
 class Attention(nn.Module):
