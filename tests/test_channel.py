@@ -96,3 +96,30 @@ def test_a_reader_that_reconnects_takes_the_channel_over(server):
             await asyncio.wait_for(old.recv(), 5)
 
     asyncio.run(main())
+
+
+TOUCHED = []
+
+
+def _touch() -> None:
+    TOUCHED.append(1)
+
+
+class _Payload:
+    def __reduce__(self):
+        return _touch, ()
+
+
+def test_nothing_is_unpickled_before_the_token_matched(server):
+    import pickle
+    import socket
+
+    from nanovllm_ray.engine.channel import HEADER
+
+    data = pickle.dumps(_Payload())
+    assert pickle.loads(data) is None and TOUCHED == [1]  # the payload does act when unpickled
+    with socket.create_connection(server.address) as sock:
+        sock.sendall(HEADER.pack(len(data)) + data + HEADER.pack(len(data)) + data)
+        sock.settimeout(5)
+        assert sock.recv(1) == b""  # refused: the connection closes
+    assert TOUCHED == [1] and server.got.empty()

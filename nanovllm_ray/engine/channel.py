@@ -7,10 +7,11 @@ replicas on 2 x H200: 5.1 ms with two readers per core, 6.5 ms with four). Here 
 served by two threads that wait outside the GIL; a frame costs a pickle (about 10 us for a step's 64 outputs) and a
 send. Commands skip a Ray call too (about 1.6 ms of a request's way in on the 2-core machine).
 
-Frames are a 4-byte big-endian length and a pickle. A connection starts with a hello frame from the client: the
-server's token (random; it reaches clients through Ray, in engine.core.CoreRef) and the name of the channel it reads,
-or None. After that, each client frame is a list of commands, and each server frame is (items, dead): everything the
-channel got since the last frame, and the error message once the engine has died. Items for a channel nobody
+A connection starts with a hello from the client, in plain bytes: the server's token (16 random bytes; it reaches
+clients through Ray, in engine.core.CoreRef), then the length and UTF-8 name of the channel it reads (length 0: none).
+Nothing is unpickled before the token matched. After that, frames are a 4-byte big-endian length and a pickle: each
+client frame a list of commands, each server frame (items, dead): everything the channel got since the last frame,
+and the error message once the engine has died. Items for a channel nobody
 reads yet are kept (a reader connects after its first request's outputs may have come), for CHANNEL_TIMEOUT_S.
 """
 
@@ -31,6 +32,8 @@ from typing import Any
 logger = logging.getLogger(__name__)
 
 HEADER = struct.Struct("!I")
+TOKEN_BYTES = 16
+NAME_LEN = struct.Struct("!H")
 CHANNEL_TIMEOUT_S = 120.0  # what a channel holds is dropped once nobody has read it for this long
 
 
@@ -51,6 +54,11 @@ def _recv_exact(sock: socket.socket, n: int) -> bytes | None:
             return None
         buf += chunk
     return bytes(buf)
+
+
+def hello(token: bytes, channel: str | None) -> bytes:
+    name = (channel or "").encode()
+    return token + NAME_LEN.pack(len(name)) + name
 
 
 def _recv_frame(sock: socket.socket) -> Any:
@@ -84,12 +92,12 @@ class _Conn:
     def _read(self) -> None:
         server = self.server
         try:
-            hello = _recv_frame(self.sock)
-            if not (isinstance(hello, tuple) and len(hello) == 2 and isinstance(hello[0], bytes)
-                    and hmac.compare_digest(hello[0], server.token)):
+            head = _recv_exact(self.sock, TOKEN_BYTES + NAME_LEN.size)
+            if head is None or not hmac.compare_digest(head[:TOKEN_BYTES], server.token):
                 logger.warning("channel: a connection without the token was refused")
                 return
-            name = hello[1]
+            raw = _recv_exact(self.sock, NAME_LEN.unpack(head[TOKEN_BYTES:])[0])
+            name = raw.decode() if raw else None
             if name is not None:
                 server.attach(self, name)
                 threading.Thread(target=self._write, name=f"channel-write-{name}", daemon=True).start()
@@ -142,7 +150,7 @@ class ChannelServer:
     engine died. on_commands(list) is called on a connection's reader thread."""
 
     def __init__(self, host: str, on_commands: Callable[[list], None]) -> None:
-        self.token = secrets.token_bytes(16)
+        self.token = secrets.token_bytes(TOKEN_BYTES)
         self.on_commands = on_commands
         self.lock = threading.Lock()
         self.channels: dict[str, _Channel] = {}
@@ -210,7 +218,7 @@ class ChannelClient:
     async def connect(cls, address: tuple[str, int], token: bytes, channel: str | None = None) -> ChannelClient:
         reader, writer = await asyncio.open_connection(*address)
         writer.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        writer.write(encode((token, channel)))
+        writer.write(hello(token, channel))
         return cls(reader, writer)
 
     def send(self, commands: list) -> None:
