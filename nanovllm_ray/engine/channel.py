@@ -217,7 +217,13 @@ class ChannelClient:
     @classmethod
     async def connect(cls, address: tuple[str, int], token: bytes, channel: str | None = None) -> ChannelClient:
         reader, writer = await asyncio.open_connection(*address)
-        writer.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock = writer.get_extra_info("socket")
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        # A core whose node is gone sends no FIN: probe an idle connection (Linux) so the read ends within ~30 s.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        for opt, value in (("TCP_KEEPIDLE", 10), ("TCP_KEEPINTVL", 5), ("TCP_KEEPCNT", 4)):
+            if hasattr(socket, opt):
+                sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, opt), value)
         writer.write(hello(token, channel))
         return cls(reader, writer)
 
