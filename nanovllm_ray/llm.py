@@ -13,15 +13,20 @@ from nanovllm_ray.config import Config
 from nanovllm_ray.engine.llm_engine import LLMEngine
 from nanovllm_ray.engine.output import GenerationOutput, OutputProcessor
 from nanovllm_ray.sampling_params import SamplingParams
+from nanovllm_ray.startup import show_startup_progress, startup_logger
 
 Prompt = str | Seq[int]
 
 
 class LLM:
     def __init__(self, model: str, **config: Any) -> None:
+        t = time.perf_counter()
+        show_startup_progress()
         self.config = Config.from_kwargs(model, **config)
         self.engine = LLMEngine(self.config)
         self._ids = count()
+        self.startup_s = time.perf_counter() - t
+        startup_logger.info("start-up: ready in %.1f s", self.startup_s)
 
     @property
     def tokenizer(self):

@@ -38,3 +38,14 @@ def test_half_precision_checkpoint(tmp_path, stored):
     # The same weights computed in half precision mostly agree with fp32 (random weights have near-ties).
     agree = sum(x == y for oa, ob in zip(a, b) for x, y in zip(oa.token_ids, ob.token_ids))
     assert agree >= 0.5 * 24
+
+
+def test_start_up_says_what_it_is_doing_and_times_each_stage(tiny_model, caplog):
+    with caplog.at_level("INFO", logger="nanovllm_ray.startup"):
+        llm = LLM(tiny_model, num_kvcache_blocks=64)
+    stages = llm.engine.executor.runner.clock.stages
+    assert list(stages) == ["model built", "weights loaded", "KV cache sized"]  # CPU: no warm-up, no graphs
+    assert all(t >= 0 for t in stages.values()) and 0 < sum(stages.values()) <= llm.startup_s
+    lines = [r.getMessage() for r in caplog.records if r.name == "nanovllm_ray.startup"]
+    assert lines[0].startswith("start-up: model built (cpu, torch.float32)")
+    assert "start-up: KV cache sized (64 blocks)" in lines[2] and lines[-1].startswith("start-up: ready in")

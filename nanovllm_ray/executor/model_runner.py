@@ -18,6 +18,7 @@ from nanovllm_ray.layers.parallel import tp_rank, tp_size
 from nanovllm_ray.layers.sampler import SamplerOutput, SamplingTensors, sample
 from nanovllm_ray.models.loader import load_model
 from nanovllm_ray.models.qwen3 import Qwen3ForCausalLM
+from nanovllm_ray.startup import StartupClock
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +47,7 @@ class ModelRunner:
         """defer_graphs: leave warmup() and CUDA-graph capture to the caller (ranks first agree on the KV block count
         and resize_kv_cache: graphs bake in the KV cache's addresses, and every rank must warm up alike)."""
         self.config = config
+        self.clock = StartupClock(tp_rank())
         self.rank, self.world_size = tp_rank(), tp_size()
         self.device = resolve_device(config)
         self.dtype = resolve_dtype(config, self.device)
@@ -67,8 +69,10 @@ class ModelRunner:
                 self.model = Qwen3ForCausalLM(cfg)
         finally:
             torch.set_default_dtype(default_dtype)
+        self.clock.done("model built", f"{self.device}, {self.dtype}")
         load_model(self.model, config.model)
         self.model.eval()
+        self.clock.done("weights loaded")
         self.backend = select_backend(config.attention_backend, self.device, self.block_size, self.head_dim,
                                       self.dtype)
         self.attn_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
@@ -77,6 +81,7 @@ class ModelRunner:
         self.prev_in_graph = False  # prev_sampled is the decode graphs' own token buffer
         self.prev_rows = 0  # rows the previous step sampled (on every rank)
         self.num_kv_blocks = self._allocate_kv_cache()
+        self.clock.done("KV cache sized", f"{self.num_kv_blocks} blocks")
         if not defer_graphs:
             self.warmup()
             self.capture_cuda_graphs()
@@ -86,6 +91,7 @@ class ModelRunner:
             from nanovllm_ray.executor.cuda_graph import DecodeGraphs
 
             self.graphs = DecodeGraphs(self.model, self.backend, self.config, self.device, self.dtype)
+            self.clock.done("CUDA graphs captured", f"{len(self.graphs.sizes)} batch sizes")
 
     # ---- KV cache ------------------------------------------------------------------------------------------
 
@@ -163,6 +169,7 @@ class ModelRunner:
         for step in self.warmup_steps():
             self.execute(step)
         torch.cuda.synchronize()
+        self.clock.done("warmed up", "kernels compiled")
 
     def warmup_steps(self) -> list[StepInput]:
         """A prefill chunk over a cached prefix (the paged prefill kernel) beside a plain prefill, and plain prefills,
