@@ -314,17 +314,29 @@ class OpenAIIngress:
         within a second, and Serve routes around it)."""
         error: BaseException | None = None
         for _ in range(HEALTH_ATTEMPTS):
+            # asyncio.wait, not wait_for: a call given up is cancelled without waiting for the cancellation to land
+            # (a call queued in Serve's router while no replica is up can take seconds to let go)
+            call = asyncio.ensure_future(self._check_engine())
+            done, _ = await asyncio.wait({call}, timeout=HEALTH_TIMEOUT_S)
+            if not done:
+                call.add_done_callback(lambda f: f.cancelled() or f.exception())  # nothing left unretrieved
+                call.cancel()
+                error = TimeoutError(f"no LLMServer replica answered within {HEALTH_TIMEOUT_S} s")
+                continue
             try:
-                await asyncio.wait_for(self.llm_unary.check_engine.remote(), timeout=HEALTH_TIMEOUT_S)
+                call.result()
                 return Response(status_code=200)
             except BackPressureError:
                 return Response(status_code=200)  # alive, only busy
-            except Exception as e:  # a dead engine, a replica gone or not answering
+            except Exception as e:  # a dead engine, a replica gone
                 error = e
         cause = getattr(error, "cause", None) or error
         body = OpenAIError(f"engine unavailable: {type(cause).__name__}: {cause}", status=503,
                            code="engine_unavailable").body()
         return JSONResponse(body, status_code=503)
+
+    async def _check_engine(self) -> Any:
+        return await self.llm_unary.check_engine.remote()
 
     @app.get("/v1/models")
     async def models(self, request: Request) -> ModelList:
