@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import device_name, print_table, write_result
+from benchmarks.common import device_name, print_table, save_figure, write_result
 
 METHODS = ("nccl", "one_shot", "two_shot")
 
@@ -165,9 +165,7 @@ def plot(data: dict, path: Path) -> None:
     ax.set_title(f"all-reduce on {data['num_gpus']} x {data['device']}", fontsize=9)
     ax.grid(alpha=0.3, which="both")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    print("wrote", path)
+    save_figure(fig, path)
 
 
 def main() -> None:

@@ -107,6 +107,13 @@ def write_result(name: str, data: dict, tag: str = "") -> Path:
     return path
 
 
+def save_figure(fig, path: Path) -> None:
+    """A benchmark's plot, laid out and written next to its JSON."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print("wrote", path)
+
+
 def print_table(rows: list[dict]) -> None:
     if not rows:
         return

@@ -41,7 +41,16 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import RESULTS, demo_checkpoint, device_name, per_replica, percentile, print_table, write_result
+from benchmarks.common import (
+    RESULTS,
+    demo_checkpoint,
+    device_name,
+    per_replica,
+    percentile,
+    print_table,
+    save_figure,
+    write_result,
+)
 from benchmarks.throughput import workload
 from deployments.launch import HAPROXY_ENV, serve_environment
 
@@ -356,9 +365,7 @@ def plot(rows: list[dict], path: Path) -> None:
     ax.set_title(rows[0].get("title", "served vs offline"), fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    print("wrote", path)
+    save_figure(fig, path)
 
 
 # ---- main ----------------------------------------------------------------------------------------------------

@@ -316,7 +316,7 @@ class OpenAIIngress:
         for _ in range(HEALTH_ATTEMPTS):
             # asyncio.wait, not wait_for: a call given up is cancelled without waiting for the cancellation to land
             # (a call queued in Serve's router while no replica is up can take seconds to let go)
-            call = asyncio.ensure_future(self._check_engine())
+            call = asyncio.ensure_future(self.llm_unary.check_engine.remote())
             done, _ = await asyncio.wait({call}, timeout=HEALTH_TIMEOUT_S)
             if not done:
                 call.add_done_callback(lambda f: f.cancelled() or f.exception())  # nothing left unretrieved
@@ -334,9 +334,6 @@ class OpenAIIngress:
         body = OpenAIError(f"engine unavailable: {type(cause).__name__}: {cause}", status=503,
                            code="engine_unavailable").body()
         return JSONResponse(body, status_code=503)
-
-    async def _check_engine(self) -> Any:
-        return await self.llm_unary.check_engine.remote()
 
     @app.get("/v1/models")
     async def models(self, request: Request) -> ModelList:

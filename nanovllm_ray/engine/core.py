@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from nanovllm_ray.config import Config
-from nanovllm_ray.engine.async_engine import AsyncEngine, EngineDeadError, EngineLoop, StepReport
+from nanovllm_ray.engine.async_engine import AsyncEngine, EngineLoop, StepReport
 from nanovllm_ray.engine.channel import ChannelClient, ChannelServer
 from nanovllm_ray.engine.llm_engine import LLMEngine
 
@@ -122,8 +122,8 @@ class RemoteCore:
                     client.on_report(report)
         except asyncio.CancelledError:
             return
-        except Exception as e:
-            client.on_dead(EngineDeadError(str(e)))
+        except Exception as e:  # AsyncEngine.on_dead makes it an EngineDeadError naming the cause
+            client.on_dead(e)
 
     def submit(self, cmds: list[tuple]) -> None:
         if self._conn is None:
