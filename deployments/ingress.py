@@ -24,7 +24,6 @@ from ray.serve.handle import DeploymentHandle
 
 from nanovllm_ray.config import Config
 from nanovllm_ray.engine.async_engine import ERROR, EngineDeadError, RequestFailedError
-from nanovllm_ray.engine.channel import ChannelClosed
 from nanovllm_ray.engine.core import CoreRef
 from nanovllm_ray.engine.llm_engine import RequestError, load_tokenizer
 from nanovllm_ray.engine.output import Delta, RequestOutput, RequestState
@@ -291,8 +290,8 @@ class OpenAIIngress:
                     if route is not None:
                         route[0].deliver(route[1], rid,
                                          RequestOutput.merge([RequestOutput.unpack(t) for t in packed]))
-        except ChannelClosed as e:
-            logger.warning("engine core %s: reader stops: %s", core.core_id, e)
+        except Exception as e:  # the channel closed (ChannelClosed), or anything else: never leave requests waiting
+            logger.warning("engine core %s: reader stops: %r", core.core_id, e)
             self._fail_core(core.core_id, e)
         finally:
             conn.close()

@@ -123,3 +123,35 @@ def test_nothing_is_unpickled_before_the_token_matched(server):
         sock.settimeout(5)
         assert sock.recv(1) == b""  # refused: the connection closes
     assert TOUCHED == [1] and server.got.empty()
+
+
+def test_a_frame_that_does_not_decode_closes_the_channel():
+    """A reader given bytes it cannot unpickle raises ChannelClosed (its requests fail) rather than some other error
+    that would leave them waiting."""
+    import socket
+
+    from nanovllm_ray.engine.channel import HEADER, NAME_LEN, TOKEN_BYTES
+
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def serve_garbage():
+        conn, _ = listener.accept()
+        with conn:
+            hello = b""
+            while len(hello) < TOKEN_BYTES + NAME_LEN.size:
+                hello += conn.recv(64)
+            conn.sendall(HEADER.pack(7) + b"garbage")
+            conn.recv(1)  # until the client closes
+
+    threading.Thread(target=serve_garbage, daemon=True).start()
+
+    async def main():
+        client = await ChannelClient.connect(listener.getsockname(), b"0" * TOKEN_BYTES, "ingress-a")
+        with pytest.raises(ChannelClosed, match="did not decode"):
+            await asyncio.wait_for(client.recv(), 5)
+        with pytest.raises(ChannelClosed, match="did not decode"):  # and stays closed
+            await client.recv()
+        client.close()
+
+    asyncio.run(main())
+    listener.close()

@@ -237,9 +237,14 @@ class ChannelClient:
             raise ChannelClosed(self._dead)
         try:
             head = await self._reader.readexactly(HEADER.size)
-            items, self._dead = pickle.loads(await self._reader.readexactly(HEADER.unpack(head)[0]))
+            data = await self._reader.readexactly(HEADER.unpack(head)[0])
         except (asyncio.IncompleteReadError, OSError) as e:
             raise ChannelClosed(f"the engine core closed its connection ({type(e).__name__})") from e
+        try:
+            items, self._dead = pickle.loads(data)
+        except Exception as e:  # a frame that does not decode: nothing after it can be trusted either
+            self._dead = f"a frame from the engine core did not decode: {type(e).__name__}: {e}"
+            raise ChannelClosed(self._dead) from e
         if self._dead is not None and not items:
             raise ChannelClosed(self._dead)
         return items  # with the death, if it came: the next recv raises
