@@ -23,6 +23,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -65,6 +66,18 @@ def fold_api_key(config: dict[str, Any], key: str) -> int:
     return n
 
 
+def run_until_done(cmd: list[str], env: dict[str, str]) -> int:
+    """Run `serve run` in a process group of its own and hand it each Ctrl-C once, then wait: it shuts Serve and
+    the cluster it started down by itself. (subprocess.call kills the child at the first Ctrl-C, mid-shutdown,
+    which left HAProxy running and holding the port.)"""
+    proc = subprocess.Popen(cmd, env=env, preexec_fn=os.setpgrp)
+    while True:
+        try:
+            return proc.wait()
+        except KeyboardInterrupt:
+            proc.send_signal(signal.SIGINT)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0].startswith("-"):
@@ -78,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
           "where `ray start` ran)", flush=True)
     key = os.environ.get(API_KEY_ENV)
     if not key:
-        return subprocess.call([*serve_run, config_path, *rest], env=env)
+        return run_until_done([*serve_run, config_path, *rest], env)
     with open(config_path) as f:
         config = yaml.safe_load(f)
     n = fold_api_key(config, key)
@@ -88,9 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with os.fdopen(fd, "w") as f:  # mkstemp made it 0600
             yaml.safe_dump(config, f)
-        return subprocess.call([*serve_run, path, *rest], env=env)
-    except KeyboardInterrupt:
-        return 130
+        return run_until_done([*serve_run, path, *rest], env)
     finally:
         os.unlink(path)
 
