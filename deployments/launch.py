@@ -66,16 +66,21 @@ def fold_api_key(config: dict[str, Any], key: str) -> int:
     return n
 
 
+def _own_group_with_ctrl_c() -> None:
+    """In the child before exec: a process group of its own, and SIGINT handled again (a launcher started in the
+    background inherits it ignored, and so would `serve run`)."""
+    os.setpgrp()
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def run_until_done(cmd: list[str], env: dict[str, str]) -> int:
-    """Run `serve run` in a process group of its own and hand it each Ctrl-C once, then wait: it shuts Serve and
-    the cluster it started down by itself. (subprocess.call kills the child at the first Ctrl-C, mid-shutdown,
-    which left HAProxy running and holding the port.)"""
-    proc = subprocess.Popen(cmd, env=env, preexec_fn=os.setpgrp)
-    while True:
-        try:
-            return proc.wait()
-        except KeyboardInterrupt:
-            proc.send_signal(signal.SIGINT)
+    """Run `serve run` in a process group of its own and hand it each Ctrl-C (and a SIGTERM or SIGHUP to this
+    launcher) as one SIGINT, then wait: it shuts Serve and the cluster it started down by itself. (subprocess.call
+    kills the child at the first Ctrl-C, mid-shutdown, which once left HAProxy running and holding the port.)"""
+    proc = subprocess.Popen(cmd, env=env, preexec_fn=_own_group_with_ctrl_c)
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, lambda *_: proc.send_signal(signal.SIGINT))
+    return proc.wait()
 
 
 def main(argv: list[str] | None = None) -> int:
