@@ -52,8 +52,9 @@ class Config:
     # -- where the ranks run (nanovllm_ray.executor.make_executor reads these, and nothing else decides it)
     executor: str = _setting("auto", "inprocess (one rank, in the engine's process) | ray (a Ray actor per rank) | "
                                      "auto: in-process for one rank, actors for more")
-    dispatch: str = _setting("compiled", "how the driver sends each step to rank actors: compiled (a Ray compiled "
-                                         "graph) | remote (actor calls)")
+    dispatch: str = _setting("auto", "how the driver sends each step to rank actors: compiled (a Ray compiled "
+                                     "graph; each rank spins a CPU core while it waits) | remote (actor calls) | "
+                                     "auto: compiled for GPU ranks, remote for CPU ranks")
     worker_num_cpus: float = _setting(1.0, "CPUs of each rank actor's placement-group bundle")
     hf_config: dict[str, Any] = field(default_factory=dict, repr=False)
 
@@ -108,7 +109,8 @@ class Config:
                f"executor={self.executor!r} must be auto, inprocess or ray")
         _check(not (self.executor == "inprocess" and tp > 1),
                f"executor='inprocess' runs one rank; tensor_parallel_size={tp} needs 'ray' (or auto)")
-        _check(self.dispatch in ("compiled", "remote"), f"dispatch={self.dispatch!r} must be compiled or remote")
+        _check(self.dispatch in ("auto", "compiled", "remote"),
+               f"dispatch={self.dispatch!r} must be auto, compiled or remote")
         _check(self.worker_num_cpus > 0, f"worker_num_cpus={self.worker_num_cpus} must be > 0")
 
     @classmethod

@@ -31,10 +31,10 @@ class RayExecutor(Executor):
         from ray.util.placement_group import placement_group as make_placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-        dispatch, worker_num_cpus = config.dispatch, config.worker_num_cpus
+        worker_num_cpus = config.worker_num_cpus
         if not ray.is_initialized():
             ray.init()
-        self.config, self.dispatch = config, dispatch
+        self.config = config
         world = config.tensor_parallel_size
         self._owned_pg = None
         self._dag = None
@@ -54,6 +54,10 @@ class RayExecutor(Executor):
                              f"{len(specs)}: {specs}")
         use_gpu = _wants_gpu(config, all(s.get("GPU", 0) >= 1 for s in specs[:world]))
         self.use_gpu = use_gpu
+        # A compiled graph's rank waits for its next step in a sched_yield loop (Ray's shared-memory channel read):
+        # a core per rank, idle or not. Worth it beside a GPU step; on CPU ranks it starves the steps themselves.
+        dispatch = config.dispatch if config.dispatch != "auto" else "compiled" if use_gpu else "remote"
+        self.dispatch = dispatch
         actor = ray.remote(TPWorker)
         try:
             for rank in range(world):
