@@ -64,7 +64,7 @@ def main() -> None:
     ap.add_argument("--output-len", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--tp", type=int, default=1, help="tensor_parallel_size (ranks as Ray actors when > 1)")
-    ap.add_argument("--dispatch", default="compiled", choices=["compiled", "remote"])
+    ap.add_argument("--dispatch", default="auto", choices=["auto", "compiled", "remote"])
     ap.add_argument("--max-model-len", type=int, default=4096)
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.8)
     ap.add_argument("--port", type=int, default=8123)
