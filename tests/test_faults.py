@@ -204,7 +204,7 @@ def test_overload_past_max_queued_requests(cluster):
     served = [s for s in streams if s.status == 200 and s.error is None and s.tokens == 100]
     assert refused and served and len(refused) + len(served) == len(streams), [(s.status, s.error) for s in streams]
     slowest_refusal = max(s.done_at - t for s in refused)
-    assert slowest_refusal < BOUND_S  # (1.9-5.2 s measured on the 2-core CI machine: Serve's queue check)
+    assert slowest_refusal < BOUND_S  # (0.2-0.4 s measured on the 2-core CI machine, 2026-11-30)
     RESULTS.append({"case": "8 streams at once past max_ongoing 1 + max_queued 1",
                     "client_sees": f"{len(refused)} x 503 within {slowest_refusal:.1f} s, {len(served)} served",
                     "within_bound": True, "lost": 0, "serving_again_s": 0})
