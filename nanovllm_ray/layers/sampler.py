@@ -88,7 +88,7 @@ def sample_temperature(logits: torch.Tensor, temperatures: torch.Tensor,
 
 def sample(logits: torch.Tensor, t: SamplingTensors) -> SamplerOutput:
     """logits: [n, vocab] (any float dtype) -> sampled token ids and, if asked, logprobs of the raw model."""
-    if logits.is_cuda and HAS_TRITON and not t.all_greedy and t.plain:  # one read of the logits, no noise tensor
+    if not t.all_greedy and t.plain:  # temperature only: the decode graphs' path (one kernel on CUDA with Triton)
         return _add_logprobs(SamplerOutput(sample_temperature(logits, t.temperatures)), logits, t)
     logits = logits.float()
     if t.all_greedy:
@@ -99,10 +99,10 @@ def sample(logits: torch.Tensor, t: SamplingTensors) -> SamplerOutput:
             if seed is not None:
                 g = torch.Generator(device=logits.device).manual_seed((seed * 1_000_003 + t.positions[i]) % 2**63)
                 noise[i] = torch.empty(logits.shape[1], device=logits.device).exponential_(generator=g)
-        temps = torch.where(t.temperatures > 0, t.temperatures, torch.ones_like(t.temperatures))
         if t.any_top_k or t.any_top_p or t.any_min_p:
             tokens = (apply_filters(logits, t).softmax(-1) / noise).argmax(-1)
-        else:
+        else:  # per-request seeds, no filters
+            temps = torch.where(t.temperatures > 0, t.temperatures, torch.ones_like(t.temperatures))
             tokens = ops.exponential_race(logits, temps, noise)
         if t.any_greedy:
             tokens = torch.where(t.temperatures > 0, tokens, logits.argmax(-1))
