@@ -71,6 +71,11 @@ def run_tp(path: str, tp: int, args: argparse.Namespace, prompts: list[list[int]
         batch = min(args.decode_batch or len(prompts), llm.config.max_num_seqs)
         step_ms = decode_step_ms(engine, batch, args.steps, rng)
 
+        # The device's time for a whole batch-1 decode step (the graph replayed back to back, one token of
+        # context): TPOT minus this is the host's share (scheduling, dispatch to the ranks, the result's return).
+        graph_b1, kernels = executor.measure_decode_graph(1, profile=args.profile) if cuda else (0.0, "")
+        if kernels:
+            print(f"\n--- tp={tp}: top kernels of 5 batch-1 decode graph replays (rank 0) ---\n{kernels}")
         layers = llm.config.hf_config["num_hidden_layers"]
         allreduce = {1: 0.0, batch: 0.0}  # one rank: no communication
         if tp > 1:
@@ -78,10 +83,12 @@ def run_tp(path: str, tp: int, args: argparse.Namespace, prompts: list[list[int]
         stats = engine.stats()
         row = {"tp": tp, "output_tokens": generated, "seconds": round(seconds, 3),
                "tokens_per_s": round(generated / seconds, 1),
-               "tpot_b1_ms": round(tpot * 1e3, 3), "allreduce_b1_ms": round(allreduce[1], 3),
+               "tpot_b1_ms": round(tpot * 1e3, 3), "graph_b1_ms": round(graph_b1 * 1e3, 3),
+               "allreduce_b1_ms": round(allreduce[1], 3),
                "decode_batch": batch, "step_ms": round(step_ms, 3), "allreduce_ms": round(allreduce[batch], 3),
                "num_kv_blocks": engine.block_manager.num_blocks, "preemptions": stats.num_preemptions,
-               "async_scheduling": engine.async_scheduling, "executor": type(executor).__name__}
+               "async_scheduling": engine.async_scheduling, "executor": type(executor).__name__,
+               **({"kernels_b1": kernels} if kernels else {})}
         if bandwidth:
             floor = floor_seconds(prompts, max_tokens, model_shape(path), bandwidth * tp)
             row |= {"floor_s": round(floor, 3), "fraction_of_floor": round(floor / seconds, 3)}
@@ -149,6 +156,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=30, help="decode steps timed")
     ap.add_argument("--baseline", default=None, help="tp_scaling JSON whose tp=1 row is the baseline")
     ap.add_argument("--ray-num-cpus", type=int, default=None, help="CPUs of the local Ray instance (default: all)")
+    ap.add_argument("--profile", action="store_true", help="print and keep rank 0's top kernels of a batch-1 step")
     ap.add_argument("--tag", default="")
     args = ap.parse_args()
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a local instance of our own
@@ -191,7 +199,7 @@ def main() -> None:
     for r in rows:
         r["efficiency"] = round(r["tokens_per_s"] / (r["tp"] * base["tokens_per_s"]), 3) if base else None
         r["tpot_speedup"] = round(base["tpot_b1_ms"] / r["tpot_b1_ms"], 3) if base else None
-    shown = ["tp", "tokens_per_s", "efficiency", "fraction_of_floor", "tpot_b1_ms", "tpot_speedup",
+    shown = ["tp", "tokens_per_s", "efficiency", "fraction_of_floor", "tpot_b1_ms", "tpot_speedup", "graph_b1_ms",
              "allreduce_b1_ms", "decode_batch", "step_ms", "allreduce_ms", "preemptions"]
     print(f"\n{Path(path).name} on {f'{gpus} x ' if gpus else ''}{device_name()}"
           + (f", {bandwidth / 1e12:.2f} TB/s a card" if bandwidth else ""))

@@ -5,7 +5,7 @@ import torch
 from conftest import assert_no_leak
 
 from nanovllm_ray import LLM, RequestState, SamplingParams
-from nanovllm_ray.layers.sampler import SamplingTensors, sample, sample_temperature
+from nanovllm_ray.layers.sampler import SamplingTensors, merge_shard_samples, sample, sample_temperature
 
 # A known distribution over 8 tokens: probabilities 0.4, 0.2, 0.15, 0.1, 0.08, 0.04, 0.02, 0.01
 PROBS = torch.tensor([0.4, 0.2, 0.15, 0.1, 0.08, 0.04, 0.02, 0.01])
@@ -64,6 +64,25 @@ def test_temperature_path_of_the_decode_graphs_follows_the_distribution():
     assert (out[::2] == 0).all()
     freq = torch.bincount(out[1::2], minlength=8).float() / (n // 2)
     assert torch.allclose(freq, PROBS, atol=0.02), freq
+
+
+@pytest.mark.parametrize("tp", [2, 4])
+def test_merged_vocabulary_slices_give_the_whole_vocabulary_argmax(tp):
+    """Tensor-parallel sampling in the decode graphs: each rank's winner of its vocabulary slice (score, token id),
+    merged, is the argmax over the whole vocabulary, ties included (the lowest token id wins, as argmax does).
+    Scores here are the logits (T = 0) or logits + Gumbel noise (a draw), made over the whole vocabulary."""
+    torch.manual_seed(0)
+    n, vocab = 64, 1024
+    logits = torch.randn(n, vocab).round(decimals=1)  # many equal values, within and across slices
+    logits[:8] = 0.0  # every token ties: token 0
+    logits[8:16, 3] = logits[8:16, (tp - 1) * vocab // tp + 5] = 9.0  # a tie across slices: token 3
+    gumbel = -torch.empty(n, vocab).exponential_().log()
+    for scores in (logits, logits + gumbel):
+        shards = torch.stack([torch.stack([s.max(-1).values.double(), (s.argmax(-1) + i * s.shape[1]).double()], -1)
+                              for i, s in enumerate(scores.chunk(tp, -1))])
+        assert torch.equal(merge_shard_samples(shards), scores.argmax(-1))
+    out = torch.full((n,), -1, dtype=torch.int64)
+    assert merge_shard_samples(shards, out) is out and torch.equal(out, (logits + gumbel).argmax(-1))
 
 
 def test_greedy_rows_take_the_argmax_in_a_mixed_batch():

@@ -47,3 +47,6 @@ class InProcessExecutor(Executor):
 
     def execute_async(self, step: StepInput) -> PendingOutput:
         return self.runner.execute_async(step)
+
+    def measure_decode_graph(self, num_seqs: int, iters: int = 20, profile: bool = False) -> tuple[float, str]:
+        return self.runner.measure_decode_graph(num_seqs, iters, profile)

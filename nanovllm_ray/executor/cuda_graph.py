@@ -3,11 +3,13 @@
 A decode step of n sequences replays the graph of the smallest captured size bs >= n. Padded rows write no KV
 (slot -1) and attend over one token of block 0, so they cost almost nothing and never touch real sequences.
 
-With one rank the graph holds the whole step: the tokens the previous step sampled are gathered on the device,
-then the model, the LM head and the sampler (temperature + Gumbel-max, or argmax) run, and the new tokens land in
-`tokens`, where the next step's graph reads them. The driver's per-step work is then one copy of a packed int64
-vector (ids, positions, slots, lengths, pending sources, temperatures) and one of the block tables, then replay.
-Requests that need more (top-k/p, min-p, seeds, logprobs) sample from the graph's logits outside it.
+The graph holds the whole step: the tokens the previous step sampled are gathered on the device, then the model,
+the LM head and the sampler (temperature + Gumbel-max, or argmax) run, and the new tokens land in `tokens`, where
+the next step's graph reads them. With tensor parallelism every rank does so: each samples its vocabulary slice and
+the ranks merge the slices' winners (layers/sampler.py, sample_temperature_sharded). The driver's per-step work is
+then one copy of a packed int64 vector (ids, positions, slots, lengths, pending sources, temperatures) and one of the
+block tables, then replay. Requests that need more (top-k/p, min-p, seeds, logprobs) sample from the logits outside
+the graph, on rank 0.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from nanovllm_ray.executor.step import StepInput
 from nanovllm_ray.layers import ops
 from nanovllm_ray.layers.attention import AttentionBackend, AttentionMetadata
 from nanovllm_ray.layers.parallel import tp_size
-from nanovllm_ray.layers.sampler import sample_temperature
+from nanovllm_ray.layers.sampler import sample_temperature, sample_temperature_sharded
 
 # Sections of the packed per-step vector, each `bs` long for a graph of bs rows.
 IDS, POS, SLOTS, LENS, SRC, TEMPS = range(6)
@@ -44,8 +46,10 @@ class DecodeGraphs:
         self.max_bs = self.sizes[-1]
         dev = device
         max_blocks = math.ceil(cfg.max_model_len / cfg.block_size)
-        # The LM head and sampler go in the graph only with one rank (several gather logits to rank 0).
-        self.with_head = tp_size() == 1
+        # With several ranks each samples the winner of its vocabulary slice and every rank merges the all-gathered
+        # winners alike, so every rank's `tokens` holds the step's tokens for the next step's graph (no logits
+        # gathered to rank 0, no broadcast).
+        self.tp = tp_size()
         # Static inputs and outputs that every graph reads and writes.
         self.vec = torch.zeros(SECTIONS * self.max_bs, dtype=torch.int64, device=dev)
         self.block_tables = torch.zeros(self.max_bs, max_blocks, dtype=torch.int32, device=dev)
@@ -53,9 +57,10 @@ class DecodeGraphs:
         self.hidden = torch.zeros(self.max_bs, cfg.hf_config["hidden_size"], dtype=dtype, device=dev)
         # Sampled tokens, rows of the last step (its sampled rows may be more than max_bs after a mixed step).
         self.tokens = torch.zeros(max(cfg.max_num_seqs, self.max_bs), dtype=torch.int64, device=dev)
-        self.logits = None
-        if self.with_head:
-            self.logits = torch.zeros(self.max_bs, cfg.hf_config["vocab_size"], dtype=dtype, device=dev)
+        # Logits of this rank's vocabulary slice (all of it with one rank); the slices' winners, all-gathered.
+        head = model.lm_head
+        self.logits = torch.zeros(self.max_bs, head.weight.shape[0], dtype=dtype, device=dev)
+        self.winners = torch.zeros(self.tp * self.max_bs, 2, dtype=torch.float64, device=dev) if self.tp > 1 else None
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self._capture()
 
@@ -73,14 +78,18 @@ class DecodeGraphs:
         return meta
 
     def _forward(self, bs: int, meta: AttentionMetadata) -> None:
-        """The captured work: gather pending tokens, model, and (one rank) LM head and sampling."""
+        """The captured work: gather pending tokens, model, LM head and temperature sampling."""
         model = self.model
         ids = ops.merge_pending(self.section(bs, IDS), self.section(bs, SRC), self.tokens)
         hidden = model(ids, self.section(bs, POS), meta)
         self.hidden[:bs] = hidden
-        if self.with_head:
-            torch.mm(hidden, model.lm_head.weight.t(), out=self.logits[:bs])
-            sample_temperature(self.logits[:bs], self.section(bs, TEMPS).view(torch.float64), out=self.tokens[:bs])
+        head, temps = model.lm_head, self.section(bs, TEMPS).view(torch.float64)
+        torch.mm(hidden, head.weight.t(), out=self.logits[:bs])
+        if self.tp == 1:
+            sample_temperature(self.logits[:bs], temps, out=self.tokens[:bs])
+        else:
+            sample_temperature_sharded(self.logits[:bs], temps, head.start, head.num_embeddings,
+                                       self.winners[:self.tp * bs], out=self.tokens[:bs])
 
     @torch.inference_mode()
     def _capture(self) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import math
+import time
 
 import torch
 import torch.distributed as dist
@@ -271,32 +272,41 @@ class ModelRunner:
         """Launch the step; rank 0 gets a handle whose result() waits for the sampled tokens (copied to the host
         without blocking), other ranks None. The sampled tokens stay on the device for the next step."""
         g = self.graphs
-        if g is not None and g.with_head and step.is_decode_only and g.can_run(len(step.seq_lens)):
-            return self._finish(self._execute_graph(step))
+        if g is not None and step.is_decode_only and g.can_run(len(step.seq_lens)):
+            out = self._execute_graph(step)
+            return self._finish(out) if out is not None else None
         input_ids, positions, meta = self.prepare(step)
         self.prev_rows = len(step.sample_rows)  # for the next step's _prev_tokens()
+        self.prev_in_graph = False  # on every rank: the next step's ranks must agree on broadcasting
         logits = self.run_model(input_ids, positions, meta, step)
         if self.rank != 0:
             return None
         if logits is None:
             return PendingOutput(StepOutput([]))
         out = sample(logits, self.sampling_tensors(step))
-        self.prev_sampled, self.prev_in_graph = out.token_ids, False
+        self.prev_sampled = out.token_ids
         return self._finish(out)
 
-    def _execute_graph(self, step: StepInput) -> SamplerOutput:
-        """A decode step replayed whole (one rank): inputs, model, LM head and, for temperature-only requests,
-        sampling. Others sample from the graph's logits."""
+    def _execute_graph(self, step: StepInput) -> SamplerOutput | None:
+        """A decode step replayed whole: inputs, model, LM head and, for temperature-only requests, sampling (on
+        every rank, which then holds the tokens). Others sample on rank 0 from the logits: the graph's, or with
+        several ranks the slices gathered from its hidden states. Rank 0 gets the output, other ranks None."""
         g, n = self.graphs, len(step.seq_lens)
-        g.launch(step, None if self.prev_in_graph else self.prev_sampled)
+        prev = None if self.prev_in_graph or not step.pending_dst else self._prev_tokens()
+        self.prev_rows = len(step.sample_rows)
+        g.launch(step, prev)
         every_row = len(step.sample_rows) == n
-        if every_row and _temperature_only(step):
+        self.prev_in_graph = every_row and _temperature_only(step)  # alike on every rank: the step says
+        if self.prev_in_graph:
             out = SamplerOutput(g.tokens[:n])
-            self.prev_in_graph = True
         else:
-            logits = g.logits[:n] if every_row else g.logits[torch.tensor(step.sample_rows, device=self.device)]
+            rows = slice(n) if every_row else torch.tensor(step.sample_rows, device=self.device)
+            logits = g.logits[rows] if self.world_size == 1 else self.model.compute_logits(g.hidden[rows])
+            if self.rank != 0:
+                return None
             out = sample(logits, self.sampling_tensors(step))
-            self.prev_in_graph = False
+        if self.rank != 0:
+            return None
         self.prev_sampled = out.token_ids
         return out
 
@@ -325,6 +335,35 @@ class ModelRunner:
             return result
 
         return PendingOutput(fetch=fetch)
+
+    @torch.inference_mode()
+    def measure_decode_graph(self, num_seqs: int, iters: int = 20, profile: bool = False) -> tuple[float, str]:
+        """Seconds per replay of the decode graph for num_seqs rows, back to back: the device's time for a whole
+        decode step (model, LM head, sampling, all-reduces) without the host's. Its rows are padding rows (one token
+        of context, no KV written). With several ranks every rank calls it at once. profile: also the top kernels of
+        a few replays (torch.profiler's table). Between requests only: it overwrites the graphs' token buffer."""
+        g = self.graphs
+        if g is None:
+            return 0.0, ""
+        bs = g.padded(num_seqs)
+        g._reset_padding(bs)
+        graph = g.graphs[bs]
+        graph.replay()
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        for _ in range(iters):
+            graph.replay()
+        torch.cuda.synchronize()
+        seconds = (time.perf_counter() - t) / iters
+        table = ""
+        if profile:
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+                for _ in range(5):
+                    graph.replay()
+                torch.cuda.synchronize()
+            table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=25)
+        self.prev_in_graph = False
+        return seconds, table
 
     @torch.inference_mode()
     def forward_logits(self, step: StepInput) -> torch.Tensor:

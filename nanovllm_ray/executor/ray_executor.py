@@ -111,6 +111,13 @@ class RayExecutor(Executor):
 
         return max(ray.get([w.measure_allreduce.remote(num_tokens, calls, iters) for w in self.workers]))
 
+    def measure_decode_graph(self, num_seqs: int, iters: int = 20, profile: bool = False) -> tuple[float, str]:
+        """Seconds per decode-graph replay on the ranks (the slowest rank's), and rank 0's kernel table."""
+        import ray
+
+        res = ray.get([w.measure_decode_graph.remote(num_seqs, iters, profile) for w in self.workers])
+        return max(r[0] for r in res), res[0][1]
+
     def measure_dispatch(self, n: int = 200, warmup: int = 20) -> float:
         """Seconds per no-op step sent to every rank and back: the executor's own cost beside a model step."""
         for _ in range(warmup):

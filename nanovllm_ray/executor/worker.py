@@ -101,6 +101,10 @@ class TPWorker:
             torch.cuda.synchronize()
         return (time.perf_counter() - t) / iters
 
+    def measure_decode_graph(self, num_seqs: int, iters: int = 20, profile: bool = False) -> tuple[float, str]:
+        """ModelRunner.measure_decode_graph on this rank (every rank at once: the graphs hold collectives)."""
+        return self.runner.measure_decode_graph(num_seqs, iters, profile)
+
     def shutdown(self) -> None:
         import torch.distributed as dist
 

@@ -26,7 +26,9 @@ def _partial_argmax_kernel(
     seed_ptr,  # [1] int64
     part_val_ptr,  # [n, num_chunks] fp32
     part_idx_ptr,  # [n, num_chunks] int32
-    vocab,
+    vocab,  # columns of these logits
+    col_offset,  # their first column's token id (a tensor-parallel rank's vocabulary slice; else 0)
+    vocab_total,  # the whole vocabulary: the noise of (row, token id) is the same for any split
     chunk_len,  # multiple of BLOCK
     BLOCK: tl.constexpr,
 ):
@@ -47,7 +49,8 @@ def _partial_argmax_kernel(
         mask = cols < end
         x = tl.load(row_ptr + cols, mask=mask, other=float("-inf")).to(tl.float32)
         if t > 0:
-            u = tl.rand(seed, row * vocab + cols)  # uniform [0, 1): u = 0 gives -inf, never chosen
+            # uniform [0, 1) by token id: u = 0 gives -inf, never chosen
+            u = tl.rand(seed, row * vocab_total + col_offset + cols)
             x = x * inv_t - tl.log(-tl.log(u))
         better = mask & (x > acc_val)
         acc_val = tl.where(better, x, acc_val)
@@ -56,11 +59,12 @@ def _partial_argmax_kernel(
     best_idx = tl.min(tl.where(acc_val == best_val, acc_idx, 2**31 - 1), axis=0)  # first column at the maximum
     out = row * num_chunks + chunk
     tl.store(part_val_ptr + out, best_val)
-    tl.store(part_idx_ptr + out, best_idx)
+    tl.store(part_idx_ptr + out, best_idx + col_offset)
 
 
 @triton.jit(do_not_specialize=["num_chunks"])
-def _final_argmax_kernel(part_val_ptr, part_idx_ptr, out_ptr, seed_ptr, num_chunks, BLOCK_C: tl.constexpr):
+def _final_argmax_kernel(part_val_ptr, part_idx_ptr, out_ptr, out_val_ptr, seed_ptr, num_chunks,
+                         BLOCK_C: tl.constexpr, WRITE_VAL: tl.constexpr):
     row = tl.program_id(0)
     c = tl.arange(0, BLOCK_C)
     mask = c < num_chunks
@@ -68,6 +72,8 @@ def _final_argmax_kernel(part_val_ptr, part_idx_ptr, out_ptr, seed_ptr, num_chun
     best = tl.argmax(val, axis=0)  # first chunk among equal maxima
     idx = tl.load(part_idx_ptr + row * num_chunks + best)
     tl.store(out_ptr + row, idx.to(out_ptr.dtype.element_ty))
+    if WRITE_VAL:  # the winning score, for a merge across vocabulary slices
+        tl.store(out_val_ptr + row, tl.max(val, axis=0).to(out_val_ptr.dtype.element_ty))
     if row == 0:  # every program of the first kernel has read the seed by now (stream order)
         tl.store(seed_ptr, tl.load(seed_ptr) + 1)
 
@@ -86,9 +92,16 @@ def num_chunks_for(num_rows: int, vocab: int, device: torch.device) -> int:
     return max(1, min(triton.cdiv(16 * sms, num_rows), triton.cdiv(vocab, BLOCK), MAX_CHUNKS))
 
 
-def sample_tokens(logits: torch.Tensor, temperatures: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+def sample_tokens(logits: torch.Tensor, temperatures: torch.Tensor, out: torch.Tensor | None = None,
+                  col_offset: int = 0, vocab_total: int | None = None, out_val: torch.Tensor | None = None
+                  ) -> torch.Tensor:
     """logits [n, vocab] (unit stride along vocab), temperatures [n] -> token ids [n] (int64 unless `out` says
-    otherwise): argmax(logits) where the temperature is 0, else a draw from softmax(logits / T)."""
+    otherwise): argmax(logits) where the temperature is 0, else a draw from softmax(logits / T).
+
+    A tensor-parallel rank passes its vocabulary slice: col_offset (its first token id), vocab_total, and out_val
+    [n] for each row's winning score (logits / T + Gumbel noise, or the logit where T = 0); the slices' winners then
+    merge by the highest score (nanovllm_ray.layers.sampler.merge_shard_samples). Each token's noise depends on its
+    id, not on the split."""
     n, vocab = logits.shape
     assert logits.stride(1) == 1 and temperatures.shape == (n,), (logits.stride(), temperatures.shape)
     if out is None:
@@ -102,7 +115,7 @@ def sample_tokens(logits: torch.Tensor, temperatures: torch.Tensor, out: torch.T
     part_idx = torch.empty((n, chunks), dtype=torch.int32, device=logits.device)
     seed = _seed(logits.device)
     _partial_argmax_kernel[(n, chunks)](logits, logits.stride(0), temperatures, seed, part_val, part_idx, vocab,
-                                        chunk_len, BLOCK=BLOCK, num_warps=4)
-    _final_argmax_kernel[(n,)](part_val, part_idx, out, seed, chunks, BLOCK_C=MAX_CHUNKS,
-                               num_warps=1)
+                                        col_offset, vocab_total or vocab, chunk_len, BLOCK=BLOCK, num_warps=4)
+    _final_argmax_kernel[(n,)](part_val, part_idx, out, part_val if out_val is None else out_val, seed, chunks,
+                               BLOCK_C=MAX_CHUNKS, WRITE_VAL=out_val is not None, num_warps=1)
     return out

@@ -11,6 +11,7 @@ import importlib.util
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 
 from nanovllm_ray.layers import ops
 
@@ -83,6 +84,33 @@ def sample_temperature(logits: torch.Tensor, temperatures: torch.Tensor,
     temps = temperatures.float()
     drawn = ops.exponential_race(logits, torch.where(temps > 0, temps, 1.0), torch.empty_like(logits).exponential_())
     tokens = torch.where(temps > 0, drawn, logits.argmax(-1))
+    return tokens if out is None else out.copy_(tokens)
+
+
+def sample_temperature_sharded(logits: torch.Tensor, temperatures: torch.Tensor, col_offset: int, vocab_total: int,
+                               gathered: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """sample_temperature over a vocabulary split across tensor-parallel ranks, without gathering the logits: each
+    rank draws the winner of its slice [n, vocab / tp] (token ids from col_offset), the ranks all-gather the n
+    (score, token) pairs into `gathered` [tp * n, 2] float64, and every rank merges them alike into `out` [n]. No CPU
+    sync and fixed shapes: safe inside a CUDA graph (CUDA with Triton only)."""
+    from nanovllm_ray.kernels.sampling import sample_tokens
+
+    n = logits.shape[0]
+    mine = torch.empty(n, 2, dtype=torch.float64, device=logits.device)
+    idx = torch.empty(n, dtype=torch.int64, device=logits.device)
+    val = torch.empty(n, dtype=torch.float32, device=logits.device)
+    sample_tokens(logits, temperatures, out=idx, col_offset=col_offset, vocab_total=vocab_total, out_val=val)
+    mine[:, 0], mine[:, 1] = val, idx
+    dist.all_gather_into_tensor(gathered, mine)
+    return merge_shard_samples(gathered.view(-1, n, 2), out)
+
+
+def merge_shard_samples(shards: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """shards [tp, n, 2] (score, token id) of each vocabulary slice's winner, slices in token-id order -> the token
+    with the highest score [n] int64. Equal scores go to the lower slice, so the lowest token id wins a tie, as
+    argmax over the whole vocabulary does (float64 holds every float32 score and token id exactly)."""
+    best = shards[:, :, 0].argmax(0)  # the first slice among equal maxima
+    tokens = shards[:, :, 1].gather(0, best.unsqueeze(0)).squeeze(0).long()
     return tokens if out is None else out.copy_(tokens)
 
 

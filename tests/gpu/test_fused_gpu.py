@@ -53,6 +53,33 @@ def test_replays_in_a_cuda_graph_with_fresh_noise(sampling):
     assert not torch.equal(draws[0], draws[1]) and not torch.equal(draws[1], draws[2])
 
 
+@pytest.mark.parametrize("tp", [2, 4])
+def test_vocabulary_slices_merge_to_the_whole_vocabulary_draw(sampling, tp):
+    """Tensor-parallel sampling in the decode graphs: each rank samples its vocabulary slice (col_offset, the whole
+    vocabulary's size) and the winners merge by score. A token's noise depends on its id and the seed, not on the
+    split: with one seed the merged draw is the whole vocabulary's, bit for bit, greedy rows and ties included."""
+    from nanovllm_ray.layers.sampler import merge_shard_samples
+
+    torch.manual_seed(0)
+    n, vocab = 300, 151936
+    logits = torch.randn(n, vocab, device="cuda").bfloat16()
+    logits[:4] = 0.0  # every token ties: the greedy rows among these (0 and 3) take token 0
+    temps = torch.full((n,), 0.8, device="cuda", dtype=torch.float64)
+    temps[::3] = 0.0
+    seed = sampling._seed(logits.device)
+    start = seed.clone()
+    whole = sampling.sample_tokens(logits, temps)
+    shards = []
+    for i, part in enumerate(logits.chunk(tp, -1)):
+        seed.copy_(start)  # every rank draws with the same seed
+        val = torch.empty(n, device="cuda")
+        idx = sampling.sample_tokens(part, temps, col_offset=i * part.shape[1], vocab_total=vocab, out_val=val)
+        shards.append(torch.stack([val.double(), idx.double()], -1))
+    assert (idx >= (tp - 1) * vocab // tp).all()
+    assert torch.equal(merge_shard_samples(torch.stack(shards)), whole)
+    assert (whole[:4:3] == 0).all() and torch.equal(whole[::3], logits[::3].float().argmax(-1))
+
+
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     from nanovllm_ray.demo_model import make_demo_checkpoint

@@ -133,6 +133,12 @@ def test_tp_matches_one_gpu_bf16(cluster, model_06b, reference, tp):
         # forced: its own tokens, and one GPU's (the two part at the first near-tie that bf16 noise flips).
         bs = llm.config.block_size
         own, tp1_path = (near_greedy(ex.forward_logits, bs, _prompts(), t) for t in (tokens, reference["tp1_tokens"]))
+        # Sampling: temperature-only steps sample in every rank's graph; a step with a filter or a seed samples on
+        # rank 0 from the gathered logits. Those requests end first, so the batch switches paths mid-run.
+        mixed = [SamplingParams(temperature=0.8, max_tokens=24, ignore_eos=True),
+                 SamplingParams(temperature=0.8, top_k=20, max_tokens=8, ignore_eos=True),
+                 SamplingParams(temperature=0.8, seed=7, max_tokens=8, ignore_eos=True)] * 2
+        sampled = [[o.token_ids for o in llm.generate(_prompts()[:6], mixed, use_tqdm=False)] for _ in range(2)]
     finally:
         llm.engine.shutdown()
 
@@ -157,3 +163,6 @@ def test_tp_matches_one_gpu_bf16(cluster, model_06b, reference, tp):
     assert err < 0.05
     assert all(len(t) == GREEDY.max_tokens for t in tokens)
     assert own >= 0.99 and tp1_path >= 0.99
+    assert [list(map(len, run)) for run in sampled] == [[24, 8, 8] * 2] * 2
+    assert sampled[0][2] == sampled[1][2] and sampled[0][5] == sampled[1][5]  # seeded: the same draws
+    assert sampled[0][0] != sampled[1][0] or sampled[0][3] != sampled[1][3]  # unseeded: fresh noise
