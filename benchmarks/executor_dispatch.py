@@ -91,7 +91,7 @@ def main() -> None:
                 noop = noop_us(lambda step, ex=executor: None if step is None else ex.execute(step))
             else:
                 executor = RayExecutor(config.replace(dispatch=mode.removeprefix("ray-")))
-                noop = noop_us(executor.execute)
+                noop = executor.measure_dispatch(300) * 1e6
             engine = LLMEngine(config, executor=executor)
             row = {"tp": tp, "mode": mode, "noop_step_us": noop}
             for b in batches:

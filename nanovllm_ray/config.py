@@ -37,6 +37,9 @@ class Config:
     kv_cache_memory_gb: float = _setting(1.0, "KV pool on CPU (on GPU it comes from gpu_memory_utilization)")
     num_kvcache_blocks: int | None = _setting(None, "force the KV pool size (tests, benchmarks)")
     enforce_eager: bool = _setting(False, "no CUDA graphs")
+    prefill_graph_tokens: int = _setting(2048, "CUDA graphs for prefill steps up to this many tokens (of up to 8 "
+                                               "sequences; a short prompt's first token without the host's "
+                                               "per-op cost); 0: prefills run eagerly")
     tensor_parallel_size: int = _setting(1, "ranks (GPUs) per engine")
     fast_all_reduce: bool = _setting(True, "tensor parallelism on GPUs with P2P access: decode-sized all-reduces "
                                            "through one-shot/two-shot kernels over symmetric memory, not NCCL")
@@ -85,6 +88,7 @@ class Config:
                f"block_size={self.block_size} must be a power of two")
         _check(self.max_num_seqs >= 1, f"max_num_seqs={self.max_num_seqs} must be >= 1")
         _check(self.max_num_batched_tokens >= 1, f"max_num_batched_tokens={self.max_num_batched_tokens} must be >= 1")
+        _check(self.prefill_graph_tokens >= 0, f"prefill_graph_tokens={self.prefill_graph_tokens} must be >= 0")
         if not self.enable_chunked_prefill:
             _check(self.max_num_batched_tokens >= self.max_model_len,
                    f"max_num_batched_tokens={self.max_num_batched_tokens} must be >= max_model_len="

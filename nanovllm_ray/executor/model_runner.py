@@ -78,6 +78,7 @@ class ModelRunner:
                                       self.dtype)
         self.attn_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
         self.graphs = None
+        self.prefill_graphs = None
         self.prev_sampled = torch.zeros(0, dtype=torch.int64, device=self.device)  # last step's sampled tokens
         self.prev_in_graph = False  # prev_sampled is the decode graphs' own token buffer
         self.prev_rows = 0  # rows the previous step sampled (on every rank)
@@ -89,10 +90,16 @@ class ModelRunner:
 
     def capture_cuda_graphs(self) -> None:
         if self.device.type == "cuda" and not self.config.enforce_eager and self.backend.supports_cuda_graphs:
-            from nanovllm_ray.executor.cuda_graph import DecodeGraphs
+            from nanovllm_ray.executor.cuda_graph import DecodeGraphs, PrefillGraphs, prefill_graph_sizes
 
             self.graphs = DecodeGraphs(self.model, self.backend, self.config, self.device, self.dtype)
-            self.clock.done("CUDA graphs captured", f"{len(self.graphs.sizes)} batch sizes")
+            detail = f"decode: {len(self.graphs.sizes)} batch sizes"
+            max_tokens = min(self.config.prefill_graph_tokens, self.config.max_num_batched_tokens)
+            if self.backend.supports_prefill_graphs and prefill_graph_sizes(max_tokens):
+                self.prefill_graphs = PrefillGraphs(self.model, self.backend, self.config, self.device, self.dtype,
+                                                    max_tokens)
+                detail += f"; prefill: up to {self.prefill_graphs.sizes[-1]} tokens"
+            self.clock.done("CUDA graphs captured", detail)
 
     # ---- KV cache ------------------------------------------------------------------------------------------
 
@@ -250,6 +257,9 @@ class ModelRunner:
     def _hidden(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         if self.graphs is not None and meta.is_decode_only and self.graphs.can_run(meta.num_seqs):
             return self.graphs.run(input_ids, positions, meta.slot_mapping, meta.seq_lens, meta.block_tables)
+        pg = self.prefill_graphs
+        if pg is not None and not meta.is_decode_only and pg.can_run(input_ids.shape[0], meta.num_seqs):
+            return pg.run(input_ids, positions, meta)
         return self.model(input_ids, positions, meta)
 
     @torch.inference_mode()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 
 import torch
 
@@ -39,6 +40,8 @@ class RayExecutor(Executor):
         self._owned_pg = None
         self._dag = None
         self.workers: list = []
+        self._outstanding: deque = deque()  # (refs of a call, the slot whose output it returns or None), in order
+        self._last: _Slot | None = None  # the last launched step, whose output the ranks hold
         pg = placement_group or get_current_placement_group()
         if pg is None:
             use_gpu = _wants_gpu(config, ray.cluster_resources().get("GPU", 0) >= 1)
@@ -87,16 +90,33 @@ class RayExecutor(Executor):
         logger.info("RayExecutor: %d ranks (%s, %s dispatch), %d KV blocks", world, "nccl" if use_gpu else "gloo",
                     dispatch, self.num_kv_blocks)
 
-    def execute(self, step: StepInput | None) -> StepOutput | None:
+    def execute(self, step: StepInput) -> StepOutput:
         return self.execute_async(step).result()
 
-    def execute_async(self, step: StepInput | None) -> PendingOutput:
-        """Send the step to every rank and return at once: the driver schedules the next step meanwhile (results
-        are fetched in launch order)."""
+    def execute_async(self, step: StepInput) -> PendingOutput:
+        """Send the step to every rank and return at once: the driver schedules the next step meanwhile. A rank
+        returns a step's tokens with the call after it (TPWorker.execute), so a step's result comes with the next
+        step's call, or with a flush call when the driver asks for it before sending another step."""
+        self._outstanding.append((self._call(step), self._last))
+        slot = self._last = _Slot()
+        return PendingOutput(fetch=lambda: self._fetch(slot))
+
+    def _call(self, step: StepInput | None) -> list:
+        return self._dag.execute(step) if self._dag is not None else [w.execute.remote(step) for w in self.workers]
+
+    def _fetch(self, slot: _Slot) -> StepOutput:
+        """The output of slot's step: read the calls sent since, in order, until the one that carries it."""
         import ray
 
-        refs = self._dag.execute(step) if self._dag is not None else [w.execute.remote(step) for w in self.workers]
-        return PendingOutput(fetch=lambda: ray.get(refs)[0])
+        while not slot.done:
+            if not self._outstanding:  # nothing sent after it: ask the ranks for what they hold
+                self._outstanding.append((self._call(None), self._last))
+                self._last = None
+            refs, owner = self._outstanding.popleft()
+            value = ray.get(refs)[0]
+            if owner is not None:
+                owner.value, owner.done = value, True
+        return slot.value
 
     def forward_logits(self, step: StepInput) -> torch.Tensor:
         """Logits of every token of the step, from rank 0 (every rank runs it; CUDA graphs for decode): for
@@ -119,12 +139,17 @@ class RayExecutor(Executor):
         return max(r[0] for r in res), res[0][1]
 
     def measure_dispatch(self, n: int = 200, warmup: int = 20) -> float:
-        """Seconds per no-op step sent to every rank and back: the executor's own cost beside a model step."""
+        """Seconds per no-op step sent to every rank and back: the executor's own cost beside a model step. With no
+        step in flight (what the ranks hold is read first)."""
+        import ray
+
+        if self._last is not None:
+            self._fetch(self._last)
         for _ in range(warmup):
-            self.execute(None)
+            ray.get(self._call(None))
         t = time.perf_counter()
         for _ in range(n):
-            self.execute(None)
+            ray.get(self._call(None))
         return (time.perf_counter() - t) / n
 
     def shutdown(self) -> None:
@@ -154,6 +179,15 @@ class RayExecutor(Executor):
                 self.shutdown()
         except Exception:
             pass
+
+
+class _Slot:
+    """A launched step's output, once a later call to the ranks has brought it back."""
+
+    __slots__ = ("done", "value")
+
+    def __init__(self) -> None:
+        self.done, self.value = False, None
 
 
 def _wants_gpu(config: Config, have_gpus: bool) -> bool:

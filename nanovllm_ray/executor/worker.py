@@ -21,6 +21,7 @@ class TPWorker:
     def __init__(self, config: Config, rank: int, world_size: int) -> None:
         self.config, self.rank, self.world_size = config, rank, world_size
         self.runner = None
+        self.pending = None  # rank 0: the last launched step's output, returned with the next call
         self.all_reduce_path = "none"
 
     def address(self) -> tuple[str, int]:
@@ -62,10 +63,13 @@ class TPWorker:
         return agreed, runner.block_bytes
 
     def execute(self, step: StepInput | None) -> StepOutput | None:
-        """One step on this rank; rank 0 returns the sampled tokens. None is a no-op (measures dispatch)."""
-        if step is None:
-            return None
-        return self.runner.execute(step)
+        """Launch one step on this rank and return the sampled tokens of the step launched before it (rank 0; the
+        others None): the device starts this step before the host waits for the last one, so no step waits for
+        the result of the one before to travel back to the driver and the next step to come. None launches nothing
+        and returns what is still held (the driver's flush; a no-op when nothing is: measures dispatch)."""
+        out = self.runner.execute_async(step) if step is not None else None
+        prev, self.pending = self.pending, out
+        return prev.result() if prev is not None else None
 
     def forward_logits(self, step: StepInput) -> torch.Tensor | None:
         """Logits of every token of the step (teacher-forced tests): run on every rank, rank 0 returns them on the

@@ -86,6 +86,31 @@ def test_cuda_graph_replay_equals_eager(model_06b):
         assert (a.argmax(-1) == b.argmax(-1)).float().mean() >= 0.99
 
 
+def test_prefill_graphs_equal_eager(model_06b):
+    """Prefill steps of up to 8 sequences and prefill_graph_tokens tokens replay a CUDA graph (the token count padded
+    up): their logits equal eager execution's, for a plain prefill of 5 sequences and then a chunk over each one's
+    cached prefix."""
+    rng = random.Random(2)
+    lens = [5, 100, 250, 33, 1]
+    streams = [[rng.randrange(0, 150000) for _ in range(n + 40)] for n in lens]
+    results = {}
+    for eager in (True, False):
+        llm = LLM(model_06b, max_model_len=1024, enforce_eager=eager, num_kvcache_blocks=256)
+        runner = llm.engine.executor.runner
+        assert (runner.prefill_graphs is None) == eager
+        bs = llm.config.block_size
+        tables = [list(range(i * 20, (i + 1) * 20)) for i in range(len(streams))]
+        plain = runner.forward_logits(_step([s[:p] for s, p in zip(streams, lens)], [0] * len(lens), tables, bs))
+        chunk = runner.forward_logits(_step([s[p:] for s, p in zip(streams, lens)], lens, tables, bs))
+        results[eager] = (plain.float().cpu(), chunk.float().cpu())
+        del llm, runner
+        torch.cuda.empty_cache()
+    for a, b in zip(results[True], results[False]):
+        assert a.shape == b.shape
+        torch.testing.assert_close(a, b, atol=0.05 * a.abs().max().item(), rtol=0.02)
+        assert (a.argmax(-1) == b.argmax(-1)).float().mean() >= 0.98
+
+
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     from nanovllm_ray.demo_model import make_demo_checkpoint

@@ -17,6 +17,9 @@ from nanovllm_ray.layers.attention.metadata import AttentionMetadata
 class AttentionBackend(ABC):
     name: ClassVar[str]
     supports_cuda_graphs: ClassVar[bool] = False
+    # A prefill step replays from a graph: forward() reads no host-side length but max_query_len, an upper bound
+    # (the graph's token count), when is_decode_only and no_cached_context are False.
+    supports_prefill_graphs: ClassVar[bool] = False
 
     def prepare(self, meta: AttentionMetadata) -> None:  # noqa: B027 (optional hook)
         """Per-step work shared by all layers (e.g. splitting decisions)."""

@@ -23,6 +23,7 @@ except ImportError:  # torch < 2.10
 class TritonBackend(AttentionBackend):
     name = "triton"
     supports_cuda_graphs = True
+    supports_prefill_graphs = True  # the paged prefill kernel sizes its grid by max_query_len, reads lengths on device
 
     def __init__(self, use_varlen: bool = True) -> None:
         self.use_varlen = use_varlen and varlen_attn is not None
