@@ -52,7 +52,8 @@ def run_tp(path: str, tp: int, args: argparse.Namespace, prompts: list[list[int]
     cuda = args.device != "cpu" and torch.cuda.is_available()
     llm = LLM(path, tensor_parallel_size=tp, device=args.device, dtype=args.dtype, max_model_len=args.max_model_len,
               max_num_batched_tokens=args.max_num_batched_tokens, enforce_eager=args.enforce_eager,
-              attention_backend=args.attention_backend, gpu_memory_utilization=args.gpu_memory_utilization)
+              attention_backend=args.attention_backend, gpu_memory_utilization=args.gpu_memory_utilization,
+              prefill_graph_tokens=args.prefill_graph_tokens)
     try:
         engine, executor = llm.engine, llm.engine.executor
         params = [SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=m, detokenize=False) for m in max_tokens]
@@ -64,12 +65,14 @@ def run_tp(path: str, tp: int, args: argparse.Namespace, prompts: list[list[int]
         seconds = time.perf_counter() - t
         generated = sum(o.num_generated_tokens for o in outs)
         assert generated == sum(max_tokens)
+        print(f"tp={tp}: workload {generated / seconds:,.0f} tok/s", flush=True)
 
         rng = Random(0)
         run_batch(engine, 2, args.prompt_len, 8, rng)  # warm-up
         _, tpot = run_batch(engine, 1, args.prompt_len, args.output_len, rng)
         batch = min(args.decode_batch or len(prompts), llm.config.max_num_seqs)
         step_ms = decode_step_ms(engine, batch, args.steps, rng)
+        print(f"tp={tp}: TPOT {tpot * 1e3:.3f} ms, decode step at batch {batch} {step_ms:.3f} ms", flush=True)
 
         # The device's time for a whole batch-1 decode step (the graph replayed back to back, one token of
         # context): TPOT minus this is the host's share (scheduling, dispatch to the ranks, the result's return).
@@ -149,6 +152,7 @@ def main() -> None:
     ap.add_argument("--max-num-batched-tokens", type=int, default=16384)
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     ap.add_argument("--enforce-eager", action="store_true")
+    ap.add_argument("--prefill-graph-tokens", type=int, default=2048)
     ap.add_argument("--attention-backend", default="auto")
     ap.add_argument("--prompt-len", type=int, default=512, help="batch-1 TPOT prompt")
     ap.add_argument("--output-len", type=int, default=128, help="batch-1 TPOT output")

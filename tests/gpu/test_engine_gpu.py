@@ -105,10 +105,14 @@ def test_prefill_graphs_equal_eager(model_06b):
         results[eager] = (plain.float().cpu(), chunk.float().cpu())
         del llm, runner
         torch.cuda.empty_cache()
-    for a, b in zip(results[True], results[False]):
+    for a, b in zip(results[True], results[False]):  # bf16: eager prefill is FlashAttention-2, the graphs' Triton
         assert a.shape == b.shape
-        torch.testing.assert_close(a, b, atol=0.05 * a.abs().max().item(), rtol=0.02)
-        assert (a.argmax(-1) == b.argmax(-1)).float().mean() >= 0.98
+        err = ((a - b).abs().amax() / a.abs().amax()).item()
+        decisive = is_decisive(a)
+        agree = (a.argmax(-1) == b.argmax(-1)).float()
+        print(f"\nprefill graphs vs eager: max |diff| / max |logit| {err:.4f}, argmax agreement {agree.mean():.4f}, "
+              f"on decisive positions {agree[decisive].mean():.4f} ({int(decisive.sum())} of {len(agree)})")
+        assert err < 0.05 and agree[decisive].mean() >= 0.99
 
 
 @pytest.fixture(scope="module")

@@ -58,6 +58,11 @@ def test_vocabulary_slices_merge_to_the_whole_vocabulary_draw(sampling, tp):
     """Tensor-parallel sampling in the decode graphs: each rank samples its vocabulary slice (col_offset, the whole
     vocabulary's size) and the winners merge by score. A token's noise depends on its id and the seed, not on the
     split: with one seed the merged draw is the whole vocabulary's, bit for bit, greedy rows and ties included."""
+    with torch.inference_mode():  # the seed tensor may have been made in inference mode (by an engine)
+        _slices_merge_to_the_whole_draw(sampling, tp)
+
+
+def _slices_merge_to_the_whole_draw(sampling, tp: int) -> None:
     from nanovllm_ray.layers.sampler import merge_shard_samples
 
     torch.manual_seed(0)
