@@ -15,7 +15,7 @@ from nanovllm_ray.config import Config
 from nanovllm_ray.executor.step import PendingOutput, StepInput, StepOutput
 from nanovllm_ray.layers import ops
 from nanovllm_ray.layers.attention import Attention, AttentionMetadata, select_backend, triton_supports_head_dim
-from nanovllm_ray.layers.parallel import tp_rank, tp_size
+from nanovllm_ray.layers.parallel import fast_all_reduce_bytes, tp_rank, tp_size
 from nanovllm_ray.layers.sampler import SamplerOutput, SamplingTensors, sample
 from nanovllm_ray.models.loader import load_model
 from nanovllm_ray.models.qwen3 import Qwen3ForCausalLM
@@ -95,6 +95,11 @@ class ModelRunner:
             self.graphs = DecodeGraphs(self.model, self.backend, self.config, self.device, self.dtype)
             detail = f"decode: {len(self.graphs.sizes)} batch sizes"
             max_tokens = min(self.config.prefill_graph_tokens, self.config.max_num_batched_tokens)
+            if self.world_size > 1:
+                # Several ranks: a prefill graph's all-reduces stay on the fast path (checked at start-up, and
+                # measured in graphs); NCCL all-reduces of prefill-sized messages inside graphs were not measured.
+                row = self.config.hf_config["hidden_size"] * self.dtype.itemsize
+                max_tokens = min(max_tokens, fast_all_reduce_bytes(self.dtype) // row)
             if self.backend.supports_prefill_graphs and prefill_graph_sizes(max_tokens):
                 self.prefill_graphs = PrefillGraphs(self.model, self.backend, self.config, self.device, self.dtype,
                                                     max_tokens)

@@ -37,6 +37,11 @@ def all_reduce(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def fast_all_reduce_bytes(dtype: torch.dtype) -> int:
+    """The largest message of `dtype` the fast all-reduce takes (0 where it is not set up or lacks the dtype)."""
+    return _fast.max_bytes if _fast is not None and dtype in fast_all_reduce.DTYPES else 0
+
+
 def init_all_reduce(enabled: bool = True, max_bytes: int = fast_all_reduce.DEFAULT_MAX_BYTES) -> str:
     """Once per rank, after init_process_group and before CUDA graphs are captured (they bake in the buffer's
     address): set up the fast all-reduce where the group can use it. Collective. Returns the path taken, for the
