@@ -49,7 +49,8 @@ def executor(monkeypatch):
     ex = RayExecutor.__new__(RayExecutor)
     ex._dag, ex.workers = InlineDag(workers), workers
     ex._outstanding, ex._last = deque(), None
-    return ex
+    yield ex
+    ex.workers, ex._dag = [], None  # else __del__ would ray.kill them, and that call starts a local Ray
 
 
 def test_async_order_reads_each_step_from_the_next_call(executor):
