@@ -15,6 +15,7 @@ the graph, on rank 0.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -34,6 +35,24 @@ SECTIONS = 6
 def graph_batch_sizes(max_num_seqs: int) -> list[int]:
     sizes = [1, 2, 4, 8] + list(range(16, min(max_num_seqs, 512) + 1, 16))
     return [s for s in sizes if s <= max(max_num_seqs, 1)] or [1]
+
+
+@torch.inference_mode()
+def capture_graphs(sizes: list[int], prepare: Callable[[int], AttentionMetadata],
+                   forward: Callable[[int, AttentionMetadata], None]) -> dict[int, torch.cuda.CUDAGraph]:
+    """A graph of forward(size, prepare(size)) for each size, largest first, all in one memory pool; each run once
+    eagerly first (Triton JIT, compiled ops)."""
+    graphs, pool = {}, None
+    for size in reversed(sizes):
+        meta = prepare(size)
+        forward(size, meta)  # warm-up
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool):
+            forward(size, meta)
+        pool = pool or graph.pool()
+        graphs[size] = graph
+        torch.cuda.synchronize()
+    return graphs
 
 
 class DecodeGraphs:
@@ -61,7 +80,6 @@ class DecodeGraphs:
         head = model.lm_head
         self.logits = torch.zeros(self.max_bs, head.weight.shape[0], dtype=dtype, device=dev)
         self.winners = torch.zeros(self.tp * self.max_bs, 2, dtype=torch.float64, device=dev) if self.tp > 1 else None
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self._capture()
 
     def section(self, bs: int, k: int) -> torch.Tensor:
@@ -91,19 +109,12 @@ class DecodeGraphs:
             sample_temperature_sharded(self.logits[:bs], temps, head.start, head.num_embeddings,
                                        self.winners[:self.tp * bs], out=self.tokens[:bs])
 
-    @torch.inference_mode()
     def _capture(self) -> None:
-        pool = None
-        for bs in reversed(self.sizes):
+        def prepare(bs: int) -> AttentionMetadata:
             self._reset_padding(bs)
-            meta = self._meta(bs)
-            self._forward(bs, meta)  # warm-up (Triton JIT, compiled ops)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool):
-                self._forward(bs, meta)
-            pool = pool or graph.pool()
-            self.graphs[bs] = graph
-            torch.cuda.synchronize()
+            return self._meta(bs)
+
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = capture_graphs(self.sizes, prepare, self._forward)
 
     def _reset_padding(self, bs: int) -> None:
         """Valid inputs for bs empty rows: slot -1, length 1, no pending source, greedy."""
@@ -191,7 +202,6 @@ class PrefillGraphs:
         self.seq_lens = torch.zeros(s, dtype=torch.int32, device=device)
         self.block_tables = torch.zeros(s, max_blocks, dtype=torch.int32, device=device)
         self.hidden = torch.zeros(t, config.hf_config["hidden_size"], dtype=dtype, device=device)
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self._capture()
 
     def _meta(self, t: int) -> AttentionMetadata:
@@ -206,20 +216,10 @@ class PrefillGraphs:
     def _forward(self, t: int, meta: AttentionMetadata) -> None:
         self.hidden[:t] = self.model(self.ids[:t], self.positions[:t], meta)
 
-    @torch.inference_mode()
     def _capture(self) -> None:
-        pool = None
         self.query_start_loc.zero_()  # no sequence has a query: capture writes nothing
         self.seq_lens.zero_()
-        for t in reversed(self.sizes):
-            meta = self._meta(t)
-            self._forward(t, meta)  # warm-up
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool):
-                self._forward(t, meta)
-            pool = pool or graph.pool()
-            self.graphs[t] = graph
-            torch.cuda.synchronize()
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = capture_graphs(self.sizes, self._meta, self._forward)
 
     def can_run(self, num_tokens: int, num_seqs: int) -> bool:
         return num_tokens <= self.sizes[-1] and num_seqs <= PREFILL_GRAPH_SEQS

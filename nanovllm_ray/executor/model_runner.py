@@ -312,16 +312,12 @@ class ModelRunner:
         g.launch(step, prev)
         every_row = len(step.sample_rows) == n
         self.prev_in_graph = every_row and _temperature_only(step)  # alike on every rank: the step says
-        if self.prev_in_graph:
-            out = SamplerOutput(g.tokens[:n])
-        else:
+        if not self.prev_in_graph:  # with several ranks, gathering the logits is collective
             rows = slice(n) if every_row else torch.tensor(step.sample_rows, device=self.device)
             logits = g.logits[rows] if self.world_size == 1 else self.model.compute_logits(g.hidden[rows])
-            if self.rank != 0:
-                return None
-            out = sample(logits, self.sampling_tensors(step))
         if self.rank != 0:
             return None
+        out = SamplerOutput(g.tokens[:n]) if self.prev_in_graph else sample(logits, self.sampling_tensors(step))
         self.prev_sampled = out.token_ids
         return out
 
