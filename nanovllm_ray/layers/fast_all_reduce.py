@@ -140,6 +140,47 @@ def create(group: dist.ProcessGroup, max_bytes: int = DEFAULT_MAX_BYTES) -> tupl
     return fast, f"one/two-shot over symmetric memory ({max_bytes >> 20} MiB buffer), NCCL above"
 
 
+def create_fused_norm(group: dist.ProcessGroup, hidden: int, dtype: torch.dtype):
+    """The all-reduce fused with the residual add and RMSNorm (kernels/allreduce_norm.py) for [rows, hidden]
+    messages up to the one-shot size, or None and why not. Collective, after `create` succeeded on every rank; the
+    ranks agree, and a sum is checked against NCCL's before it is trusted."""
+    device = torch.device("cuda", torch.cuda.current_device())
+    fused, why = None, ""
+    max_rows = ONE_SHOT_MAX_BYTES.get(group.size(), 256 << 10) // (hidden * torch.tensor([], dtype=dtype).itemsize)
+    try:
+        from nanovllm_ray.kernels.allreduce_norm import AllReduceAddRMSNorm
+
+        fused = AllReduceAddRMSNorm(group, device, hidden, max(1, max_rows), dtype)
+        _check_fused_norm(fused, group, device)
+    except Exception as e:  # no Triton, a kernel that does not compile, a wrong sum: the unfused path
+        why = f"{type(e).__name__}: {e}"
+        logger.warning("fused all-reduce + RMSNorm: %s", why)
+        fused = None
+    if not _agree(fused is not None, group, device):
+        return None, f"fused all-reduce + RMSNorm off ({why or 'failed on another rank'})"
+    return fused, f"all-reduce + residual + RMSNorm fused up to {fused.max_rows} rows"
+
+
+def _check_fused_norm(fused, group: dist.ProcessGroup, device: torch.device) -> None:
+    """The fused kernel against NCCL's sum and the unfused add + RMSNorm, twice (both halves of its buffer)."""
+    from nanovllm_ray.layers.ops import add_rms_norm
+
+    g = torch.Generator(device=device).manual_seed(1234 + fused.rank)
+    weight = torch.rand(fused.hidden, generator=torch.Generator(device=device).manual_seed(7), device=device)
+    weight = weight.to(fused.dtype)
+    for rows in (1, fused.max_rows):
+        x = torch.randn(rows, fused.hidden, generator=g, device=device).to(fused.dtype)
+        residual = torch.randn(rows, fused.hidden, generator=torch.Generator(device=device).manual_seed(rows),
+                               device=device).to(fused.dtype)
+        total = x.clone()
+        dist.all_reduce(total, group=group)
+        want, want_res = add_rms_norm(total, residual, weight, 1e-6)
+        got, got_res = fused(x, residual, weight, 1e-6)
+        if not (torch.allclose(got_res.float(), want_res.float(), rtol=2e-2, atol=2e-2)
+                and torch.allclose(got.float(), want.float(), rtol=2e-2, atol=5e-2)):
+            raise RuntimeError(f"fused all-reduce + RMSNorm gave a wrong result at {rows} rows")
+
+
 def _use_cuda_ipc_backend() -> None:
     """Buffers through CUDA IPC, torch's default (NVSHMEM would bring its own bootstrap and memory pool). The
     backend cannot change once a buffer exists: then the one in use stays."""

@@ -90,10 +90,12 @@ class QKVParallelLinear(ColumnParallelLinear):
 
 
 class RowParallelLinear(LinearBase):
-    """Input features split across ranks; partial outputs are summed with an all-reduce."""
+    """Input features split across ranks; partial outputs are summed with an all-reduce, here, or (reduce=False) by
+    the RMSNorm after it, which fuses the sum with its residual add (parallel.all_reduce_add_rms_norm)."""
 
-    def __init__(self, input_size: int, output_size: int, bias: bool = False) -> None:
+    def __init__(self, input_size: int, output_size: int, bias: bool = False, reduce: bool = True) -> None:
         super().__init__(divide(input_size, tp_size()), output_size, bias)
+        self.reduce = reduce
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor) -> None:
         if param.dim() == 1:  # bias: added once, on rank 0
@@ -104,7 +106,7 @@ class RowParallelLinear(LinearBase):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = linear(x, self.weight, self.bias)
-        return all_reduce(y) if self.tp_size > 1 else y
+        return all_reduce(y) if self.tp_size > 1 and self.reduce else y
 
 
 def _copy(dst: torch.Tensor, src: torch.Tensor) -> None:

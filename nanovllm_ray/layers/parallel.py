@@ -6,10 +6,12 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from nanovllm_ray.layers import fast_all_reduce
+from nanovllm_ray.layers import fast_all_reduce, ops
 
 # This rank's fast all-reduce over symmetric memory (fast_all_reduce.py), set up by init_all_reduce; None: NCCL/gloo.
 _fast: fast_all_reduce.SymmMemAllReduce | None = None
+# The all-reduce fused with the residual add and RMSNorm (kernels/allreduce_norm.py), set up by init_all_reduce.
+_fused_norm = None
 
 
 def tp_rank() -> int:
@@ -37,16 +39,27 @@ def all_reduce(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def all_reduce_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+                            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """A row-parallel layer's partial sums x: all-reduce them, add the residual, RMSNorm. Returns (normed, new
+    residual), as ops.add_rms_norm does for the sum. One kernel where init_all_reduce set it up and x fits it; else
+    the all-reduce, then the fused add + RMSNorm."""
+    if _fused_norm is not None and _fused_norm.eligible(x, residual):
+        return _fused_norm(x, residual, weight, eps)
+    return ops.add_rms_norm(all_reduce(x), residual, weight, eps)
+
+
 def fast_all_reduce_bytes(dtype: torch.dtype) -> int:
     """The largest message of `dtype` the fast all-reduce takes (0 where it is not set up or lacks the dtype)."""
     return _fast.max_bytes if _fast is not None and dtype in fast_all_reduce.DTYPES else 0
 
 
-def init_all_reduce(enabled: bool = True, max_bytes: int = fast_all_reduce.DEFAULT_MAX_BYTES) -> str:
+def init_all_reduce(enabled: bool = True, max_bytes: int = fast_all_reduce.DEFAULT_MAX_BYTES,
+                    fused_norm: tuple[int, torch.dtype] | None = None) -> str:
     """Once per rank, after init_process_group and before CUDA graphs are captured (they bake in the buffer's
-    address): set up the fast all-reduce where the group can use it. Collective. Returns the path taken, for the
-    log."""
-    global _fast
+    address): set up the fast all-reduce where the group can use it, and with fused_norm (hidden size, dtype) the
+    all-reduce fused with the residual add and RMSNorm. Collective. Returns the path taken, for the log."""
+    global _fast, _fused_norm
     close_all_reduce()
     if not dist.is_initialized():
         return "none (one process)"
@@ -54,12 +67,17 @@ def init_all_reduce(enabled: bool = True, max_bytes: int = fast_all_reduce.DEFAU
     if not enabled:
         return f"{backend} (fast all-reduce off)"
     _fast, why = fast_all_reduce.create(dist.group.WORLD, max_bytes)
-    return why if _fast is not None else f"{backend} ({why})"
+    if _fast is None:
+        return f"{backend} ({why})"
+    if fused_norm is not None:
+        _fused_norm, how = fast_all_reduce.create_fused_norm(dist.group.WORLD, *fused_norm)
+        why += f"; {how}"
+    return why
 
 
 def close_all_reduce() -> None:
     """Drop the fast all-reduce's buffer (before destroy_process_group)."""
-    global _fast
+    global _fast, _fused_norm
     if _fast is not None:
         _fast.close()
-    _fast = None
+    _fast = _fused_norm = None

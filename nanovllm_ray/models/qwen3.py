@@ -39,7 +39,8 @@ class Qwen3Attention(nn.Module):
         self.q_size, self.kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         bias = cfg.get("attention_bias", False)
         self.qkv_proj = QKVParallelLinear(hidden, self.head_dim, total_heads, total_kv, bias=bias)
-        self.o_proj = RowParallelLinear(total_heads * self.head_dim, hidden, bias=bias)
+        # Its sum over ranks happens in the post-attention norm, with the residual add.
+        self.o_proj = RowParallelLinear(total_heads * self.head_dim, hidden, bias=bias, reduce=False)
         self.rotary_emb = RotaryEmbedding(self.head_dim, cfg.get("max_position_embeddings", 40960), rope_theta(cfg))
         self.attn = Attention(self.num_heads, self.head_dim, self.head_dim**-0.5, self.num_kv_heads)
         eps = cfg.get("rms_norm_eps", 1e-6)
@@ -71,7 +72,7 @@ class Qwen3MLP(nn.Module):
         if cfg.get("hidden_act", "silu") != "silu":
             raise NotImplementedError(f"hidden_act {cfg['hidden_act']!r} is not supported (only silu)")
         self.gate_up_proj = MergedColumnParallelLinear(hidden, [inter, inter])
-        self.down_proj = RowParallelLinear(inter, hidden)
+        self.down_proj = RowParallelLinear(inter, hidden, reduce=False)  # summed in the next layer's input norm
         self.act_fn = SiluAndMul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -89,12 +90,14 @@ class Qwen3DecoderLayer(nn.Module):
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None,
                 meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: the embeddings (residual None) or the previous layer's MLP output as partial sums over the ranks;
+        returns this layer's MLP output as partial sums (each norm all-reduces the sums before it)."""
         if residual is None:
             x, residual = self.input_layernorm(x), x
         else:
-            x, residual = self.input_layernorm(x, residual)
+            x, residual = self.input_layernorm(x, residual, reduce=True)
         x = self.self_attn(positions, x, meta)
-        x, residual = self.post_attention_layernorm(x, residual)
+        x, residual = self.post_attention_layernorm(x, residual, reduce=True)
         return self.mlp(x), residual
 
 
@@ -109,7 +112,7 @@ class Qwen3Model(nn.Module):
         x, residual = self.embed_tokens(input_ids), None
         for layer in self.layers:
             x, residual = layer(positions, x, residual, meta)
-        x, _ = self.norm(x, residual)
+        x, _ = self.norm(x, residual, reduce=True)
         return x
 
 

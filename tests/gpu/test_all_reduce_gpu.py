@@ -72,6 +72,65 @@ def _in_graph(x: torch.Tensor, world: int) -> list[str]:
     return failures
 
 
+def _fused_norm(world: int) -> list[str]:
+    """The all-reduce fused with the residual add and RMSNorm (kernels/allreduce_norm.py) against NCCL's sum then
+    ops.add_rms_norm: eagerly at several row counts in a row (both halves of its buffer, rows on every program), and
+    replayed from CUDA graphs of two sizes, interleaved; every rank must hold the same bits."""
+    import torch.distributed as dist
+
+    from nanovllm_ray.layers import fast_all_reduce
+    from nanovllm_ray.layers.ops import add_rms_norm
+
+    fused, how = fast_all_reduce.create_fused_norm(dist.group.WORLD, HIDDEN, torch.bfloat16)
+    if fused is None:
+        return [f"fused all-reduce + RMSNorm not set up: {how}"]
+    rank, failures = dist.get_rank(), []
+    weight = torch.rand(HIDDEN, device="cuda", generator=torch.Generator(device="cuda").manual_seed(5)).bfloat16()
+
+    def inputs(rows: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        g = torch.Generator(device="cuda").manual_seed(100 * seed + rank)
+        x = torch.randn(rows, HIDDEN, device="cuda", generator=g).bfloat16()
+        res = torch.randn(rows, HIDDEN, device="cuda", generator=torch.Generator(device="cuda").manual_seed(seed))
+        return x, res.bfloat16()
+
+    def check(got: tuple, x: torch.Tensor, res: torch.Tensor, what: str) -> None:
+        total = x.clone()
+        dist.all_reduce(total)
+        want, want_res = add_rms_norm(total, res, weight, 1e-6)
+        if not torch.equal(got[1], want_res) and world == 2:
+            failures.append(f"{what}: residual differs by {(got[1].float() - want_res.float()).abs().max():.3g}")
+        if not torch.allclose(got[0].float(), want.float(), rtol=1e-2, atol=2e-2):
+            failures.append(f"{what}: normed differs by {(got[0].float() - want.float()).abs().max():.3g}")
+        gathered = [torch.empty_like(got[0]) for _ in range(world)]
+        dist.all_gather(gathered, got[0].contiguous())
+        if not all(torch.equal(gathered[0], y) for y in gathered):
+            failures.append(f"{what}: ranks hold different outputs")
+
+    for i, rows in enumerate([1, 3, 1, 33, fused.max_rows, 2, fused.max_rows, 1]):
+        x, res = inputs(rows, i)
+        check(fused(x, res, weight, 1e-6), x, res, f"eager {rows} rows, call {i}")
+    graphs = {}
+    for rows in (1, min(64, fused.max_rows)):
+        x, res = inputs(rows, 50 + rows)
+        static = (x.clone(), res.clone())
+        fused(*static, weight, 1e-6)  # warm-up
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = fused(*static, weight, 1e-6)
+        graphs[rows] = (graph, static, out)
+    for i in range(6):
+        rows = (1, min(64, fused.max_rows))[i % 2]
+        graph, static, out = graphs[rows]
+        x, res = inputs(rows, 70 + i)
+        static[0].copy_(x)
+        static[1].copy_(res)
+        graph.replay()
+        check(out, x, res, f"graph {rows} rows, replay {i}")
+    torch.cuda.synchronize()
+    return failures
+
+
 def _rank(rank: int, world: int, port: int, errors, isolated: bool = False) -> None:
     """One rank: on GPU `rank`, or (isolated) on the only GPU its CUDA_VISIBLE_DEVICES shows, as a Ray actor is."""
     os.environ["NCCL_NVLS_ENABLE"] = "0"  # NVLink multicast stays off on the lent machines
@@ -116,6 +175,8 @@ def _rank(rank: int, world: int, port: int, errors, isolated: bool = False) -> N
         dist.all_gather(gathered, x)
         if not all(torch.equal(gathered[0], y) for y in gathered):
             failures.append("ranks hold different sums")
+        if fast is not None and not isolated:
+            failures += _fused_norm(world)
         if rank == 0:
             print(f"\n{world} ranks: {path}; one-shot up to "
                   f"{fast_all_reduce.ONE_SHOT_MAX_BYTES.get(world, 0) >> 10} KiB")

@@ -111,15 +111,16 @@ def reference(model_06b) -> dict[str, torch.Tensor | list[list[int]]]:
     return {"truth": refs[torch.float32], "hf16": refs[torch.bfloat16], "tp1": tp1, "tp1_tokens": tokens}
 
 
+@pytest.mark.parametrize("fused", [False, True], ids=["unfused-norm", "fused-all-reduce-norm"])
 @pytest.mark.parametrize("tp", SIZES)
-def test_tp_matches_one_gpu_bf16(cluster, model_06b, reference, tp):
+def test_tp_matches_one_gpu_bf16(cluster, model_06b, reference, tp, fused):
     """Random weights leave many near-ties between the top two logits, where any bf16 implementation flips a coin
     (see test_engine_gpu.py): so TP=N must agree with transformers fp32 as well as transformers' own bf16 does, and on
     99% of the positions whose top-two gap exceeds bf16 noise, both with fp32 and with one GPU. Greedy generation
     likewise: the tokens may part from one GPU's at a near-tie, but both must be greedy under TP=N's logits."""
     import ray
 
-    llm = LLM(model_06b, tensor_parallel_size=tp, **ENGINE)
+    llm = LLM(model_06b, tensor_parallel_size=tp, fused_all_reduce_norm=fused, **ENGINE)
     try:
         ex = llm.engine.executor
         assert type(ex).__name__ == "RayExecutor" and ex.use_gpu
@@ -127,6 +128,8 @@ def test_tp_matches_one_gpu_bf16(cluster, model_06b, reference, tp):
             lambda w: (w.runner.graphs is not None, str(w.runner.dtype), os.environ.get("NCCL_NVLS_ENABLE")))
             for w in ex.workers])
         assert ranks == [(True, "torch.bfloat16", "0")] * tp, ranks
+        paths = ray.get([w.__ray_call__.remote(lambda w: w.all_reduce_path) for w in ex.workers])
+        assert all(("fused up to" in p) == fused for p in paths), paths
         ours = _teacher_forced(ex.forward_logits, llm.config.block_size, _streams(), PROMPT_LENS)
         tokens = [o.token_ids for o in llm.generate(_prompts(), GREEDY, use_tqdm=False)]
         # Greedy generation (async scheduling: rank 0 broadcasts the tokens each step) judged by this model teacher
