@@ -53,7 +53,7 @@ def run_tp(path: str, tp: int, args: argparse.Namespace, prompts: list[list[int]
     llm = LLM(path, tensor_parallel_size=tp, device=args.device, dtype=args.dtype, max_model_len=args.max_model_len,
               max_num_batched_tokens=args.max_num_batched_tokens, enforce_eager=args.enforce_eager,
               attention_backend=args.attention_backend, gpu_memory_utilization=args.gpu_memory_utilization,
-              prefill_graph_tokens=args.prefill_graph_tokens, fused_all_reduce_norm=args.fused_all_reduce_norm)
+              prefill_graph_tokens=args.prefill_graph_tokens, fused_all_reduce_norm=not args.no_fused_all_reduce_norm)
     try:
         engine, executor = llm.engine, llm.engine.executor
         params = [SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=m, detokenize=False) for m in max_tokens]
@@ -153,7 +153,8 @@ def main() -> None:
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     ap.add_argument("--enforce-eager", action="store_true")
     ap.add_argument("--prefill-graph-tokens", type=int, default=2048)
-    ap.add_argument("--fused-all-reduce-norm", action="store_true", help="the engine setting of that name")
+    ap.add_argument("--no-fused-all-reduce-norm", action="store_true",
+                    help="fused_all_reduce_norm=False: the all-reduce, then the add + RMSNorm")
     ap.add_argument("--attention-backend", default="auto")
     ap.add_argument("--prompt-len", type=int, default=512, help="batch-1 TPOT prompt")
     ap.add_argument("--output-len", type=int, default=128, help="batch-1 TPOT output")
