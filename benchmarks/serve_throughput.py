@@ -7,7 +7,7 @@
     python benchmarks/serve_throughput.py --smoke                  # CPU: the tiny model, a small workload
 
 Workload (benchmarks/throughput.py's, nano-vllm's): 256 prompts of 100-1024 random token ids, max_tokens 100-1024,
-temperature 0.6, ignore_eos. At concurrency c below the workload's size, the first max(2c, 8) requests run.
+temperature 0.6, ignore_eos. At concurrency c below the workload's size, the first max(2c, 24) requests run.
 
 Offline: a subprocess drives LLMEngine.step() in a closed loop of c requests (at c = all, exactly LLM.generate:
 every request added at once), with the app's engine settings; it reports tok/s, TTFT, TPOT, the gap between a
@@ -53,13 +53,14 @@ from benchmarks.common import (
 )
 from benchmarks.throughput import workload
 from deployments.launch import HAPROXY_ENV, serve_environment
+from nanovllm_ray import stages
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def subset(n_all: int, c: int) -> int:
     """Requests run at concurrency c: all of them at full concurrency, else enough for a steady state."""
-    return n_all if c >= n_all else min(n_all, max(2 * c, 8))
+    return n_all if c >= n_all else min(n_all, max(2 * c, 24))
 
 
 # ---- the engine alone (a subprocess: it must give the GPU back before the service starts) --------------------
@@ -226,12 +227,28 @@ def engine_summary(steps: list, wall: float) -> dict:
             "outside_steps_s": max(0.0, wall - busy), "wall_s": wall}
 
 
-def ttft_breakdown(results: list[dict], steps: list) -> dict:
+# A first token's way at concurrency 1, stage to stage (nanovllm_ray/stages.py stamps them in each process): "sent"
+# and "first" are the client's, "step" the start of the engine's prefill step. On the ingress's fast path the add
+# goes from the ingress to the engine core and the LLMServer's call (server_in; no server_add) runs beside it.
+STAGE_NAMES = {"sent": "client sends", "ingress_in": "ingress has it", "ingress_call": "ingress sends",
+               "server_in": "LLMServer has it", "server_add": "LLMServer sends the add",
+               "core_add": "engine loop has it", "step": "prefill step starts",
+               "core_first": "first token leaves the core", "ingress_first": "ingress run has it",
+               "ingress_sse": "first SSE event", "first": "client has it"}
+ORDINARY = ("sent", "ingress_in", "ingress_call", "server_in", "server_add", "core_add", "step", "core_first",
+            "ingress_first", "ingress_sse", "first")
+FAST = tuple(st for st in ORDINARY if st not in ("server_in", "server_add"))
+
+
+def ttft_breakdown(results: list[dict], steps: list, stamped: dict[str, dict[str, float]] | None = None) -> dict:
     """For requests that found the engine idle (concurrency 1): client send -> the engine's prefill step starts
     (admission: HTTP, proxy, ingress, LLMServer, engine core), -> the step after it ends (the engine: with async
-    scheduling a step's tokens come out during the next one), -> the first chunk at the client (delivery)."""
+    scheduling a step's tokens come out during the next one), -> the first chunk at the client (delivery). With
+    the processes' stage stamps, each request's way stage by stage (ORDINARY, or FAST), medians in ms."""
     parts: list[tuple[float, float, float]] = []
+    ways: list[list[float]] = []
     starts = [st[0] for st in steps]
+    arrivals = sorted((t, rid) for rid, t in (stamped or {}).get("ingress_in", {}).items())
     for r in results:
         if r["first"] is None:
             continue
@@ -239,10 +256,23 @@ def ttft_breakdown(results: list[dict], steps: list) -> dict:
         if i is None or i + 1 >= len(steps) or steps[i][3] <= steps[i][2]:
             continue  # no prefill step of its own
         parts.append((steps[i][0] - r["sent"], steps[i + 1][1] - steps[i][0], r["first"] - steps[i + 1][1]))
+        rid = next((rid for t, rid in arrivals if r["sent"] <= t <= r["end"]), None)  # one request at a time
+        at = {"sent": r["sent"], "first": r["first"], "step": steps[i][0],
+              **{stage: stamped[stage].get(rid) for stage in stamped}} if rid else {}
+        chain = ORDINARY if at.get("server_add") is not None else FAST
+        if all(at.get(st) is not None for st in chain):
+            ways.append({f"{STAGE_NAMES[a]} -> {STAGE_NAMES[b]}": at[b] - at[a] for a, b in zip(chain, chain[1:])})
     if not parts:
         return {}
-    return {k: 1e3 * statistics.median(p[j] for p in parts)
-            for j, k in enumerate(("admission_ms", "engine_ms", "delivery_ms"))}
+    out = {k: 1e3 * statistics.median(p[j] for p in parts)
+           for j, k in enumerate(("admission_ms", "engine_ms", "delivery_ms"))}
+    if ways:
+        out["stages_ms"] = {k: 1e3 * statistics.median(w[k] for w in ways if k in w)
+                            for k in dict.fromkeys(k for w in ways for k in w)}
+        out["stages_requests"] = len(ways)
+        fast = f"{STAGE_NAMES['ingress_call']} -> {STAGE_NAMES['core_add']}"
+        out["fast_path_requests"] = sum(fast in w for w in ways)
+    return out
 
 
 def start_service(args, app_args: dict, port: int, address: str) -> tuple[subprocess.Popen, float]:
@@ -439,7 +469,10 @@ def main() -> None:
     import ray
     from ray import serve
 
-    # HTTP as deployments.launch sets it up (or Serve's proxy actor): read by the processes this ray.init starts
+    # HTTP as deployments.launch sets it up (or Serve's proxy actor): read by the processes this ray.init starts;
+    # and every process stamps a request's stages (a few lines a request) for the concurrency-1 breakdown
+    stage_dir = tempfile.mkdtemp(prefix="nanovllm-stages-")
+    os.environ[stages.ENV] = stage_dir
     os.environ.update(serve_environment({**os.environ, HAPROXY_ENV: "1" if args.http == "haproxy" else "0"}))
     ray.init(include_dashboard=False, logging_level="WARNING", log_to_driver=False)
     address = ray.get_runtime_context().gcs_address
@@ -488,10 +521,13 @@ def main() -> None:
                 timelines = per_replica(name, "engine_timeline", t_run)
                 engine = {r: engine_summary([st for st in v["steps"] if t0 <= st[0] <= t1], t1 - t0)
                           for r, v in timelines.items()}
-                breakdown = ttft_breakdown(res, next(iter(timelines.values()))["steps"]) if c == 1 else {}
+                breakdown = ttft_breakdown(res, next(iter(timelines.values()))["steps"],
+                                           stages.read(stage_dir)) if c == 1 else {}
                 if breakdown:
                     print(f"  TTFT at concurrency 1, medians: admission {breakdown['admission_ms']:.1f} ms, engine "
                           f"{breakdown['engine_ms']:.1f} ms, delivery {breakdown['delivery_ms']:.1f} ms", flush=True)
+                    for name, ms in breakdown.get("stages_ms", {}).items():
+                        print(f"    {name:<55} {ms:7.2f} ms", flush=True)
                 o = off.get(c, {})
                 row = {"variant": variant, "concurrency": c, "requests": n, "served_tok_s": s["tok_s"],
                        "offline_tok_s": o.get("tok_s", float("nan")),

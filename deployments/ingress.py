@@ -22,8 +22,10 @@ from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
+from deployments.fast_path import pick_replica
+from nanovllm_ray import stages
 from nanovllm_ray.config import Config
-from nanovllm_ray.engine.async_engine import ERROR, EngineDeadError, RequestFailedError
+from nanovllm_ray.engine.async_engine import ERROR, REFUSED, EngineDeadError, RequestFailedError
 from nanovllm_ray.engine.core import CoreRef
 from nanovllm_ray.engine.llm_engine import RequestError, load_tokenizer
 from nanovllm_ray.engine.output import Delta, RequestOutput, RequestState
@@ -82,6 +84,7 @@ class _Run:
         self.cores: list[str | None] = [None] * len(choices)  # the engine core each choice runs on
         self._rids = [s.request_id for s in self.states]  # each choice's engine request id (a new one per attempt)
         self._attempts = [0] * len(choices)
+        self._fast: list = [None] * len(choices)  # the channel a choice's add went on, when the ingress sent it
         self._ingress = ingress
         self._queue: asyncio.Queue = asyncio.Queue()  # (choice, engine request id, output or error)
         self._tasks: list[asyncio.Task | None] = [None] * len(choices)
@@ -89,10 +92,22 @@ class _Run:
         self._pending: list[tuple[int, Any]] = []  # what arrived before the response started
         self._live = set(range(len(choices)))
 
-    def _send(self, i: int) -> None:
+    def _send(self, i: int, pin: str | None = None) -> None:
+        """Call the LLMServer for choice i; pin: the replica whose engine core has its add already (fast path)."""
         ingress, c, rid = self._ingress, self.choices[i], self._rids[i]
         ingress.routes[rid] = (self, i)
-        gen = ingress.llm.generate.remote(c.prompt_token_ids, c.params, rid, ingress.subscriber)
+        core = ingress.cores_by_replica.get(pin) if pin is not None else None
+        conn = ingress.conns.get(core.core_id) if core is not None else None
+        if conn is not None:
+            try:
+                conn.send([("add", rid, c.prompt_token_ids, c.params, ingress.subscriber)])
+                self._fast[i], self.cores[i] = conn, core.core_id
+            except (RuntimeError, OSError):  # its channel closed since the pick: the ordinary path
+                conn = None
+        pin = pin if conn is not None else None
+        if stages.ENABLED:
+            stages.stamp("ingress_call", rid)
+        gen = ingress.llm.generate.remote(c.prompt_token_ids, c.params, rid, ingress.subscriber, pin=pin)
         self._gens[i] = gen
         self._tasks[i] = asyncio.create_task(self._pump(i, rid, gen))
 
@@ -100,7 +115,7 @@ class _Run:
         """Send every choice, and wait until each has its first output: a refusal becomes an error response
         before any byte of a stream is sent."""
         for i in range(len(self.choices)):
-            self._send(i)
+            self._send(i, await self._ingress.pick(self._rids[i], self.choices[i].prompt_token_ids))
         started: set[int] = set()
         try:
             while len(started) < len(self.states):
@@ -120,6 +135,8 @@ class _Run:
                     raise _as_openai_error(item)
                 started.add(i)
                 self._pending.append((i, item))
+                if stages.ENABLED:
+                    stages.stamp("ingress_first", rid)
         except BaseException:
             self.close()
             raise
@@ -139,6 +156,8 @@ class _Run:
             self._queue.put_nowait((i, rid, e))
 
     def deliver(self, i: int, rid: str, item: RequestOutput | BaseException) -> None:
+        if isinstance(item, RequestOutput) and item.finish_reason == REFUSED:
+            item = RequestError(item.error)
         self._queue.put_nowait((i, rid, item))
 
     async def events(self) -> AsyncIterator[tuple[int, Delta]]:
@@ -176,6 +195,12 @@ class _Run:
         if task is not None and not task.done():
             task.cancel()
             self._gens[i].cancel()
+        conn, self._fast[i] = self._fast[i], None
+        if conn is not None:  # the add went on our channel: so does its abort (the call may never land)
+            try:
+                conn.send([("abort", self._rids[i])])
+            except (RuntimeError, OSError):  # the channel is gone with its engine: nothing left to abort
+                pass
 
     def close(self) -> None:
         """Stop the calls of choices still running (a client gone away: the LLMServer aborts them); those that
@@ -245,7 +270,7 @@ def _chunk_head(run: _Run, model: str, obj: str) -> str:
 class OpenAIIngress:
     def __init__(self, llm: DeploymentHandle, config: Config, served_model_name: str, api_key: str | None = None,
                  max_request_body_bytes: int = 2 * 1024 * 1024, max_prompts_per_request: int = 64,
-                 default_max_tokens: int | None = None) -> None:
+                 default_max_tokens: int | None = None, fast_path: bool = True) -> None:
         self.model_name = served_model_name
         self.model_path = config.model
         self.max_model_len = config.max_model_len
@@ -262,10 +287,27 @@ class OpenAIIngress:
         self.subscriber = f"ingress-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self.routes: dict[str, tuple[_Run, int]] = {}  # engine request id -> (run, choice)
         self._readers: dict[str, asyncio.Task] = {}  # engine core id -> its reader
+        # The fast path: a request's add goes from here to the engine core of the replica the request router
+        # picks, on this replica's channel there, while the LLMServer call (pinned to that replica) follows.
+        self.fast_path = fast_path
+        self.conns: dict[str, Any] = {}  # engine core id -> our connected channel there
+        self.cores_by_replica: dict[str, CoreRef] = {}  # LLMServer replica -> its engine core
+
+    async def pick(self, request_id: str, token_ids: list[int]) -> str | None:
+        """The replica to add this request on ourselves (its engine core's channel is up), or None: the ordinary
+        path, where the LLMServer sends the add (no channel yet, the replica's queue full, fast path off)."""
+        if not self.fast_path:
+            return None
+        known = {r for r, core in self.cores_by_replica.items() if core.core_id in self.conns}
+        if not known:
+            return None
+        return await pick_replica(self.llm.app_name, self.llm.deployment_name, request_id, token_ids, known)
 
     # ---- the token streams from the engine cores ------------------------------------------------------------
 
     def ensure_reader(self, core: CoreRef) -> None:
+        if core.replica:
+            self.cores_by_replica[core.replica] = core
         task = self._readers.get(core.core_id)
         if task is None or task.done():
             self._readers[core.core_id] = asyncio.get_running_loop().create_task(self._read(core))
@@ -279,6 +321,7 @@ class OpenAIIngress:
         except OSError as e:
             self._fail_core(core.core_id, e)
             return
+        self.conns[core.core_id] = conn
         try:
             while True:
                 items = await conn.recv()
@@ -294,6 +337,7 @@ class OpenAIIngress:
             logger.warning("engine core %s: reader stops: %r", core.core_id, e)
             self._fail_core(core.core_id, e)
         finally:
+            self.conns.pop(core.core_id, None)
             conn.close()
 
     def _fail_core(self, core_id: str, error: BaseException) -> None:
@@ -303,6 +347,8 @@ class OpenAIIngress:
             if run.cores[i] == core_id:
                 run.deliver(i, rid, dead)
         self._readers.pop(core_id, None)
+        for replica in [r for r, core in self.cores_by_replica.items() if core.core_id == core_id]:
+            del self.cores_by_replica[replica]
 
     # ---- endpoints -----------------------------------------------------------------------------------------
 
@@ -351,9 +397,13 @@ class OpenAIIngress:
 
     async def _serve(self, request: Request, model, make_choices, id_prefix: str, stream, respond) -> Response:
         """Authorize, validate, start one engine request per choice; stream (SSE) or answer once all finish."""
+        arrival = time.monotonic()
         self._authorize(request)
         req = await self._parse(request, model)
         run = _Run(self, f"{id_prefix}-{uuid.uuid4().hex}", make_choices(req), self.processor.tokenizer)
+        if stages.ENABLED:
+            for rid in run._rids:
+                stages.stamp("ingress_in", rid, arrival)
         await run.start()
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
@@ -470,6 +520,8 @@ class OpenAIIngress:
             if req.return_token_ids:
                 choice["token_ids"] = d.token_ids
             offsets[i] += len(d.text)
+            if stages.ENABLED:
+                stages.stamp("ingress_sse", run._rids[i])
             yield f"{head}{_json(choice)}]}}\n\n"
         if include_usage:
             yield _event(CompletionResponse(id=run.request_id, created=run.created, model=self.model_name,

@@ -12,6 +12,7 @@ engine's stats and its KV-cache events for the prefix router. Detokenizing is th
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -22,6 +23,7 @@ from ray import serve
 
 from deployments.cache_event_publisher import CacheEventPublisher
 from deployments.metrics import EngineMetrics
+from nanovllm_ray import stages
 from nanovllm_ray.config import Config
 from nanovllm_ray.engine.async_engine import AsyncEngine, StepReport
 from nanovllm_ray.engine.core import CoreRef, start_engine_core
@@ -50,11 +52,13 @@ class LLMServer:
         self.replica_id = replica
         self.core = start_engine_core(config, core_num_cpus, core_num_gpus)
         self.info = self.core.info
+        self.ref = dataclasses.replace(self.core.ref, replica=replica)
         self.engine = AsyncEngine(self.core, on_report=self._on_report, on_dead=self._on_dead)
         self.metrics = EngineMetrics(served_model_name, replica)
         self.metrics.record_stats(self.engine.stats)
         self._last_stats = 0.0
         self.num_requests = self.num_aborted = 0
+        self.num_adopted = 0  # requests the ingress added itself (its fast path)
         self.cache_events = CacheEventBuffer() if prefix_routing is not None else None
         self.publisher = None
         if self.cache_events is not None:
@@ -65,23 +69,30 @@ class LLMServer:
                     config.tensor_parallel_size, self.info["device"], self.info["num_blocks"])
 
     async def generate(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str,
-                       subscriber: str | None = None) -> AsyncIterator[RequestOutput | CoreRef]:
+                       subscriber: str | None = None, pin: str | None = None) -> AsyncIterator[RequestOutput | CoreRef]:
         """Stream one request's outputs. Raises RequestError (before any output) if the engine refuses it.
         Cancelling the call (a client gone away) aborts the request and frees its blocks.
 
         With a subscriber (an ingress replica), the outputs go from the engine core straight to that subscriber
         (its channel, engine/channel.py): this stream yields where to read them (a CoreRef) and ends when the
         request does; the call stays open as long as the request runs, so Serve's queue lengths and cancellation
-        still hold."""
+        still hold. pin: this replica's id when the subscriber has already sent the add to its engine core (the
+        ingress's fast path: the request router routes the call here and nowhere else); this call follows it."""
         arrival = time.monotonic()
+        if stages.ENABLED:
+            stages.stamp("server_in", request_id, arrival)
+        if pin is not None and pin != self.replica_id:
+            raise RuntimeError(f"request {request_id} was added on replica {pin}, not this one ({self.replica_id})")
+        self.num_adopted += pin is not None
         first: float | None = None
         generated = 0
         reason = "abort"
         refused = False
         if subscriber is not None:
-            yield self.core.ref
+            yield self.ref
         try:
-            async for out in self.engine.generate(request_id, prompt_token_ids, params, subscriber):
+            async for out in self.engine.generate(request_id, prompt_token_ids, params, subscriber,
+                                                  adopt=pin is not None):
                 if first is None:
                     first = time.monotonic()
                 generated = out.num_generated_tokens
@@ -112,7 +123,7 @@ class LLMServer:
         """The engine's counters: running/waiting requests, KV blocks, prefix cache, steps."""
         return {**asdict(self.engine.stats), "num_blocks": self.info["num_blocks"],
                 "num_steps": self.engine.num_steps, "num_requests": self.num_requests,
-                "num_aborted": self.num_aborted, "replica": self.replica_id}
+                "num_aborted": self.num_aborted, "num_adopted": self.num_adopted, "replica": self.replica_id}
 
     async def engine_timeline(self, since: float = 0.0) -> dict[str, Any]:
         """The engine loop's steps since `since` (benchmarks: where the engine's time went)."""

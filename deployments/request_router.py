@@ -1,6 +1,15 @@
-"""The ingress's side of prefix-aware routing: a Serve RequestRouter on the ingress -> LLMServer handle that ranks
-the replicas by the cached prefix of each call's token ids against their loads, from a local copy of the router
-actor's index (pulled in the background: a decision is local Python, no remote call)."""
+"""The request routers of the ingress -> LLMServer handle (in the ingress's process).
+
+PrefixAwareRequestRouter ranks the replicas by the cached prefix of each call's token ids against their loads, from
+a local copy of the router actor's index (pulled in the background: a decision is local Python, no remote call).
+LeastLoadedRequestRouter is Serve's power of two choices, for `routing: ray`.
+
+Both give the ingress its fast path (deployments/fast_path.py): `pick()` names the replica a request would be routed
+to now, where its queue has room and the ingress holds a channel to its engine core; the ingress sends the add to
+that core itself and then calls the LLMServer with `pin=` that replica, and the router routes the call there and
+nowhere else (Serve still queues, counts and cancels it). Serve's FIFO assignment (a
+replica chosen for one request handed to the oldest waiting one) would break pins, so neither router uses it.
+"""
 
 from __future__ import annotations
 
@@ -17,8 +26,16 @@ from typing import Any
 import numpy as np
 from ray.exceptions import RayActorError
 from ray.serve.config import RequestRouterConfig
-from ray.serve.request_router import PendingRequest, ReplicaID, ReplicaResult, RequestRouter, RunningReplica
+from ray.serve.request_router import (
+    LocalityMixin,
+    PendingRequest,
+    ReplicaID,
+    ReplicaResult,
+    RequestRouter,
+    RunningReplica,
+)
 
+from deployments import fast_path
 from deployments.router_actor import get_router_actor
 from nanovllm_ray.kv_events import prefix_block_hashes
 from nanovllm_ray.router.policy import DecayingCount, PrefixRoutingConfig, decide
@@ -27,7 +44,7 @@ from nanovllm_ray.router.state import IndexMirror
 logger = logging.getLogger("ray.serve")
 
 REQUEST_ROUTER_CLASS = "deployments.request_router:PrefixAwareRequestRouter"
-
+LEAST_LOADED_ROUTER_CLASS = "deployments.request_router:LeastLoadedRequestRouter"
 
 def prefix_request_router_config(block_size: int, routing_kwargs: dict[str, Any]) -> RequestRouterConfig:
     """The LLMServer deployment's request_router_config for prefix-aware routing."""
@@ -37,7 +54,116 @@ def prefix_request_router_config(block_size: int, routing_kwargs: dict[str, Any]
                                request_routing_stats_period_s=2.0)
 
 
-class PrefixAwareRequestRouter(RequestRouter):
+def least_loaded_request_router_config() -> RequestRouterConfig:
+    """The LLMServer deployment's request_router_config for Serve's own routing (power of two choices)."""
+    return RequestRouterConfig(request_router_class=LEAST_LOADED_ROUTER_CLASS, request_routing_stats_period_s=2.0)
+
+
+class _FastPath:
+    """What both routers share: pins, picks, and a replica's load."""
+
+    def _init_fast_path(self) -> None:
+        self._picks: dict[str, tuple[str, float]] = {}  # engine request id -> (replica, when picked)
+        fast_path.register(self, self._deployment_id.app_name, self._deployment_id.name)
+
+    def _pinned(self, candidates: list[RunningReplica], pr: PendingRequest | None) -> list[list[RunningReplica]] | None:
+        """A pinned call's only replica; [] while it is not among the candidates (it is waited for: if it died,
+        its engine core's channel tells the ingress, which cancels this call); None for an unpinned call."""
+        pin = pr.kwargs.get(fast_path.PIN) if pr is not None and pr.kwargs else None
+        if pin is None:
+            return None
+        # Serve tries again at once, without yielding its loop, unless a router asks for its backoff: a pinned call
+        # whose replica has left would spin the ingress's event loop.
+        pr.routing_context.should_backoff = True
+        return [[r] for r in candidates if r.replica_id.unique_id == pin]
+
+    def _queue_len(self, r: RunningReplica) -> float:
+        """Ongoing requests at the replica: Serve's queue length (updated at every send and answer), else
+        Serve's routing stats of the replica."""
+        if self._use_replica_queue_len_cache:
+            q = self._replica_queue_len_cache.get(r.replica_id)
+            if q is not None:
+                return q
+        stats = r.routing_stats or {}
+        return stats.get("num_running", 0) + stats.get("num_waiting", 0)
+
+    def _picked(self, uid: str, now: float) -> int:
+        """Picks for the replica not yet routed (those older than fast_path.PICK_TTL_S are forgotten)."""
+        for rid in [rid for rid, (_, t) in self._picks.items() if now - t > fast_path.PICK_TTL_S]:
+            del self._picks[rid]
+        return sum(1 for u, _ in self._picks.values() if u == uid)
+
+    def pick(self, request_id: str, token_ids: list[int], known: set[str]) -> str | None:
+        """On the router's loop: the replica this request goes to now if it has room, among `known`."""
+        by_id = {r.replica_id.unique_id: r for r in self._replicas.values()}
+        if not by_id:
+            return None
+        uid = self._best(token_ids, by_id)
+        r = by_id.get(uid)
+        now = time.monotonic()
+        if r is None or uid not in known or self._queue_len(r) + self._picked(uid, now) >= r.max_ongoing_requests:
+            return None
+        self._picks[request_id] = (uid, now)
+        return uid
+
+    async def pick_async(self, request_id: str, token_ids: list[int], known: set[str]) -> str | None:
+        return self.pick(request_id, token_ids, known)
+
+    def _may_go(self, pr: PendingRequest, uid: str) -> bool:
+        pin = pr.kwargs.get(fast_path.PIN) if pr.kwargs else None
+        return pin is None or pin == uid
+
+    def _fulfill_next_pending_request(self, replica: RunningReplica, request_metadata=None) -> None:
+        """Hand a chosen replica to the request it was chosen for if that one still waits, else to the oldest
+        waiting request that may go there (not pinned elsewhere). Serve finds "the request it was chosen for" by
+        internal request id, which all calls made while serving one HTTP request share (its choices: n, a batch
+        of prompts); by that alone all but the first would wait forever."""
+        uid = replica.replica_id.unique_id
+        pr = self._get_pending_request_matching_internal_request_id(request_metadata)
+        if pr is None or not self._may_go(pr, uid):
+            pr = next((p for p in self._pending_requests_to_fulfill if not p.future.done() and self._may_go(p, uid)),
+                      None)
+        if pr is None:
+            return
+        self._cancel_routing_task_for_pending_request(pr)
+        self._record_queue_wait_time(pr)
+        pr.future.set_result(replica)
+        self._remove_pending_request_from_indices(pr)
+
+    def _routed_pick(self, pr: PendingRequest) -> None:
+        if pr.kwargs and pr.kwargs.get(fast_path.PIN) is not None and len(pr.args) > 2:
+            self._picks.pop(pr.args[2], None)
+
+    def _best(self, token_ids: list[int], by_id: dict[str, RunningReplica]) -> str | None:
+        raise NotImplementedError
+
+
+class LeastLoadedRequestRouter(_FastPath, LocalityMixin, RequestRouter):
+    """Serve's power of two choices (two random replicas, those on this node first; Serve takes the shorter queue
+    of the two), with pins and without FIFO assignment. A pick is the least loaded replica."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._init_fast_path()
+
+    async def choose_replicas(self, candidate_replicas: list[RunningReplica],
+                              pending_request: PendingRequest | None = None) -> list[list[RunningReplica]]:
+        pinned = self._pinned(candidate_replicas, pending_request)
+        if pinned is not None:
+            return pinned
+        ids = list(self.apply_locality_routing(pending_request) or ()) or [r.replica_id for r in candidate_replicas]
+        return [[self._replicas[i] for i in random.sample(ids, min(2, len(ids))) if i in self._replicas]]
+
+    def _best(self, token_ids: list[int], by_id: dict[str, RunningReplica]) -> str | None:
+        now = time.monotonic()
+        return min(by_id, key=lambda uid: (self._queue_len(by_id[uid]) + self._picked(uid, now), random.random()))
+
+    def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID,
+                          result: ReplicaResult) -> None:
+        self._routed_pick(pending_request)
+
+
+class PrefixAwareRequestRouter(_FastPath, RequestRouter):
     """Routes each LLMServer.generate call by the longest cached prefix of its token ids (the call's first
     argument) against the replicas' loads (nanovllm_ray/router/policy.py). Decisions read only local state:
     the IndexMirror (pulled in the background), Serve's own queue lengths (fresh at each send) and the requests
@@ -48,6 +174,7 @@ class PrefixAwareRequestRouter(RequestRouter):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.initialize_state()
+        self._init_fast_path()
 
     def initialize_state(self, block_size: int | None = None, **kwargs: Any) -> None:
         """Serve passes the request_router_kwargs of prefix_request_router_config(): block_size is the engine's
@@ -75,15 +202,15 @@ class PrefixAwareRequestRouter(RequestRouter):
     async def choose_replicas(self, candidate_replicas: list[RunningReplica],
                               pending_request: PendingRequest | None = None) -> list[list[RunningReplica]]:
         self._ensure_refresh()
+        if pending_request is not None:  # a second try backs off (Serve's default: again at once, a busy loop)
+            pending_request.routing_context.should_backoff = True
         start, cpu_start = time.perf_counter_ns(), time.thread_time_ns()
         hashes = self._hashes(pending_request)
+        pinned = self._pinned(candidate_replicas, pending_request)
+        if pinned is not None:  # decided by pick() (on_request_routed still expects its blocks there)
+            return pinned
         by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
-        matched = self._mirror.match(hashes) if hashes else {}
-        now = time.monotonic()
-        loads = {uid: self._load(r) + self._recent_count(uid, now) + self._undelivered_counts[uid]
-                 for uid, r in by_id.items()}
-        cached = {uid: self._mirror.index.num_blocks(uid) for uid in by_id}
-        decision = decide(list(by_id), len(hashes), matched, loads, cached, self._config, self._rng)
+        decision = self._decide(hashes, by_id)
         # Counted now, until Serve sends it (then it is in Serve's queue lengths): under a burst many decisions
         # come before the first send, and each must see the ones before it, else all go to one replica.
         if decision.ranking and pending_request is not None:
@@ -92,6 +219,20 @@ class PrefixAwareRequestRouter(RequestRouter):
         self._decision_cpu_ns.append(time.thread_time_ns() - cpu_start)
         self._reasons[decision.reason] += 1
         return [[by_id[uid]] for uid in decision.ranking]
+
+    def _decide(self, hashes: list[int], by_id: dict[str, RunningReplica]):
+        matched = self._mirror.match(hashes) if hashes else {}
+        now = time.monotonic()
+        loads = {uid: self._load(r) + self._recent_count(uid, now) + self._undelivered_counts[uid]
+                 + self._picked(uid, now) for uid, r in by_id.items()}
+        cached = {uid: self._mirror.index.num_blocks(uid) for uid in by_id}
+        return decide(list(by_id), len(hashes), matched, loads, cached, self._config, self._rng)
+
+    def _best(self, token_ids: list[int], by_id: dict[str, RunningReplica]) -> str | None:
+        self._ensure_refresh()
+        decision = self._decide(self._hash_ids(token_ids), by_id)
+        self._reasons[decision.reason] += 1
+        return decision.ranking[0] if decision.ranking else None
 
     def _hashes(self, pr: PendingRequest | None) -> list[int]:
         """The block hashes of a generate call's prompt that the engine could reuse (all but its last token),
@@ -104,17 +245,24 @@ class PrefixAwareRequestRouter(RequestRouter):
         hashes = self._sent_hashes.get(rid)
         if hashes is not None:  # a retry of the same request
             return hashes
-        try:
-            ids = np.asarray(pr.args[0], dtype=np.int64)
-            if ids.ndim != 1:
-                return []
-            hashes = prefix_block_hashes(ids, self._block_size, max_blocks=(len(ids) - 1) // self._block_size)
-        except (TypeError, ValueError, OverflowError):  # not token ids: route by load alone
-            return []
+        hashes = self._hash_ids(pr.args[0])
+        if not hashes:
+            return hashes
         if len(self._sent_hashes) >= self.max_sent_hashes:
             self._sent_hashes.pop(next(iter(self._sent_hashes)))
         self._sent_hashes[rid] = hashes
         return hashes
+
+    def _hash_ids(self, token_ids) -> list[int]:
+        if self._block_size is None:
+            return []
+        try:
+            ids = np.asarray(token_ids, dtype=np.int64)
+            if ids.ndim != 1:
+                return []
+            return prefix_block_hashes(ids, self._block_size, max_blocks=(len(ids) - 1) // self._block_size)
+        except (TypeError, ValueError, OverflowError):  # not token ids: route by load alone
+            return []
 
     def _recent_count(self, uid: str, now: float) -> float:
         c = self._recent.get(uid)
@@ -123,15 +271,10 @@ class PrefixAwareRequestRouter(RequestRouter):
     def _load(self, r: RunningReplica) -> float:
         """Ongoing requests at the replica: Serve's queue length (updated at every send and answer), else the
         replica's own report through the router actor, else Serve's routing stats."""
-        if self._use_replica_queue_len_cache:
-            q = self._replica_queue_len_cache.get(r.replica_id)
-            if q is not None:
-                return q
+        if self._use_replica_queue_len_cache and self._replica_queue_len_cache.get(r.replica_id) is not None:
+            return self._replica_queue_len_cache.get(r.replica_id)
         load = self._mirror.loads.get(r.replica_id.unique_id)
-        if load is not None:
-            return load.num_requests
-        stats = r.routing_stats or {}
-        return stats.get("num_running", 0) + stats.get("num_waiting", 0)
+        return load.num_requests if load is not None else self._queue_len(r)
 
     def _deciding(self, request_id: str, uid: str) -> None:
         old = self._undelivered.get(request_id)
@@ -145,6 +288,7 @@ class PrefixAwareRequestRouter(RequestRouter):
     def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID,
                           result: ReplicaResult) -> None:
         uid = replica_id.unique_id
+        self._routed_pick(pending_request)
         old = self._undelivered.pop(pending_request.metadata.internal_request_id, None)
         if old is not None:
             self._undelivered_counts[old] -= 1

@@ -176,6 +176,14 @@ def test_hot_prefix_spreads_when_out_of_balance(client, router):
     print("reasons", reasons_before, reasons)
 
 
+def test_a_request_of_several_choices_completes(client):
+    """Its LLMServer calls share one Serve request context (one internal request id), by which Serve matches a chosen
+    replica to its request: each must still be routed (they used to wait forever but the first)."""
+    r = client.completions.create(model=MODEL, prompt=[_ids(700, 40), _ids(701, 40)], n=2, max_tokens=4,
+                                  temperature=0, extra_body={"ignore_eos": True}, timeout=30)
+    assert sorted(c.index for c in r.choices) == [0, 1, 2, 3] and r.usage.completion_tokens == 16
+
+
 def test_killed_replica_is_purged_and_requests_go_on(client, router):
     from ray.serve._private.common import DeploymentID
     from ray.serve.request_router import ReplicaID

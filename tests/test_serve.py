@@ -112,6 +112,19 @@ def test_seeded_sampling_is_reproducible(client):
     assert a == b
 
 
+def test_the_ingress_adds_requests_itself_once_it_knows_the_engine_core(service, client, offline):
+    """The fast path: once a call has told the ingress where the engine core is, the ingress sends a request's add
+    to the core itself and the LLMServer's call (pinned to that replica) follows it; the tokens are the same."""
+    before = service.llm_stats("llm")["num_adopted"]
+    prompt = _words(9, 12)
+    ref = offline.generate(prompt, _greedy(10), use_tqdm=False)[0]
+    for _ in range(3):
+        r = client.completions.create(model=MODEL, prompt=prompt, max_tokens=10, temperature=0,
+                                      extra_body={"ignore_eos": True})
+        assert r.choices[0].text == ref.text
+    assert service.llm_stats("llm")["num_adopted"] >= before + 2
+
+
 def test_chat_matches_offline(client, offline):
     messages = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": _words(3, 20)}]
     ref = offline.generate(_chat_text(offline, messages), _greedy(16), use_tqdm=False)[0]

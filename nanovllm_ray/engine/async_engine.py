@@ -22,6 +22,7 @@ from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
+from nanovllm_ray import stages
 from nanovllm_ray.engine.llm_engine import EngineStats, LLMEngine, RequestError
 from nanovllm_ray.engine.output import RequestOutput
 from nanovllm_ray.kv_events import KVCacheEvent
@@ -106,13 +107,15 @@ class EngineLoop:
                     self._early_aborts.popitem(last=False)
             return None
         _, rid, prompt, params, *sub = cmd
+        if stages.ENABLED:
+            stages.stamp("core_add", rid)
         if rid in self._early_aborts:  # aborted before it arrived
             del self._early_aborts[rid]
             return None
+        if sub and sub[0] is not None:  # its outputs, a refusal too, go to the subscriber
+            self._subscribers[rid] = sub[0]
         try:
             engine.add_request(rid, prompt, params)
-            if sub and sub[0] is not None:
-                self._subscribers[rid] = sub[0]
         except RequestError as e:
             return RequestOutput(rid, [], REFUSED, error=str(e))
         except Exception as e:  # anything else a request brings (a bad type, a tokenizer error): that request only
@@ -167,6 +170,8 @@ class EngineLoop:
             elif o.request_id not in self._reported:
                 self._reported.add(o.request_id)
                 control.append(packed)
+                if stages.ENABLED:
+                    stages.stamp("core_first", o.request_id)
         return control, subs
 
 
@@ -188,7 +193,13 @@ class _Stream:
 class AsyncEngine:
     """Requests in, streams of RequestOutput out, on one asyncio loop. `core` (engine.core.RemoteCore) carries
     commands to the engine loop and its StepReports back; `on_report` sees every report (metrics, cache events),
-    `on_dead` the error that stopped the engine."""
+    `on_dead` the error that stopped the engine.
+
+    A request another client added (`generate(..., adopt=True)`: an ingress that sent the add to the core itself)
+    may have outputs here before its stream exists: they wait, for ORPHAN_TTL_S at most."""
+
+    ORPHAN_TTL_S = 60.0
+    MAX_ORPHANS = 10_000
 
     def __init__(self, core, on_report: Callable[[StepReport], None] | None = None,
                  on_dead: Callable[[BaseException], None] | None = None) -> None:
@@ -196,6 +207,7 @@ class AsyncEngine:
         self._on_report_hook = on_report
         self._on_dead_hook = on_dead
         self._streams: dict[str, _Stream] = {}
+        self._orphans: OrderedDict[str, tuple[float, list[tuple]]] = OrderedDict()  # request -> (first seen, outputs)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._outbox: list[tuple] = []
         self.error: BaseException | None = None
@@ -210,17 +222,21 @@ class AsyncEngine:
             self.core.start(self)
 
     async def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                       subscriber: str | None = None) -> AsyncIterator[RequestOutput]:
+                       subscriber: str | None = None, adopt: bool = False) -> AsyncIterator[RequestOutput]:
         """The outputs of one request as they come. Raises RequestError if the engine refuses it (before any
         output), RequestFailedError if it fails on the engine, EngineDeadError if the engine dies. Leaving the
         loop early aborts the request and frees its blocks. With a subscriber, every output goes to that
-        subscriber (its channel at the engine core) and this stream has only the first and the last."""
+        subscriber (its channel at the engine core) and this stream has only the first and the last. adopt: the
+        subscriber has sent the add to the core itself; this stream follows the request without sending it."""
         self._ensure_started()
         self.check_health()
         if request_id in self._streams:
             raise RequestError(f"request id {request_id!r} is already in use")
         stream = self._streams[request_id] = _Stream()
-        self._send(("add", request_id, prompt_token_ids, params, subscriber))
+        if adopt:
+            stream.items = self._orphans.pop(request_id, (0.0, []))[1]
+        else:
+            self._send(("add", request_id, prompt_token_ids, params, subscriber))
         finished = False
         try:
             while True:
@@ -268,10 +284,26 @@ class AsyncEngine:
             if s is not None:
                 s.items.append(packed)
                 s.wake()
+            else:
+                self._orphan(packed)
         self.stats = report.stats
         self.num_steps = report.num_steps
         if self._on_report_hook is not None:
             self._on_report_hook(report)
+
+    def _orphan(self, packed: tuple) -> None:
+        """An output of a request without a stream here: one being adopted whose call has not come yet (or one
+        this client has left: it expires)."""
+        now = time.monotonic()
+        entry = self._orphans.get(packed[0])
+        if entry is None:
+            entry = self._orphans[packed[0]] = (now, [])
+        entry[1].append(packed)
+        while self._orphans:
+            first, (t, _) = next(iter(self._orphans.items()))
+            if now - t < self.ORPHAN_TTL_S and len(self._orphans) <= self.MAX_ORPHANS:
+                break
+            del self._orphans[first]
 
     def on_dead(self, error: BaseException) -> None:
         if self.error is not None:

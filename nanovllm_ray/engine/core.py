@@ -24,6 +24,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from nanovllm_ray import stages
 from nanovllm_ray.config import Config
 from nanovllm_ray.engine.async_engine import AsyncEngine, EngineLoop, StepReport
 from nanovllm_ray.engine.channel import ChannelClient, ChannelServer
@@ -88,6 +89,7 @@ class CoreRef:
     actor: Any
     address: tuple[str, int]
     token: bytes
+    replica: str = ""  # the LLMServer replica that drives it (Serve's unique id), where there is one
 
     async def connect(self, channel: str | None) -> ChannelClient:
         return await ChannelClient.connect(self.address, self.token, channel)
@@ -126,6 +128,10 @@ class RemoteCore:
             client.on_dead(e)
 
     def submit(self, cmds: list[tuple]) -> None:
+        if stages.ENABLED:
+            for c in cmds:
+                if c[0] == "add":
+                    stages.stamp("server_add", c[1])
         if self._conn is None:
             self._pending += cmds
         else:

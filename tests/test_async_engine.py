@@ -1,0 +1,121 @@
+"""The engine loop and its asyncio client without Ray: a request another client added (the ingress's fast path) is
+followed without a second add, its outputs kept until its stream exists; an add with a subscriber gets its
+refusal on the subscriber's channel too; an abort that overtakes its add (two connections) still wins."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import pytest
+
+from nanovllm_ray.config import Config
+from nanovllm_ray.engine.async_engine import REFUSED, AsyncEngine, EngineLoop, StepReport
+from nanovllm_ray.engine.llm_engine import EngineStats, LLMEngine
+from nanovllm_ray.engine.output import RequestOutput
+from nanovllm_ray.sampling_params import SamplingParams
+
+STATS = EngineStats(0, 0, 0.0, 16, 0, 0, 0)
+
+
+class _Core:
+    """Stands in for RemoteCore: records what the client sends."""
+
+    initial_stats = STATS
+
+    def __init__(self) -> None:
+        self.sent: list[tuple] = []
+
+    def start(self, client: AsyncEngine) -> None:
+        pass
+
+    def submit(self, cmds: list[tuple]) -> None:
+        self.sent += cmds
+
+
+def test_an_adopted_request_takes_the_outputs_that_came_before_its_stream():
+    async def main():
+        core = _Core()
+        engine = AsyncEngine(core)
+        # the engine's first and last outputs reach this client before the LLMServer's call does
+        first = RequestOutput("r1", [5], num_prompt_tokens=3, num_generated_tokens=1)
+        last = RequestOutput("r1", [6, 7], "length", num_prompt_tokens=3, num_generated_tokens=3)
+        engine.on_report(StepReport([first.pack()], STATS))
+        engine.on_report(StepReport([last.pack()], STATS))
+        outs = [o async for o in engine.generate("r1", [1, 2, 3], SamplingParams(max_tokens=3), "ingress-x",
+                                                 adopt=True)]
+        await asyncio.sleep(0)
+        assert outs[-1].finished and outs[-1].num_generated_tokens == 3
+        assert core.sent == []  # neither an add (the ingress sent it) nor an abort (it finished)
+        # the ordinary path sends the add, and an abort when the reader leaves early
+        async def read() -> None:
+            async for _ in engine.generate("r2", [1, 2], SamplingParams(max_tokens=4), "ingress-x"):
+                pass
+
+        task = asyncio.ensure_future(read())
+        await asyncio.sleep(0.01)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await asyncio.sleep(0)
+        assert [c[:2] for c in core.sent] == [("add", "r2"), ("abort", "r2")]
+        assert not engine._orphans
+
+    asyncio.run(main())
+
+
+def test_orphans_expire():
+    engine = AsyncEngine(_Core())
+    engine.ORPHAN_TTL_S = 0.0
+    engine.on_report(StepReport([RequestOutput("gone", [1], num_generated_tokens=1).pack()], STATS))
+    engine.on_report(StepReport([RequestOutput("next", [1], num_generated_tokens=1).pack()], STATS))
+    assert "gone" not in engine._orphans
+
+
+@pytest.fixture(scope="module")
+def loop_engine(tiny_model):
+    reports: list[StepReport] = []
+    got = threading.Condition()
+
+    def on_report(r: StepReport) -> None:
+        with got:
+            reports.append(r)
+            got.notify_all()
+
+    engine = LLMEngine(Config.from_kwargs(tiny_model, device="cpu", num_kvcache_blocks=64, max_model_len=256))
+    loop = EngineLoop(engine, on_report, lambda e: None)
+    loop.start()
+
+    def wait_for(pred, timeout_s: float = 60.0):
+        with got:
+            assert got.wait_for(lambda: pred(reports), timeout_s), "no such report"
+        return reports
+
+    yield loop, wait_for
+    loop.stop()
+    engine.shutdown()
+
+
+def _subscribed(reports, sub: str, rid: str) -> list[RequestOutput]:
+    return [RequestOutput.unpack(t) for r in reports for t in r.by_subscriber.get(sub, []) if t[0] == rid]
+
+
+def test_a_refusal_reaches_the_subscriber(loop_engine):
+    loop, wait_for = loop_engine
+    loop.submit([("add", "long", list(range(300)), SamplingParams(max_tokens=4), "ingress-a")])
+    reports = wait_for(lambda rs: _subscribed(rs, "ingress-a", "long"))
+    (out,) = _subscribed(reports, "ingress-a", "long")
+    assert out.finish_reason == REFUSED and "max_model_len is 256" in out.error
+    assert any(t[0] == "long" and t[3] == REFUSED for r in reports for t in r.outputs)  # and the control's
+
+
+def test_an_abort_before_its_add_wins_and_frees_nothing_twice(loop_engine):
+    loop, wait_for = loop_engine
+    loop.submit([("abort", "late")])
+    loop.submit([("add", "late", [1, 2, 3], SamplingParams(max_tokens=50, ignore_eos=True), "ingress-a"),
+                 ("add", "ok", [1, 2, 3], SamplingParams(max_tokens=3, ignore_eos=True), "ingress-a")])
+    reports = wait_for(lambda rs: any(o.finished for o in _subscribed(rs, "ingress-a", "ok")))
+    assert not _subscribed(reports, "ingress-a", "late")
+    engine = loop.engine
+    wait_for(lambda rs: not engine.has_unfinished_requests())
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
