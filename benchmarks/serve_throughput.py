@@ -526,8 +526,8 @@ def main() -> None:
                 if breakdown:
                     print(f"  TTFT at concurrency 1, medians: admission {breakdown['admission_ms']:.1f} ms, engine "
                           f"{breakdown['engine_ms']:.1f} ms, delivery {breakdown['delivery_ms']:.1f} ms", flush=True)
-                    for name, ms in breakdown.get("stages_ms", {}).items():
-                        print(f"    {name:<55} {ms:7.2f} ms", flush=True)
+                    for stage, ms in breakdown.get("stages_ms", {}).items():
+                        print(f"    {stage:<55} {ms:7.2f} ms", flush=True)
                 o = off.get(c, {})
                 row = {"variant": variant, "concurrency": c, "requests": n, "served_tok_s": s["tok_s"],
                        "offline_tok_s": o.get("tok_s", float("nan")),
