@@ -7,8 +7,9 @@ caches, as on a fresh machine) and a second (the caches the first one wrote).
 
 Each start is a fresh Python process: its time runs from the process's start (imports included) to `LLM(...)`
 returning. The stages are the engine's own (nanovllm_ray/startup.py: model built, weights loaded, KV cache sized,
-warmed up, CUDA graphs captured). The Triton and Inductor caches go to one directory of this run
-(TRITON_CACHE_DIR, TORCHINDUCTOR_CACHE_DIR): empty for the first start, reused by the second.
+warmed up, CUDA graphs captured). The compile caches (nanovllm_ray/caches.py: Triton, Inductor, and Python's
+bytecode where the packages' own directories are read-only) go to one directory of this run (NANOVLLM_CACHE_DIR):
+empty for the first start, reused by the second.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import time
 from pathlib import Path
 
 from benchmarks.common import RESULTS, demo_checkpoint, device_name, print_table, write_result
+from nanovllm_ray import caches
 
 CHILD = """
 import json, sys, time
@@ -48,8 +50,12 @@ print("STARTUP " + json.dumps({"imports_s": t_import - t0, "llm_s": llm.startup_
 """
 
 
+CACHE_VARS = ("TRITON_CACHE_DIR", "TORCHINDUCTOR_CACHE_DIR", "PYTHONPYCACHEPREFIX")  # the run's own cache instead
+
+
 def one_start(path: str, kwargs: dict, cache: Path, profile: str = "") -> dict:
-    env = {**os.environ, "TRITON_CACHE_DIR": str(cache / "triton"), "TORCHINDUCTOR_CACHE_DIR": str(cache / "inductor")}
+    env = {k: v for k, v in os.environ.items() if k not in CACHE_VARS}
+    env[caches.ENV] = str(cache)
     out = subprocess.run([sys.executable, "-c", CHILD, repr(time.time()), path, json.dumps(kwargs), profile],
                          env=env, capture_output=True, text=True, check=True).stdout
     return json.loads(next(line for line in out.splitlines() if line.startswith("STARTUP "))[8:])

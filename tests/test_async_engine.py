@@ -119,3 +119,16 @@ def test_an_abort_before_its_add_wins_and_frees_nothing_twice(loop_engine):
     engine = loop.engine
     wait_for(lambda rs: not engine.has_unfinished_requests())
     assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+
+
+def test_an_idle_loop_takes_a_command_while_polling_and_after_it():
+    """A GPU engine's loop polls for IDLE_SPIN_S before it sleeps on the queue; either way the command arrives."""
+    from types import SimpleNamespace
+
+    engine = SimpleNamespace(config=SimpleNamespace(enable_kv_cache_events=False), executor=SimpleNamespace())
+    loop = EngineLoop(engine, lambda r: None, lambda e: None)
+    assert loop._spin_s == 0.0  # not on a GPU
+    for spin_s, delay_s in ((0.5, 0.02), (0.01, 0.1)):  # the command comes while it polls / once it sleeps
+        loop._spin_s = spin_s
+        threading.Timer(delay_s, loop.submit, [[("abort", f"r{spin_s}")]]).start()
+        assert loop._next() == ("abort", f"r{spin_s}")

@@ -30,6 +30,9 @@ from nanovllm_ray.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
 
+# A GPU engine that has gone idle polls for new commands this long before it sleeps (see EngineLoop._next).
+IDLE_SPIN_S = 0.05
+
 REFUSED = "refused"  # finish reason of a request the engine did not take (the error is a RequestError's message)
 ERROR = "error"  # finish reason of a request the engine took but could not run
 
@@ -75,6 +78,7 @@ class EngineLoop:
         # (start, end, sequences, tokens) of each step: where the loop's time goes, for benchmarks
         self.trace: deque[tuple[float, float, int, int]] = deque(maxlen=200_000)
         self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
+        self._spin_s = IDLE_SPIN_S if str(getattr(engine.executor, "device", "")).startswith("cuda") else 0.0
 
     def start(self) -> None:
         self._thread.start()
@@ -124,12 +128,24 @@ class EngineLoop:
                                                        f"{type(e).__name__}: {e}")
         return None
 
+    def _next(self) -> tuple:
+        """The next command, waiting for it. On a GPU, poll (yielding the GIL) for IDLE_SPIN_S before sleeping: a
+        request that comes soon after the engine went idle then finds this thread's core awake. Served at
+        concurrency 1 on an H200, a prefill step after such a sleep took 2.7 ms against 1.5 ms offline."""
+        deadline = time.monotonic() + self._spin_s
+        while time.monotonic() < deadline:
+            try:
+                return self._commands.get_nowait()
+            except queue.Empty:
+                time.sleep(0)
+        return self._commands.get()
+
     def _run(self) -> None:
         engine = self.engine
         try:
             while True:
                 # Block only when there is nothing to step; otherwise take whatever commands are queued.
-                cmds = [] if engine.has_unfinished_requests() else [self._commands.get()]
+                cmds = [] if engine.has_unfinished_requests() else [self._next()]
                 while True:
                     try:
                         cmds.append(self._commands.get_nowait())
