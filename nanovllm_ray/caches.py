@@ -1,12 +1,14 @@
 """Where start-up's caches live: one directory, NANOVLLM_CACHE_DIR (default ~/.cache/nanovllm_ray), for Triton's
-compiled kernels (triton/), Inductor's generated code (inductor/) and, where the installed packages' own
-__pycache__ directories cannot be written, Python's bytecode (pycache/). A variable already set wins:
-TRITON_CACHE_DIR, TORCHINDUCTOR_CACHE_DIR, PYTHONPYCACHEPREFIX (and PYTHONDONTWRITEBYTECODE writes none).
+compiled kernels (triton/), Inductor's generated code (inductor/) and Python's bytecode (pycache/) where Python
+would otherwise not keep it: the installed packages' own __pycache__ cannot be written, or PYTHONDONTWRITEBYTECODE
+is set. A variable already set wins: TRITON_CACHE_DIR, TORCHINDUCTOR_CACHE_DIR, PYTHONPYCACHEPREFIX;
+NANOVLLM_BYTECODE_CACHE=0 leaves Python's bytecode alone.
 
 Applied when nanovllm_ray is imported, before torch is: the variables reach Triton and Inductor, and processes
-started from this one (Ray's workers on a cluster this process starts) inherit them. On the H200 machine the
-packages' directories are read-only and had no bytecode: every process compiled torch's, sympy's and Triton's
-sources again, 6.4 s of a start under cProfile (benchmarks/startup.py --profile).
+started from this one (Ray's workers on a cluster this process starts) inherit them. The H200 machine sets
+PYTHONDONTWRITEBYTECODE and ships torch without bytecode, so every process compiled torch's, sympy's and Triton's
+sources again: 6.4 s of a start under cProfile (benchmarks/startup.py --profile); a second start took 21.8 s with
+that, 8.6 s with the bytecode kept.
 """
 
 from __future__ import annotations
@@ -42,7 +44,10 @@ def setup_caches() -> str | None:
         return None
     os.environ.setdefault("TRITON_CACHE_DIR", os.path.join(root, "triton"))
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(root, "inductor"))
-    if sys.pycache_prefix is None and not sys.dont_write_bytecode and not _bytecode_writable("torch"):
+    if (os.environ.get("NANOVLLM_BYTECODE_CACHE") != "0" and sys.pycache_prefix is None
+            and (sys.dont_write_bytecode or not _bytecode_writable("torch"))):
+        # into this directory only, never beside the sources
         sys.pycache_prefix = os.path.join(root, "pycache")
+        sys.dont_write_bytecode = False
         os.environ.setdefault("PYTHONPYCACHEPREFIX", sys.pycache_prefix)
     return root

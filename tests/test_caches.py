@@ -1,6 +1,6 @@
 """Start-up's compile caches under one directory (nanovllm_ray/caches.py): NANOVLLM_CACHE_DIR places Triton's and
-Inductor's; a variable the user set wins; Python's bytecode goes there only where the packages' own directories are
-read-only."""
+Inductor's; a variable the user set wins; Python's bytecode goes there only where Python would not keep it (the
+packages' own directories read-only, or PYTHONDONTWRITEBYTECODE), unless NANOVLLM_BYTECODE_CACHE=0."""
 
 from __future__ import annotations
 
@@ -22,19 +22,23 @@ def _probe(env: dict) -> list:
 
 def test_one_directory_for_the_caches_and_the_users_variables_win(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_CACHE_DIR", "TORCHINDUCTOR_CACHE_DIR",
-                                                              "PYTHONPYCACHEPREFIX")}
+                                                              "PYTHONPYCACHEPREFIX", "PYTHONDONTWRITEBYTECODE")}
     env[caches.ENV] = str(tmp_path / "c")
     triton, inductor, prefix = _probe(env)
     assert (triton, inductor) == (str(tmp_path / "c" / "triton"), str(tmp_path / "c" / "inductor"))
-    if not sys.dont_write_bytecode:
-        assert prefix is None  # this virtualenv is writable: Python keeps its bytecode beside the sources
+    assert prefix is None  # this virtualenv is writable: Python keeps its bytecode beside the sources
+    # PYTHONDONTWRITEBYTECODE: the bytecode goes to the cache (never beside the sources), unless turned off
+    assert _probe({**env, "PYTHONDONTWRITEBYTECODE": "1"})[2] == str(tmp_path / "c" / "pycache")
+    assert _probe({**env, "PYTHONDONTWRITEBYTECODE": "1", "NANOVLLM_BYTECODE_CACHE": "0"})[2] is None
     env["TRITON_CACHE_DIR"] = str(tmp_path / "mine")
     assert _probe(env)[0] == str(tmp_path / "mine")
 
 
 def test_bytecode_goes_to_the_cache_where_the_packages_are_read_only(tmp_path, monkeypatch):
     monkeypatch.setenv(caches.ENV, str(tmp_path))
-    monkeypatch.delenv("PYTHONPYCACHEPREFIX", raising=False)
+    monkeypatch.setenv("PYTHONPYCACHEPREFIX", "")  # recorded as it was, so that what setup_caches sets is undone
+    monkeypatch.delenv("PYTHONPYCACHEPREFIX")
+    monkeypatch.delenv("NANOVLLM_BYTECODE_CACHE", raising=False)
     monkeypatch.setattr(caches, "_bytecode_writable", lambda package: False)
     monkeypatch.setattr(sys, "pycache_prefix", None)
     monkeypatch.setattr(sys, "dont_write_bytecode", False)
