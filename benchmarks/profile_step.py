@@ -53,6 +53,7 @@ def main() -> None:
     import torch
 
     from nanovllm_ray import LLM, SamplingParams
+    from nanovllm_ray.executor.model_runner import cuda_kernel_table
 
     llm = LLM(demo_checkpoint(args.shape, args.model), max_model_len=4096, async_scheduling=not args.sync)
     engine, rng, cuda = llm.engine, Random(0), torch.cuda.is_available()
@@ -88,11 +89,7 @@ def main() -> None:
         row.update({f"{k}_ms": v / args.steps * 1e3 for k, v in acc.items()})
         rows.append(row)
         if cuda:
-            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-                for _ in range(5):
-                    engine.step()
-                torch.cuda.synchronize()
-            table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=12)
+            table = cuda_kernel_table(engine.step, rows=12)
             print(f"\n--- batch {bs}: top kernels over 5 steps ---\n{table}")
             kernels[bs] = table
         for rid in list(engine.requests):

@@ -156,8 +156,10 @@ class _Run:
             self._queue.put_nowait((i, rid, e))
 
     def deliver(self, i: int, rid: str, item: RequestOutput | BaseException) -> None:
-        if isinstance(item, RequestOutput) and item.finish_reason == REFUSED:
-            item = RequestError(item.error)
+        """An output from the engine core's channel. A refusal or a failure becomes the error the LLMServer's call
+        would raise: before the response has started, an HTTP error, not a 200 whose stream carries it."""
+        if isinstance(item, RequestOutput) and item.finish_reason in (REFUSED, ERROR):
+            item = RequestError(item.error) if item.finish_reason == REFUSED else RequestFailedError(item.error)
         self._queue.put_nowait((i, rid, item))
 
     async def events(self) -> AsyncIterator[tuple[int, Delta]]:

@@ -63,7 +63,8 @@ class _FastPath:
     """What both routers share: pins, picks, and a replica's load."""
 
     def _init_fast_path(self) -> None:
-        self._picks: dict[str, tuple[str, float]] = {}  # engine request id -> (replica, when picked)
+        self._picks: dict[str, tuple[str, float]] = {}  # engine request id -> (replica, when picked), oldest first
+        self._pick_counts: Counter[str] = Counter()  # replica -> its picks not yet routed
         fast_path.register(self, self._deployment_id.app_name, self._deployment_id.name)
 
     def _pinned(self, candidates: list[RunningReplica], pr: PendingRequest | None) -> list[list[RunningReplica]] | None:
@@ -77,21 +78,30 @@ class _FastPath:
         pr.routing_context.should_backoff = True
         return [[r] for r in candidates if r.replica_id.unique_id == pin]
 
-    def _queue_len(self, r: RunningReplica) -> float:
-        """Ongoing requests at the replica: Serve's queue length (updated at every send and answer), else
-        Serve's routing stats of the replica."""
-        if self._use_replica_queue_len_cache:
-            q = self._replica_queue_len_cache.get(r.replica_id)
-            if q is not None:
-                return q
+    def _queue_len(self, r: RunningReplica, reported: float | None = None) -> float:
+        """Ongoing requests at the replica: Serve's queue length (updated at every send and answer), else what the
+        replica `reported` (if given), else Serve's routing stats of the replica."""
+        q = self._replica_queue_len_cache.get(r.replica_id) if self._use_replica_queue_len_cache else None
+        if q is not None:
+            return q
+        if reported is not None:
+            return reported
         stats = r.routing_stats or {}
         return stats.get("num_running", 0) + stats.get("num_waiting", 0)
 
     def _picked(self, uid: str, now: float) -> int:
         """Picks for the replica not yet routed (those older than fast_path.PICK_TTL_S are forgotten)."""
-        for rid in [rid for rid, (_, t) in self._picks.items() if now - t > fast_path.PICK_TTL_S]:
-            del self._picks[rid]
-        return sum(1 for u, _ in self._picks.values() if u == uid)
+        while self._picks:
+            rid, (_, t) = next(iter(self._picks.items()))
+            if now - t <= fast_path.PICK_TTL_S:
+                break
+            self._drop_pick(rid)
+        return self._pick_counts[uid]
+
+    def _drop_pick(self, request_id: str) -> None:
+        pick = self._picks.pop(request_id, None)
+        if pick is not None:
+            self._pick_counts[pick[0]] -= 1
 
     def pick(self, request_id: str, token_ids: list[int], known: set[str]) -> str | None:
         """On the router's loop: the replica this request goes to now if it has room, among `known`."""
@@ -103,7 +113,9 @@ class _FastPath:
         now = time.monotonic()
         if r is None or uid not in known or self._queue_len(r) + self._picked(uid, now) >= r.max_ongoing_requests:
             return None
+        self._drop_pick(request_id)
         self._picks[request_id] = (uid, now)
+        self._pick_counts[uid] += 1
         return uid
 
     async def pick_async(self, request_id: str, token_ids: list[int], known: set[str]) -> str | None:
@@ -132,7 +144,7 @@ class _FastPath:
 
     def _routed_pick(self, pr: PendingRequest) -> None:
         if pr.kwargs and pr.kwargs.get(fast_path.PIN) is not None and len(pr.args) > 2:
-            self._picks.pop(pr.args[2], None)
+            self._drop_pick(pr.args[2])
 
     def _best(self, token_ids: list[int], by_id: dict[str, RunningReplica]) -> str | None:
         raise NotImplementedError
@@ -271,10 +283,8 @@ class PrefixAwareRequestRouter(_FastPath, RequestRouter):
     def _load(self, r: RunningReplica) -> float:
         """Ongoing requests at the replica: Serve's queue length (updated at every send and answer), else the
         replica's own report through the router actor, else Serve's routing stats."""
-        if self._use_replica_queue_len_cache and self._replica_queue_len_cache.get(r.replica_id) is not None:
-            return self._replica_queue_len_cache.get(r.replica_id)
         load = self._mirror.loads.get(r.replica_id.unique_id)
-        return load.num_requests if load is not None else self._queue_len(r)
+        return self._queue_len(r, load.num_requests if load is not None else None)
 
     def _deciding(self, request_id: str, uid: str) -> None:
         old = self._undelivered.get(request_id)

@@ -132,3 +132,18 @@ def test_an_idle_loop_takes_a_command_while_polling_and_after_it():
         loop._spin_s = spin_s
         threading.Timer(delay_s, loop.submit, [[("abort", f"r{spin_s}")]]).start()
         assert loop._next() == ("abort", f"r{spin_s}")
+
+
+def test_the_ingress_answers_an_error_for_a_refusal_or_failure_from_the_core():
+    """On the fast path the core's refusal (or a failed add) reaches the ingress on its channel, not through the
+    LLMServer's call: it must still become an HTTP error before the response starts, never a 200 stream."""
+    from deployments.ingress import _as_openai_error, _Run
+    from nanovllm_ray.engine.async_engine import ERROR
+
+    run = _Run.__new__(_Run)  # deliver() needs only the queue
+    run._queue = asyncio.Queue()
+    run.deliver(0, "a", RequestOutput("a", [], REFUSED, error="prompt has 300 tokens; max_model_len is 256"))
+    run.deliver(0, "b", RequestOutput("b", [], ERROR, error="the engine could not take this request"))
+    (_, _, a), (_, _, b) = run._queue.get_nowait(), run._queue.get_nowait()
+    assert (_as_openai_error(a).status, _as_openai_error(b).status) == (400, 500)
+    assert "max_model_len is 256" in str(a)

@@ -176,6 +176,24 @@ def test_hot_prefix_spreads_when_out_of_balance(client, router):
     print("reasons", reasons_before, reasons)
 
 
+def test_fast_path_picks_count_until_routed_or_stale():
+    """A pick counts toward its replica's load until its call is routed, or for PICK_TTL_S at most."""
+    from collections import Counter
+    from types import SimpleNamespace
+
+    from deployments import fast_path
+    from deployments.request_router import _FastPath
+
+    router = _FastPath()
+    router._picks, router._pick_counts = {}, Counter()
+    now = time.monotonic()
+    router._picks.update({"old": ("r1", now - 2 * fast_path.PICK_TTL_S), "a": ("r1", now), "b": ("r2", now)})
+    router._pick_counts.update({"r1": 2, "r2": 1})
+    assert (router._picked("r1", now), router._picked("r2", now)) == (1, 1)  # "old" went stale
+    router._routed_pick(SimpleNamespace(kwargs={fast_path.PIN: "r1"}, args=([1], None, "a")))
+    assert router._picked("r1", now) == 0 and list(router._picks) == ["b"]
+
+
 def test_a_request_of_several_choices_completes(client):
     """Its LLMServer calls share one Serve request context (one internal request id), by which Serve matches a chosen
     replica to its request: each must still be routed (they used to wait forever but the first)."""

@@ -43,6 +43,15 @@ def resolve_dtype(config: Config, device: torch.device) -> torch.dtype:
     return torch.float32 if device.type == "cpu" else dtype
 
 
+def cuda_kernel_table(run, reps: int = 5, rows: int = 25) -> str:
+    """torch.profiler's table of the CUDA kernels that `reps` calls of `run` launch, costliest first."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            run()
+        torch.cuda.synchronize()
+    return prof.key_averages().table(sort_by="cuda_time_total", row_limit=rows)
+
+
 class ModelRunner:
     def __init__(self, config: Config, defer_graphs: bool = False) -> None:
         """defer_graphs: leave warmup() and CUDA-graph capture to the caller (ranks first agree on the KV block count
@@ -366,13 +375,7 @@ class ModelRunner:
             graph.replay()
         torch.cuda.synchronize()
         seconds = (time.perf_counter() - t) / iters
-        table = ""
-        if profile:
-            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-                for _ in range(5):
-                    graph.replay()
-                torch.cuda.synchronize()
-            table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=25)
+        table = cuda_kernel_table(graph.replay) if profile else ""
         self.prev_in_graph = False
         return seconds, table
 
