@@ -60,6 +60,8 @@ def main() -> None:
     ap.add_argument("--attention-backend", default="auto")
     ap.add_argument("--max-num-batched-tokens", type=int, default=32768)
     ap.add_argument("--tag", default="")
+    ap.add_argument("--no-fused-gemv", action="store_true", help="decode projections as before kernels/gemv.py")
+    ap.add_argument("--no-pdl", action="store_true", help="decode kernels without programmatic dependent launch")
     args = ap.parse_args()
 
     import torch
@@ -67,12 +69,16 @@ def main() -> None:
     from nanovllm_ray import LLM
 
     path = demo_checkpoint(args.shape, args.model)
+    if args.no_pdl:  # the engine runs in this process on one GPU
+        from nanovllm_ray.kernels import pdl
+
+        pdl.enable(False)
     cuda = torch.cuda.is_available()
     bandwidth = measure_bandwidth() if cuda else float("nan")
     flops = measure_matmul_flops() if cuda else float("nan")
     shape = model_shape(path)
     llm = LLM(path, max_model_len=4096, enforce_eager=args.enforce_eager, attention_backend=args.attention_backend,
-              max_num_batched_tokens=args.max_num_batched_tokens)
+              max_num_batched_tokens=args.max_num_batched_tokens, fused_gemv=not args.no_fused_gemv)
     engine, rng = llm.engine, Random(0)
     run_batch(engine, 2, args.prompt_len, 8, rng)  # warm-up
     rows = []

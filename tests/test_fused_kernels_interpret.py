@@ -1,4 +1,5 @@
-"""The Triton sampler (kernels/sampling.py) and the fused q/k norm + rotary + KV store (kernels/qk_norm_rope.py)
+"""The Triton sampler (kernels/sampling.py), the fused q/k norm + rotary + KV store (kernels/qk_norm_rope.py) and
+the decode GEMV with its fused norm and SiLU-and-mul (kernels/gemv.py)
 through Triton's interpreter on the CPU, against the PyTorch ops they replace.
 
     TRITON_INTERPRET=1 .venv/bin/python -m pytest tests/test_fused_kernels_interpret.py -q
@@ -10,7 +11,7 @@ import pytest
 import torch
 from test_kernels_interpret import _patch_interpreter  # noqa: F401  (sets up or skips the interpreter)
 
-from nanovllm_ray.kernels import qk_norm_rope, sampling  # noqa: E402
+from nanovllm_ray.kernels import gemv, qk_norm_rope, sampling  # noqa: E402
 from nanovllm_ray.layers import ops  # noqa: E402
 from nanovllm_ray.layers.attention.torch_ref import store_kvcache_ref  # noqa: E402
 from nanovllm_ray.layers.rotary import RotaryEmbedding  # noqa: E402
@@ -85,3 +86,36 @@ def test_qk_norm_rope_without_cache():
     q, k = qk_norm_rope.qk_norm_rope_store(qkv, 2, 1, torch.ones(16), torch.ones(16), 1e-6, cos_sin,
                                            torch.tensor([1, 2, 3]), empty, empty, torch.tensor([0, 1, 2]))
     assert q.shape == (3, 2, 16) and k.shape == (3, 1, 16) and torch.isfinite(q).all()
+
+
+def _gemv_reference(x, weight, residual, norm_weight, eps, silu_mul):
+    res_out = None
+    if norm_weight is not None:
+        if residual is not None:
+            x, res_out = ops.add_rms_norm(x, residual, norm_weight, eps)
+        else:
+            x = ops.rms_norm(x, norm_weight, eps)
+    y = torch.nn.functional.linear(x.float(), weight.float()).to(x.dtype)
+    return (ops.silu_and_mul(y) if silu_mul else y), res_out
+
+
+@pytest.mark.parametrize("N,K", [(48, 64), (42, 1536)])  # a partial last W slice; K not a multiple of BLOCK_K
+@pytest.mark.parametrize("fusion", ["plain", "norm", "add_norm", "add_norm_silu"])
+def test_gemv_matches_unfused_ops(N, K, fusion):
+    torch.manual_seed(0)
+    M, dtype, eps = 1, torch.bfloat16, 1e-6
+    silu = fusion.endswith("silu")
+    x = torch.randn(M, K).to(dtype)
+    weight = (torch.randn(2 * N if silu else N, K) / K**0.5).to(dtype)
+    residual = torch.randn(M, K).to(dtype) if "add" in fusion else None
+    norm_weight = (1 + 0.1 * torch.randn(K)).to(dtype) if "norm" in fusion else None
+    y, res_out = gemv.gemv(x, weight, residual=residual, norm_weight=norm_weight, eps=eps, silu_mul=silu)
+    ref, ref_res = _gemv_reference(x, weight, residual, norm_weight, eps, silu)
+    assert y.shape == ref.shape and y.dtype == dtype
+    tol = 6e-2 if silu else 2e-2  # the interpreter's roundings toward zero add up over silu's chain of them
+    torch.testing.assert_close(y.float(), ref.float(), atol=tol, rtol=tol)
+    if residual is None:
+        assert res_out is None
+    else:
+        # the bf16 sum (the interpreter rounds fp32 -> bf16 toward zero, the GPU to nearest: one ulp apart)
+        torch.testing.assert_close(res_out.float(), ref_res.float(), atol=0, rtol=2 ** -7)

@@ -70,8 +70,9 @@ class ModelRunner:
         if self.device.type == "cuda" and not config.enforce_eager:
             ops.enable_compiled_ops()  # fuse the small element-wise ops (measured: most decode kernels)
             if importlib.util.find_spec("triton") is not None:
-                # fused q/k norm + rotary + KV store; skinny GEMM where it measured faster (if they tile this head)
-                ops.enable_triton_ops(triton_supports_head_dim(self.head_dim))
+                # fused q/k norm + rotary + KV store; skinny GEMM where it measured faster (if they tile this head);
+                # the decode GEMV with its norm and activation
+                ops.enable_triton_ops(triton_supports_head_dim(self.head_dim), config.fused_gemv)
         default_dtype = torch.get_default_dtype()
         torch.set_default_dtype(self.dtype)
         try:

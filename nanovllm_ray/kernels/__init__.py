@@ -6,6 +6,8 @@
 - `qk_norm_rope.qk_norm_rope_store`: Qwen3's q/k RMSNorm + rotary embedding + KV store, one launch per layer.
 - `sampling.sample_tokens`: temperature + Gumbel-max (or argmax) straight from the logits, CUDA-graph safe.
 - `skinny_gemm.skinny_linear`: y = x W^T for few rows, used where it measured faster than cuBLAS.
+- `gemv.gemv`: a batch-1 step's projections, with the RMSNorm before and SiLU-and-mul after folded in.
+- `pdl`: programmatic dependent launch of the decode-path kernels (Hopper+): each starts while the one before runs.
 
 Nothing is imported here so that the package stays importable without Triton (CPU-only CI);
 import the submodules directly.

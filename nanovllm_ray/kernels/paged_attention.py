@@ -25,6 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
+from nanovllm_ray.kernels import pdl
+
 LOG2E = 1.4426950408889634
 # Split-KV choice, tuned on H100 (benchmarks/kernel_bench.py --cudagraph --splits ...) with the separate reduce
 # kernel: small batches are fastest with about 4 programs per SM and one 64-token tile per split at least; from ~1.5
@@ -178,7 +180,10 @@ def _decode_kernel(
     BLOCK_S: tl.constexpr,  # num_splits rounded up to a power of two (FUSED_REDUCE only)
     MERGE_HEADS: tl.constexpr,  # heads merged at once (FUSED_REDUCE only)
     DOT_PRECISION: tl.constexpr,
+    PDL: tl.constexpr,  # launched as a programmatic dependent (kernels/pdl.py)
 ):
+    if PDL:
+        pdl.wait()
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -269,7 +274,10 @@ def _decode_reduce_kernel(
     BLOCK_N: tl.constexpr,  # _decode_kernel's, which fixes the split layout
     BLOCK_S: tl.constexpr,  # num_splits rounded up to a power of two
     HEAD_DIM: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    if PDL:
+        pdl.wait()
     seq = tl.program_id(0)
     head = tl.program_id(1)
     _, used = _split_layout(tl.load(seq_lens_ptr + seq), num_splits, BLOCK_N)
@@ -405,6 +413,7 @@ def paged_decode_attention(
     block_s = triton.next_power_of_2(num_splits)
     merge_heads = min(triton.next_power_of_2(group), 4, max(MERGE_TILE // (block_s * head_dim), 1))
     arrivals = _arrival_counters(q.device, num_seqs * num_kv_heads) if fused else seq_lens  # unused unless fused
+    use_pdl = pdl.use(q)
     _decode_kernel[(num_seqs, num_kv_heads, num_splits)](
         q,
         k_cache,
@@ -433,6 +442,8 @@ def paged_decode_attention(
         BLOCK_S=block_s if fused else 1,
         MERGE_HEADS=merge_heads if fused else 1,
         DOT_PRECISION=_dot_precision(k_cache.dtype),
+        PDL=use_pdl,
+        launch_pdl=use_pdl,
         **cfg,
     )
     if split and not fused:
@@ -447,6 +458,8 @@ def paged_decode_attention(
             BLOCK_N=cfg["BLOCK_N"],
             BLOCK_S=triton.next_power_of_2(num_splits),
             HEAD_DIM=head_dim,
+            PDL=use_pdl,
+            launch_pdl=use_pdl,
             num_warps=1 if head_dim <= 64 else 2,
         )
     return out

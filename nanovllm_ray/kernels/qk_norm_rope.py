@@ -16,6 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
+from nanovllm_ray.kernels import pdl
+
 
 @triton.jit
 def _norm_rope(row_ptr, w_ptr, cos, sin, eps, h, d, mask, HALF: tl.constexpr):
@@ -52,7 +54,10 @@ def _qk_norm_rope_store_kernel(
     BLOCK_KH: tl.constexpr,
     HALF: tl.constexpr,  # head_dim // 2
     STORE: tl.constexpr,
+    PDL: tl.constexpr,  # launched as a programmatic dependent (kernels/pdl.py)
 ):
+    if PDL:
+        pdl.wait()
     t = tl.program_id(0).to(tl.int64)
     dtype = qkv_ptr.dtype.element_ty
     pos = tl.load(pos_ptr + t).to(tl.int64)
@@ -119,9 +124,11 @@ def qk_norm_rope_store(
         assert slot_mapping.shape == (n,), (slot_mapping.shape, n)
     if n == 0:
         return q, k
+    use_pdl = pdl.use(qkv)
     _qk_norm_rope_store_kernel[(n,)](
         qkv, qkv.stride(0), q_weight, k_weight, cos_sin_cache, cos_sin_cache.stride(0), positions,
         slot_mapping if store else positions, q, k, k_cache if store else q, v_cache if store else q, eps,
         NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, BLOCK_QH=triton.next_power_of_2(num_heads),
-        BLOCK_KH=triton.next_power_of_2(num_kv_heads), HALF=head_dim // 2, STORE=store, num_warps=4)
+        BLOCK_KH=triton.next_power_of_2(num_kv_heads), HALF=head_dim // 2, STORE=store, PDL=use_pdl,
+        launch_pdl=use_pdl, num_warps=4)
     return q, k

@@ -57,15 +57,18 @@ _PLAIN = {name: globals()[name] for name in ("rms_norm", "add_rms_norm", "silu_a
 # Triton kernels that replace small ops on CUDA, set by enable_triton_ops():
 qk_norm_rope_store = None  # q/k RMSNorm + rotary + KV-cache store of a layer in one kernel
 skinny_gemm = None  # nanovllm_ray.kernels.skinny_gemm: decode-sized matmuls where it measured faster than cuBLAS
+gemv = None  # nanovllm_ray.kernels.gemv: small decode batches, with the norm before and SiLU-and-mul after folded in
 
 
-def enable_triton_ops(enabled: bool = True) -> None:
-    global qk_norm_rope_store, skinny_gemm
-    fused = skinny = None
+def enable_triton_ops(enabled: bool = True, fused_gemv: bool = True) -> None:
+    global qk_norm_rope_store, skinny_gemm, gemv
+    fused = skinny = small = None
     if enabled:
         from nanovllm_ray.kernels import skinny_gemm as skinny
         from nanovllm_ray.kernels.qk_norm_rope import qk_norm_rope_store as fused
-    qk_norm_rope_store, skinny_gemm = fused, skinny
+        if fused_gemv:
+            from nanovllm_ray.kernels import gemv as small
+    qk_norm_rope_store, skinny_gemm, gemv = fused, skinny, small
 
 
 def enable_compiled_ops(enabled: bool = True) -> None:

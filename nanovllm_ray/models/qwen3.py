@@ -8,10 +8,9 @@ import torch
 from torch import nn
 
 from nanovllm_ray.layers import ops
-from nanovllm_ray.layers.activation import SiluAndMul
 from nanovllm_ray.layers.attention import Attention, AttentionMetadata
 from nanovllm_ray.layers.embed_head import ParallelLMHead, VocabParallelEmbedding
-from nanovllm_ray.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
+from nanovllm_ray.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear, norm_linear
 from nanovllm_ray.layers.norm import RMSNorm
 from nanovllm_ray.layers.parallel import tp_size
 from nanovllm_ray.layers.rotary import RotaryEmbedding
@@ -47,9 +46,11 @@ class Qwen3Attention(nn.Module):
         self.q_norm = RMSNorm(self.head_dim, eps)
         self.k_norm = RMSNorm(self.head_dim, eps)
 
-    def forward(self, positions: torch.Tensor, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+    def forward(self, positions: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None, norm: RMSNorm,
+                meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
+        """Attention over norm(x + residual); returns o_proj's output (partial sums over the ranks), the residual."""
         n = x.shape[0]
-        qkv = self.qkv_proj(x)
+        qkv, residual = norm_linear(x, residual, norm, self.qkv_proj)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         v = v.view(n, self.num_kv_heads, self.head_dim)
         if ops.qk_norm_rope_store is not None and qkv.is_cuda:  # one kernel, KV stored
@@ -62,7 +63,7 @@ class Qwen3Attention(nn.Module):
                                     k.view(n, self.num_kv_heads, self.head_dim), self.q_norm.weight,
                                     self.k_norm.weight, self.q_norm.eps, self.rotary_emb.cos_sin_cache, positions)
             o = self.attn(q, k, v, meta)
-        return self.o_proj(o.reshape(n, self.q_size))
+        return self.o_proj(o.reshape(n, self.q_size)), residual
 
 
 class Qwen3MLP(nn.Module):
@@ -73,10 +74,11 @@ class Qwen3MLP(nn.Module):
             raise NotImplementedError(f"hidden_act {cfg['hidden_act']!r} is not supported (only silu)")
         self.gate_up_proj = MergedColumnParallelLinear(hidden, [inter, inter])
         self.down_proj = RowParallelLinear(inter, hidden, reduce=False)  # summed in the next layer's input norm
-        self.act_fn = SiluAndMul()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act_fn(self.gate_up_proj(x)))
+    def forward(self, x: torch.Tensor, residual: torch.Tensor, norm: RMSNorm) -> tuple[torch.Tensor, torch.Tensor]:
+        """down(silu(gate) * up) of norm(x + residual); returns it (partial sums over the ranks) and the residual."""
+        h, residual = norm_linear(x, residual, norm, self.gate_up_proj, silu_mul=True)
+        return self.down_proj(h), residual
 
 
 class Qwen3DecoderLayer(nn.Module):
@@ -92,13 +94,8 @@ class Qwen3DecoderLayer(nn.Module):
                 meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
         """x: the embeddings (residual None) or the previous layer's MLP output as partial sums over the ranks;
         returns this layer's MLP output as partial sums (each norm all-reduces the sums before it)."""
-        if residual is None:
-            x, residual = self.input_layernorm(x), x
-        else:
-            x, residual = self.input_layernorm(x, residual, reduce=True)
-        x = self.self_attn(positions, x, meta)
-        x, residual = self.post_attention_layernorm(x, residual, reduce=True)
-        return self.mlp(x), residual
+        x, residual = self.self_attn(positions, x, residual, self.input_layernorm, meta)
+        return self.mlp(x, residual, self.post_attention_layernorm)
 
 
 class Qwen3Model(nn.Module):

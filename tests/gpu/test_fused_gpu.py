@@ -1,6 +1,7 @@
 """The fused decode-path kernels on the GPU: the Triton sampler against torch, inside CUDA graphs and through the
 engine's decode graphs (temperature-only requests sample in the graph; seeded / filtered / logprobs requests from the
-graph's logits), and the fused q/k norm + rotary + KV store against the unfused ops."""
+graph's logits), the fused q/k norm + rotary + KV store against the unfused ops, and the decode GEMV
+(kernels/gemv.py) against the ops it folds in, in and out of CUDA graphs."""
 
 import pytest
 import torch
@@ -143,3 +144,79 @@ def test_fused_qk_norm_rope_store_on_model_shape():
     torch.testing.assert_close(k.float(), k_ref, atol=0.06, rtol=0.02)
     torch.testing.assert_close(caches[0].float(), caches[2].float(), atol=0.06, rtol=0.02)
     assert torch.equal(caches[1], caches[3])
+
+
+def _gemv_reference(x, weight, residual, norm_weight, silu_mul):
+    from nanovllm_ray.layers import ops
+
+    res_out = None
+    if residual is not None:
+        x, res_out = ops.add_rms_norm(x, residual, norm_weight, 1e-6)
+    elif norm_weight is not None:
+        x = ops.rms_norm(x, norm_weight, 1e-6)
+    y = torch.nn.functional.linear(x, weight)
+    return (ops.silu_and_mul(y) if silu_mul else y), res_out
+
+
+@pytest.mark.parametrize("name,N,K,fusion", [("qkv_proj", 4096, 1024, "add_norm"), ("o_proj", 1024, 2048, "plain"),
+                                             ("gate_up_proj", 3072, 1024, "add_norm_silu"),
+                                             ("down_proj", 1024, 3072, "plain"), ("layer 0 qkv", 4096, 1024, "norm")])
+def test_gemv_on_model_shapes(name, N, K, fusion):
+    pytest.importorskip("triton")
+    from nanovllm_ray.kernels import gemv
+
+    torch.manual_seed(0)
+    M, silu = 1, fusion.endswith("silu")
+    x = torch.randn(M, K, device="cuda").bfloat16()
+    weight = (torch.randn(2 * N if silu else N, K, device="cuda") / K**0.5).bfloat16()
+    residual = torch.randn(M, K, device="cuda").bfloat16() if "add" in fusion else None
+    norm_weight = (1 + 0.1 * torch.randn(K, device="cuda")).bfloat16() if "norm" in fusion else None
+    y, res_out = gemv.gemv(x, weight, residual=residual, norm_weight=norm_weight, silu_mul=silu)
+    ref, ref_res = _gemv_reference(x, weight, residual, norm_weight, silu)
+    torch.testing.assert_close(y.float(), ref.float(), atol=0.03, rtol=0.02)
+    if residual is not None:
+        assert torch.equal(res_out, ref_res)
+
+
+def test_gemv_chain_as_programmatic_dependents_in_a_cuda_graph():
+    """Layers of fused GEMVs launched as programmatic dependents (each prefetches its weights before it waits for the
+    kernel before it), captured and replayed: the same bits as plain launches, on fresh inputs at every replay."""
+    pytest.importorskip("triton")
+    from nanovllm_ray.kernels import gemv, pdl
+
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("programmatic dependent launch needs sm90+")
+    torch.manual_seed(0)
+    hidden, inter, M = 1024, 3072, 1
+    ws = [[(torch.randn(n, k, device="cuda") / k**0.5).bfloat16() for n, k in ((2048, hidden), (hidden, 2048),
+                                                                             (2 * inter, hidden), (hidden, inter))]
+          for _ in range(6)]
+    nw = (1 + 0.1 * torch.randn(hidden, device="cuda")).bfloat16()
+
+    def chain(x, residual):
+        for qkv, o, gate_up, down in ws:
+            a, residual = gemv.gemv(x, qkv, residual=residual, norm_weight=nw)
+            a, _ = gemv.gemv(a, o)
+            a, residual = gemv.gemv(a, gate_up, residual=residual, norm_weight=nw, silu_mul=True)
+            x, _ = gemv.gemv(a, down)
+        return x, residual
+
+    x_in = torch.randn(M, hidden, device="cuda").bfloat16()
+    r_in = torch.randn(M, hidden, device="cuda").bfloat16()
+    try:
+        pdl.enable(True)
+        chain(x_in, r_in)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = chain(x_in, r_in)
+        for _ in range(3):
+            x_in.normal_()
+            r_in.normal_()
+            graph.replay()
+            pdl.enable(False)
+            ref = chain(x_in, r_in)
+            pdl.enable(True)
+            torch.cuda.synchronize()
+            assert torch.equal(out[0], ref[0]) and torch.equal(out[1], ref[1])
+    finally:
+        pdl.enable(True)

@@ -1,0 +1,193 @@
+"""y = x @ W^T for the one row of a batch-1 decode step, with the layer's neighbours folded in.
+
+A batch-1 decode step of a small model is ~40 us a layer of kernels that each sit at a few-microsecond latency
+floor (profile_step.py, H200: QKV 5.4 us, o_proj 9.8 us, gate/up 5.4 us, down 4.4 + 1.7 us split-K combine, two
+RMSNorms 1.4 us each, SiLU-and-mul 1.1 us), against ~7.4 us a layer of weight bytes at HBM bandwidth. Here a layer's
+four projections are four launches of one kernel and nothing else runs between them:
+
+- NORM: x is RMSNorm(a + residual) * norm_weight, computed in the prologue. Every program reads the input row
+  whole (it sits in L2) for the sum of squares; program 0 writes a + residual as the new residual. That removes
+  the two add + RMSNorm kernels a layer.
+- SILU_MUL: W holds gate rows [0, N) and up rows [N, 2N) (gate_up_proj); a program computes both slices of its
+  columns and writes silu(gate) * up, so the gate/up output never goes to memory.
+- No split-K: one program a BLOCK_N slice of W's rows over all of K (fp32 FMAs, so slices as thin as 4 rows and
+  256 programs even for N = 1024), so no combine kernel.
+- PDL (Hopper and later, programmatic dependent launch): the kernel is launched as a dependent of the kernel before
+  it and starts while that one runs; before it waits for that kernel's end (gdc_wait) it asks for its whole W slice
+  to be brought into L2 (one bulk prefetch per thread) and loads its first W tile, so the weight read from HBM
+  overlaps the previous kernel. Once past its wait, a program lets the next kernel launch
+  (gdc_launch_dependents): so at most one kernel ahead prefetches (triggered at the start, a chain of them filled
+  the SMs and L2 with prefetches: 50 us a layer instead of 31). Each PDL kernel waits before it reads x or writes
+  anything, so the results follow the stream's order.
+
+Rounding follows the unfused ops (ops.add_rms_norm, ops.silu_and_mul): the residual sum is rounded to the model dtype,
+so are the normalised value before the weight multiplies it, the product, the gate and up values and silu(gate).
+One row only (a batch-1 decode step): with more rows, FMAs cost too much (8 rows: 200 us a layer) and tl.dot's
+16-row tiles lost to cuBLAS (46 against 32 us a layer at 8 rows); those batches take layers/linear.py's GEMMs.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from nanovllm_ray.kernels import pdl
+
+DTYPES = (torch.bfloat16, torch.float16)
+# Weights above this stay on cuBLAS, which streams them near bandwidth: with qwen3-8b's (33-200 MB; 16-100 MB a rank
+# at tp=2) batch-1 TPOT went from 4.88 to 5.97 ms at tp=1 and 3.42 to 3.67 ms at tp=2 (2 x H200, 2026-11-30).
+# qwen3-0.6b's are 4-12 MB.
+MAX_WEIGHT_BYTES = 16 * 2**20
+
+
+@triton.jit
+def _prefetch_l2(base, nbytes, NUM_THREADS: tl.constexpr):
+    """Bring nbytes (a multiple of 16) from base (16-byte aligned) into L2: one bulk prefetch per thread."""
+    chunk = tl.cdiv(nbytes, NUM_THREADS * 16) * 16
+    offs = tl.arange(0, NUM_THREADS).to(tl.int64) * chunk
+    size = tl.minimum(tl.maximum(nbytes - offs, 0), chunk).to(tl.int32)
+    ptrs = base.to(tl.pointer_type(tl.int8)) + offs
+    tl.inline_asm_elementwise(
+        "{ .reg .pred p; setp.ne.s32 p, $2, 0; @p cp.async.bulk.prefetch.L2.global [$1], $2; mov.u32 $0, 0; }",
+        "=r,l,r", [ptrs, size], dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
+def _input(x_ptr, res_ptr, nw_ptr, k, kmask, rstd, NORM: tl.constexpr, ADD: tl.constexpr):
+    """x[k] for a vector of columns k, normalised when NORM; also returns a + residual (ADD), the new residual."""
+    dtype = x_ptr.dtype.element_ty
+    h = tl.load(x_ptr + k, mask=kmask, other=0.0)
+    if ADD:
+        h = (h.to(tl.float32) + tl.load(res_ptr + k, mask=kmask, other=0.0).to(tl.float32)).to(dtype)
+    x = h
+    if NORM:
+        nw = tl.load(nw_ptr + k, mask=kmask, other=0.0).to(tl.float32)
+        x = ((h.to(tl.float32) * rstd).to(dtype).to(tl.float32) * nw).to(dtype)
+    return x, h
+
+
+@triton.jit
+def _gemv_kernel(
+    x_ptr,  # [K] (NORM with ADD: the partial sums a to add to the residual)
+    res_ptr,  # [K] residual (ADD)
+    nw_ptr,  # [K] RMSNorm weight (NORM)
+    res_out_ptr,  # [K] a + residual, written by program 0 (ADD)
+    w_ptr,  # [N, K], or [2N, K] gate | up rows (SILU_MUL); unit stride on K, rows contiguous
+    out_ptr,  # [N]
+    N,
+    K,
+    eps,
+    NORM: tl.constexpr,
+    ADD: tl.constexpr,
+    SILU_MUL: tl.constexpr,
+    PDL: tl.constexpr,  # launched as a programmatic dependent (sm90+): kernels/pdl.py
+    PREFETCH: tl.constexpr,  # with PDL: bring the whole W slice into L2 before the wait
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    NUM_THREADS: tl.constexpr,
+    ELEM_BYTES: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    dtype = w_ptr.dtype.element_ty
+    n0 = pid * BLOCK_N
+    rn = n0 + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    # W rows past N (a partial last slice) read a valid row instead; they are never stored.
+    w_rows = w_ptr + (rn % N).to(tl.int64)[:, None] * K  # [BLOCK_N, 1]
+    u_rows = w_ptr + (rn % N + N).to(tl.int64)[:, None] * K  # SILU_MUL: the up rows
+    if PDL and PREFETCH:
+        nbytes = tl.minimum(BLOCK_N, N - n0).to(tl.int64) * K * ELEM_BYTES
+        _prefetch_l2(w_ptr + n0.to(tl.int64) * K, nbytes, NUM_THREADS)
+        if SILU_MUL:
+            _prefetch_l2(w_ptr + (N + n0).to(tl.int64) * K, nbytes, NUM_THREADS)
+    # The first W tile is read before the wait: weights do not depend on the kernels before this one.
+    kmask = rk < K
+    w = tl.load(w_rows + rk[None, :], mask=kmask[None, :], other=0.0)
+    u = w
+    if SILU_MUL:
+        u = tl.load(u_rows + rk[None, :], mask=kmask[None, :], other=0.0)
+    if PDL:
+        pdl.wait()  # then the next kernel may start, to prefetch; it waits for this one's end before it reads
+
+    rstd = 0.0
+    if NORM:  # the sum of squares of the whole row first
+        ss = tl.zeros([BLOCK_K], dtype=tl.float32)
+        for k in range(0, K, BLOCK_K):
+            _, h = _input(x_ptr, res_ptr, nw_ptr, k + rk, (k + rk) < K, rstd, False, ADD)
+            h = h.to(tl.float32)
+            ss += h * h
+        rstd = tl.rsqrt(tl.sum(ss, axis=0) / K + eps)
+
+    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    acc_up = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for k in range(0, K, BLOCK_K):
+        kmask = (k + rk) < K
+        x, h = _input(x_ptr, res_ptr, nw_ptr, k + rk, kmask, rstd, NORM, ADD)
+        if ADD:
+            tl.store(res_out_ptr + k + rk, h, mask=kmask & (pid == 0))
+        x = x.to(tl.float32)[None, :]
+        acc += tl.sum(w.to(tl.float32) * x, axis=1)
+        if SILU_MUL:
+            acc_up += tl.sum(u.to(tl.float32) * x, axis=1)
+        # the next W tile (past K: all masked, no traffic)
+        kmask = (k + BLOCK_K + rk) < K
+        w = tl.load(w_rows + (k + BLOCK_K + rk)[None, :], mask=kmask[None, :], other=0.0)
+        if SILU_MUL:
+            u = tl.load(u_rows + (k + BLOCK_K + rk)[None, :], mask=kmask[None, :], other=0.0)
+
+    if SILU_MUL:
+        g = acc.to(dtype).to(tl.float32)
+        s = (g / (1.0 + tl.exp(-g))).to(dtype).to(tl.float32)
+        acc = s * acc_up.to(dtype).to(tl.float32)
+    tl.store(out_ptr + rn, acc.to(out_ptr.dtype.element_ty), mask=rn < N)
+
+
+def config(N: int, K: int, silu_mul: bool = False) -> dict:
+    """Tile sizes, from benchmarks/gemv_bench.py --sweep on an H200 (qwen3-0.6b's projections, 2026-11-30): thin W
+    slices (4-8 rows: 256-768 programs for N = 1024-3072) over K tiles of up to 1024 columns, so that each program
+    has its whole slice, or much of it, in flight at once; the bulk L2 prefetch pays where K takes several tiles.
+    QKV 3.8 us, o_proj 2.6, gate/up 5.1, down 3.6, against cuBLAS's 5.2, 12.7, 5.9, 6.7 (graph-replayed over 28
+    distinct weights, as programmatic dependents)."""
+    if silu_mul:  # two W tiles at once
+        return dict(BLOCK_N=4, BLOCK_K=min(256, triton.next_power_of_2(K)), num_warps=2, num_stages=1, PREFETCH=True)
+    block_k = min(1024, triton.next_power_of_2(K))
+    return dict(BLOCK_N=8 if N >= 3072 else 4, BLOCK_K=block_k, num_warps=2 if K <= 1024 else 4, num_stages=1,
+                PREFETCH=K > block_k)
+
+
+def supports(M: int, N: int, K: int, dtype: torch.dtype) -> bool:
+    """Shapes the kernel takes: one row of bf16/fp16, W rows 16-byte aligned (the bulk prefetch), and a weight of at
+    most MAX_WEIGHT_BYTES, where it measured faster than cuBLAS."""
+    return M == 1 and dtype in DTYPES and K % 8 == 0 and 1 <= N * K * 2 <= MAX_WEIGHT_BYTES
+
+
+def gemv(
+    x: torch.Tensor,  # [1, K], unit stride on K
+    weight: torch.Tensor,  # [N, K] contiguous, or [2N, K] with silu_mul
+    *,
+    residual: torch.Tensor | None = None,  # [1, K]: normalise x + residual (needs norm_weight)
+    norm_weight: torch.Tensor | None = None,  # [K]: RMSNorm of the input, before the product
+    eps: float = 1e-6,
+    silu_mul: bool = False,
+    config_override: dict | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Returns (y, new residual). y: [1, N] x W^T, or silu(x Wg^T) * (x Wu^T) with silu_mul, where x is
+    RMSNorm(x + residual) * norm_weight when norm_weight is given. The new residual is x + residual (a new tensor)
+    when residual is given, else None."""
+    assert x.dim() == 2 and weight.dim() == 2 and weight.is_contiguous() and x.stride(1) == 1
+    M, K = x.shape
+    N = weight.shape[0] // 2 if silu_mul else weight.shape[0]
+    assert weight.shape[1] == K and x.dtype == weight.dtype and supports(M, N, K, x.dtype), (x.shape, weight.shape)
+    assert residual is None or (norm_weight is not None and residual.shape == x.shape and residual.is_contiguous())
+    out = torch.empty((1, N), dtype=x.dtype, device=x.device)
+    res_out = torch.empty_like(residual) if residual is not None else None
+    cfg = config(N, K, silu_mul) | (config_override or {})
+    use_pdl = pdl.use(x)  # and the L2 bulk prefetch: both sm90+
+    _gemv_kernel[(triton.cdiv(N, cfg["BLOCK_N"]),)](
+        x, residual if residual is not None else x, norm_weight if norm_weight is not None else x,
+        res_out if res_out is not None else out, weight, out, N, K, eps,
+        NORM=norm_weight is not None, ADD=residual is not None, SILU_MUL=silu_mul, PDL=use_pdl,
+        PREFETCH=cfg["PREFETCH"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], NUM_THREADS=32 * cfg["num_warps"],
+        ELEM_BYTES=x.element_size(), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], launch_pdl=use_pdl)
+    return out, res_out
