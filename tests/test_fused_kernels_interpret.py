@@ -119,3 +119,12 @@ def test_gemv_matches_unfused_ops(N, K, fusion):
     else:
         # the bf16 sum (the interpreter rounds fp32 -> bf16 toward zero, the GPU to nearest: one ulp apart)
         torch.testing.assert_close(res_out.float(), ref_res.float(), atol=0, rtol=2 ** -7)
+
+
+def test_gemv_takes_one_row_of_small_half_precision_weights():
+    assert gemv.supports(1, 4096, 1024, torch.bfloat16) and gemv.supports(1, 6144, 1024, torch.float16)
+    assert not gemv.supports(2, 4096, 1024, torch.bfloat16)  # batches of more rows stay on cuBLAS
+    assert not gemv.supports(1, 4096, 1024, torch.float32)
+    assert not gemv.supports(1, 4096, 1020, torch.bfloat16)  # rows not 16-byte aligned
+    assert not gemv.supports(1, 6144, 4096, torch.bfloat16)  # qwen3-8b's QKV: 48 MiB, cuBLAS measured faster
+    assert not gemv.supports(1, 4096, 2048, torch.bfloat16)  # its o_proj at tp=2: 16 MiB, not measured with it

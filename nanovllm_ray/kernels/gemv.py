@@ -35,9 +35,9 @@ import triton.language as tl
 from nanovllm_ray.kernels import pdl
 
 DTYPES = (torch.bfloat16, torch.float16)
-# Weights above this stay on cuBLAS, which streams them near bandwidth: with qwen3-8b's (33-200 MB; 16-100 MB a rank
-# at tp=2) batch-1 TPOT went from 4.88 to 5.97 ms at tp=1 and 3.42 to 3.67 ms at tp=2 (2 x H200, 2026-11-30).
-# qwen3-0.6b's are 4-12 MB.
+# Weights of this size and above stay on cuBLAS, which streams them near bandwidth: with qwen3-8b's (33-200 MB;
+# 16-100 MB a rank at tp=2) batch-1 TPOT went from 4.88 to 5.97 ms at tp=1 and 3.42 to 3.67 ms at tp=2 (2 x H200,
+# 2026-11-30). qwen3-0.6b's are 4-12 MB.
 MAX_WEIGHT_BYTES = 16 * 2**20
 
 
@@ -156,10 +156,10 @@ def config(N: int, K: int, silu_mul: bool = False) -> dict:
                 PREFETCH=K > block_k)
 
 
-def supports(M: int, N: int, K: int, dtype: torch.dtype) -> bool:
-    """Shapes the kernel takes: one row of bf16/fp16, W rows 16-byte aligned (the bulk prefetch), and a weight of at
-    most MAX_WEIGHT_BYTES, where it measured faster than cuBLAS."""
-    return M == 1 and dtype in DTYPES and K % 8 == 0 and 1 <= N * K * 2 <= MAX_WEIGHT_BYTES
+def supports(M: int, rows: int, K: int, dtype: torch.dtype) -> bool:
+    """Shapes the kernel takes: x one row of bf16/fp16, W [rows, K] with 16-byte aligned rows (the bulk prefetch) and
+    under MAX_WEIGHT_BYTES, where it measured faster than cuBLAS."""
+    return M == 1 and dtype in DTYPES and K % 8 == 0 and 1 <= rows * K * 2 < MAX_WEIGHT_BYTES
 
 
 def gemv(
@@ -178,7 +178,8 @@ def gemv(
     assert x.dim() == 2 and weight.dim() == 2 and weight.is_contiguous() and x.stride(1) == 1
     M, K = x.shape
     N = weight.shape[0] // 2 if silu_mul else weight.shape[0]
-    assert weight.shape[1] == K and x.dtype == weight.dtype and supports(M, N, K, x.dtype), (x.shape, weight.shape)
+    assert weight.shape[1] == K and x.dtype == weight.dtype and supports(M, weight.shape[0], K, x.dtype), (
+        x.shape, weight.shape)
     assert residual is None or (norm_weight is not None and residual.shape == x.shape and residual.is_contiguous())
     out = torch.empty((1, N), dtype=x.dtype, device=x.device)
     res_out = torch.empty_like(residual) if residual is not None else None

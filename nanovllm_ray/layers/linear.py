@@ -14,7 +14,7 @@ from nanovllm_ray.layers.parallel import all_reduce, divide, tp_rank, tp_size
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear; on CUDA the decode GEMV for a small batch (ops.gemv), or the skinny Triton GEMM for the decode-sized
     shapes where it measured faster than cuBLAS (ops.skinny_gemm)."""
-    if _gemv_fits(x, weight, bias, weight.shape[0]):
+    if _gemv_fits(x, weight, bias):
         return ops.gemv.gemv(x, weight)[0]
     skinny = ops.skinny_gemm
     if (skinny is not None and x.is_cuda and x.dim() == 2
@@ -28,7 +28,7 @@ def norm_linear(x: torch.Tensor, residual: torch.Tensor | None, norm: RMSNorm, p
     """proj(norm(x + residual)), then SiLU-and-mul if silu_mul (gate_up_proj); returns it and the new residual
     (x itself where residual is None: the embeddings). x is the previous row-parallel layer's output, summed over
     the ranks by the norm (RMSNorm reduce=True). At tp 1 a small CUDA batch is one kernel (kernels/gemv.py)."""
-    if tp_size() == 1 and _gemv_fits(x, proj.weight, proj.bias, proj.weight.shape[0] // (2 if silu_mul else 1)):
+    if tp_size() == 1 and _gemv_fits(x, proj.weight, proj.bias):
         y, new_residual = ops.gemv.gemv(x, proj.weight, residual=residual, norm_weight=norm.weight, eps=norm.eps,
                                         silu_mul=silu_mul)
         return y, x if residual is None else new_residual
@@ -40,10 +40,10 @@ def norm_linear(x: torch.Tensor, residual: torch.Tensor | None, norm: RMSNorm, p
     return (ops.silu_and_mul(y) if silu_mul else y), residual
 
 
-def _gemv_fits(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, n: int) -> bool:
+def _gemv_fits(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
     gemv = ops.gemv
     return (gemv is not None and bias is None and x.is_cuda and x.dim() == 2 and x.stride(1) == 1
-            and gemv.supports(x.shape[0], n, x.shape[1], x.dtype))
+            and gemv.supports(x.shape[0], weight.shape[0], x.shape[1], x.dtype))
 
 
 class LinearBase(nn.Module):
