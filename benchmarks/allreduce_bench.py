@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import device_name, print_table, save_figure, write_result
+from benchmarks.common import device_name, print_table, save_figure, time_cuda_graph, write_result
 
 METHODS = ("nccl", "one_shot", "two_shot")
 
@@ -37,27 +37,11 @@ def sizes(lo: int, hi: int) -> list[int]:
 
 
 def _time_graph(fn, calls: int, iters: int) -> float:
-    """Microseconds per call of fn, `calls` of them captured in one CUDA graph, replayed `iters` times."""
+    """Microseconds per call of fn, `calls` of them captured in one CUDA graph, replayed `iters` times; the first call
+    (outside the graph) also sets up NCCL's communicator, and the ranks meet at a barrier before the timing."""
     import torch.distributed as dist
 
-    fn()  # warm-up outside the graph (NCCL's communicator, the op's first launch)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(calls):
-            fn()
-    graph.replay()  # warm-up replay
-    torch.cuda.synchronize()
-    dist.barrier()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(iters):
-        graph.replay()
-    end.record()
-    end.synchronize()
-    del graph
-    return start.elapsed_time(end) * 1e3 / (iters * calls)
+    return time_cuda_graph(fn, calls, iters, before_timing=dist.barrier)
 
 
 def _rank(rank: int, world: int, port: int, args: argparse.Namespace, out_path: str) -> None:

@@ -126,3 +126,27 @@ def print_table(rows: list[dict]) -> None:
 
 def _fmt(v) -> str:
     return f"{v:,.3f}" if isinstance(v, float) else f"{v:,}" if isinstance(v, int) else str(v)
+
+
+def time_cuda_graph(fn, calls: int = 1, iters: int = 20, before_timing=None) -> float:
+    """Microseconds per call of fn: a warm-up call, then `calls` of them captured in one CUDA graph, replayed once
+    to warm up and `iters` times timed. before_timing (e.g. a barrier of the ranks) runs just before the timed part."""
+    fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    if before_timing is not None:
+        before_timing()
+        torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(iters):
+        graph.replay()
+    end.record()
+    end.synchronize()
+    del graph
+    return start.elapsed_time(end) * 1e3 / (iters * calls)

@@ -24,7 +24,7 @@ import itertools
 
 import torch
 
-from benchmarks.common import device_name, measure_bandwidth, print_table, write_result
+from benchmarks.common import device_name, measure_bandwidth, print_table, time_cuda_graph, write_result
 
 SHAPES = {"0.6b": (1024, 2048, 3072), "8b": (4096, 4096, 12288)}  # hidden, q heads x head_dim, intermediate
 SWEEP = [dict(BLOCK_N=n, BLOCK_K=k, num_warps=w, num_stages=1, PREFETCH=p)
@@ -95,25 +95,7 @@ def sweep(layers: list[dict], hidden: int, dtype: torch.dtype, gemv, linear, ban
 
 def per_call_us(fn, x: torch.Tensor, weights: list[torch.Tensor]) -> float:
     """Microseconds per fn(x, w), launched over every weight in turn from one CUDA graph."""
-    return time_graph(lambda: [fn(x, w) for w in weights]) * 1e3 / len(weights)
-
-
-def time_graph(fn, reps: int = 20) -> float:
-    """Milliseconds per replay of fn captured in a CUDA graph."""
-    fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    graph.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(reps):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / reps
+    return time_cuda_graph(lambda: [fn(x, w) for w in weights]) / len(weights)
 
 
 def main() -> None:
@@ -146,13 +128,13 @@ def main() -> None:
             h, r = layer_fn(h, r, p)
         return h
 
-    variants = {"unfused": lambda h, r, p: unfused_layer(h, r, p, ops, linear_mod.linear)}
-    for on in (False, True):
-        variants["gemv+pdl" if on else "gemv"] = (
-            lambda h, r, p, on=on: (pdl.enable(on), gemv_layer(h, r, p, gemv, None))[1])
+    variants = {"unfused": (lambda h, r, p: unfused_layer(h, r, p, ops, linear_mod.linear), False),
+                "gemv": (lambda h, r, p: gemv_layer(h, r, p, gemv, None), False),
+                "gemv+pdl": (lambda h, r, p: gemv_layer(h, r, p, gemv, None), True)}
     rows = []
-    for name, fn in variants.items():
-        us = time_graph(functools.partial(step, fn)) * 1e3 / args.layers
+    for name, (fn, on) in variants.items():
+        pdl.enable(on)  # read at each launch, so at capture
+        us = time_cuda_graph(functools.partial(step, fn)) / args.layers
         rows.append({"variant": name, "us_per_layer": us, "floor_us": floor_us, "of_floor": floor_us / us})
     pdl.enable(True)
     print_table(rows)

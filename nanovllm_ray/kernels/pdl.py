@@ -25,10 +25,6 @@ def enable(enabled: bool = True) -> None:
     _enabled = enabled
 
 
-def enabled() -> bool:
-    return _enabled
-
-
 @functools.cache
 def _supported(device_index: int) -> bool:
     return torch.cuda.get_device_capability(device_index)[0] >= 9
