@@ -21,6 +21,15 @@ def register(router, app: str, deployment: str) -> None:
     _routers[(app, deployment)] = weakref.ref(router)
 
 
+def avoid_replica(app: str, deployment: str, replica: str) -> None:
+    """For the ingress: this replica's engine core went away (its channel closed); route around it for a while.
+    A dict write on the router (safe from the ingress's thread, whichever loop the router runs on)."""
+    ref = _routers.get((app, deployment))
+    router = ref() if ref is not None else None
+    if router is not None:
+        router.avoid(replica)
+
+
 async def pick_replica(app: str, deployment: str, request_id: str, token_ids: list[int], known: set[str]
                        ) -> str | None:
     """For the ingress: the replica (of those in `known`) to add this request on itself now, or None for the

@@ -22,7 +22,7 @@ from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
-from deployments.fast_path import pick_replica
+from deployments.fast_path import avoid_replica, pick_replica
 from nanovllm_ray import stages
 from nanovllm_ray.config import Config
 from nanovllm_ray.engine.async_engine import ERROR, REFUSED, EngineDeadError, RequestFailedError
@@ -52,7 +52,9 @@ from nanovllm_ray.serving.request_processor import Choice, RequestProcessor
 
 logger = logging.getLogger("ray.serve")
 
-START_ATTEMPTS = 2  # a choice whose replica dies before its response starts is sent once more
+# A choice whose replica dies before its response starts is sent again, twice at most: a replica killed a moment ago
+# may still be routed to once (it answers "unavailable" until Ray learns that it died; the routers then avoid it).
+START_ATTEMPTS = 3
 HEALTH_ATTEMPTS = 2  # /health answers within HEALTH_ATTEMPTS x HEALTH_TIMEOUT_S (a Kubernetes probe's timeout)
 HEALTH_TIMEOUT_S = 1.0
 
@@ -73,14 +75,18 @@ class _Run:
     one message per engine step for all of this ingress's requests there); its LLMServer call streams only
     where to read and any error, and stays open while the request runs. Cancelling the call (a client gone
     away, a stop string found here) aborts the request on the engine. A choice whose replica or engine dies
-    before the response has started is sent again (Serve routes it to a live replica): the client never knew."""
+    before the response has started is sent again (Serve routes it to a live replica): the client never knew. For a
+    stream that is before its first event; a response sent whole (resend_late) starts only when every choice has
+    finished, so its choices are sent again, from the start, whenever their replica dies."""
 
-    def __init__(self, ingress: "OpenAIIngress", request_id: str, choices: list[Choice], tokenizer) -> None:
+    def __init__(self, ingress: "OpenAIIngress", request_id: str, choices: list[Choice], tokenizer,
+                 resend_late: bool = False) -> None:
         self.request_id = request_id
         self.created = int(time.time())
         self.choices = choices
-        self.states = [RequestState(f"{request_id}-{c.index}", c.params, tokenizer, len(c.prompt_token_ids))
-                       for c in choices]
+        self._tokenizer = tokenizer
+        self.states = [self._state(f"{request_id}-{c.index}", c) for c in choices]
+        self._resend_late = resend_late
         self.cores: list[str | None] = [None] * len(choices)  # the engine core each choice runs on
         self._rids = [s.request_id for s in self.states]  # each choice's engine request id (a new one per attempt)
         self._attempts = [0] * len(choices)
@@ -91,6 +97,24 @@ class _Run:
         self._gens: list = [None] * len(choices)
         self._pending: list[tuple[int, Any]] = []  # what arrived before the response started
         self._live = set(range(len(choices)))
+
+    def _state(self, request_id: str, c: Choice) -> RequestState:
+        return RequestState(request_id, c.params, self._tokenizer, len(c.prompt_token_ids))
+
+    def _resend(self, i: int, error: BaseException) -> bool:
+        """Send choice i again, from its start, if its replica or engine was lost and it has attempts left."""
+        if not (_replica_lost(error) and self._attempts[i] < START_ATTEMPTS - 1):
+            return False
+        rid = self._rids[i]
+        logger.warning("request %s: %s; sending it again", rid, type(error).__name__)
+        self._cancel(i)
+        self._ingress.routes.pop(rid, None)
+        self._attempts[i] += 1
+        self._rids[i] = f"{self.states[i].request_id}-r{self._attempts[i]}"
+        self.states[i] = self._state(self.states[i].request_id, self.choices[i])
+        self.cores[i] = None
+        self._send(i)
+        return True
 
     def _send(self, i: int, pin: str | None = None) -> None:
         """Call the LLMServer for choice i; pin: the replica whose engine core has its add already (fast path)."""
@@ -123,14 +147,7 @@ class _Run:
                 if rid != self._rids[i]:
                     continue  # from an attempt given up
                 if isinstance(item, BaseException):
-                    if _replica_lost(item) and self._attempts[i] < START_ATTEMPTS - 1:
-                        logger.warning("request %s: %s; sending it again", rid, type(item).__name__)
-                        self._cancel(i)
-                        self._ingress.routes.pop(rid, None)
-                        self._attempts[i] += 1
-                        self._rids[i] = f"{self.states[i].request_id}-r{self._attempts[i]}"
-                        self.cores[i] = None
-                        self._send(i)
+                    if self._resend(i, item):
                         continue
                     raise _as_openai_error(item)
                 started.add(i)
@@ -175,6 +192,8 @@ class _Run:
                 if i not in self._live:
                     continue  # after a stop string: dropped
                 if isinstance(item, BaseException):
+                    if self._resend_late and self._resend(i, item):
+                        continue
                     raise _as_openai_error(item)
                 if item.finish_reason == ERROR:  # the engine could not run this choice
                     raise _as_openai_error(RequestFailedError(item.error))
@@ -351,6 +370,7 @@ class OpenAIIngress:
         self._readers.pop(core_id, None)
         for replica in [r for r, core in self.cores_by_replica.items() if core.core_id == core_id]:
             del self.cores_by_replica[replica]
+            avoid_replica(self.llm.app_name, self.llm.deployment_name, replica)  # the retries go elsewhere
 
     # ---- endpoints -----------------------------------------------------------------------------------------
 
@@ -402,7 +422,8 @@ class OpenAIIngress:
         arrival = time.monotonic()
         self._authorize(request)
         req = await self._parse(request, model)
-        run = _Run(self, f"{id_prefix}-{uuid.uuid4().hex}", make_choices(req), self.processor.tokenizer)
+        run = _Run(self, f"{id_prefix}-{uuid.uuid4().hex}", make_choices(req), self.processor.tokenizer,
+                   resend_late=not req.stream)
         if stages.ENABLED:
             for rid in run._rids:
                 stages.stamp("ingress_in", rid, arrival)

@@ -59,13 +59,37 @@ def least_loaded_request_router_config() -> RequestRouterConfig:
     return RequestRouterConfig(request_router_class=LEAST_LOADED_ROUTER_CLASS, request_routing_stats_period_s=2.0)
 
 
+# A replica whose call failed as unavailable, or whose engine core's channel closed on the ingress, is left out of
+# routing this long (unless no other is left): a replica killed a moment ago answers ActorUnavailableError, not
+# ActorDiedError, until Ray learns that it died, and Serve then only drops its cached queue length, so a retry would
+# be routed straight back to it (to the prefix it holds).
+UNAVAILABLE_AVOID_S = 5.0
+
+
 class _FastPath:
-    """What both routers share: pins, picks, and a replica's load."""
+    """What both routers share: pins, picks, a replica's load, and the replicas to avoid for a while."""
 
     def _init_fast_path(self) -> None:
         self._picks: dict[str, tuple[str, float]] = {}  # engine request id -> (replica, when picked), oldest first
         self._pick_counts: Counter[str] = Counter()  # replica -> its picks not yet routed
+        self._unavailable: dict[str, float] = {}  # replica -> when a call to it failed as unavailable
         fast_path.register(self, self._deployment_id.app_name, self._deployment_id.name)
+
+    def on_replica_actor_unavailable(self, replica_id: ReplicaID) -> None:
+        super().on_replica_actor_unavailable(replica_id)
+        self.avoid(replica_id.unique_id)
+
+    def avoid(self, uid: str) -> None:
+        self._unavailable[uid] = time.monotonic()
+
+    def _available(self, replicas: list[RunningReplica]) -> list[RunningReplica]:
+        """replicas without those unavailable in the last UNAVAILABLE_AVOID_S; all of them if none would be left."""
+        now = time.monotonic()
+        for uid in [u for u, t in self._unavailable.items() if now - t > UNAVAILABLE_AVOID_S]:
+            del self._unavailable[uid]
+        if not self._unavailable:
+            return replicas
+        return [r for r in replicas if r.replica_id.unique_id not in self._unavailable] or replicas
 
     def _pinned(self, candidates: list[RunningReplica], pr: PendingRequest | None) -> list[list[RunningReplica]] | None:
         """A pinned call's only replica; [] while it is not among the candidates (it is waited for: if it died,
@@ -105,7 +129,7 @@ class _FastPath:
 
     def pick(self, request_id: str, token_ids: list[int], known: set[str]) -> str | None:
         """On the router's loop: the replica this request goes to now if it has room, among `known`."""
-        by_id = {r.replica_id.unique_id: r for r in self._replicas.values()}
+        by_id = {r.replica_id.unique_id: r for r in self._available(list(self._replicas.values()))}
         if not by_id:
             return None
         uid = self._best(token_ids, by_id)
@@ -163,7 +187,8 @@ class LeastLoadedRequestRouter(_FastPath, LocalityMixin, RequestRouter):
         pinned = self._pinned(candidate_replicas, pending_request)
         if pinned is not None:
             return pinned
-        ids = list(self.apply_locality_routing(pending_request) or ()) or [r.replica_id for r in candidate_replicas]
+        candidates = {r.replica_id for r in self._available(candidate_replicas)}
+        ids = [i for i in self.apply_locality_routing(pending_request) or () if i in candidates] or list(candidates)
         return [[self._replicas[i] for i in random.sample(ids, min(2, len(ids))) if i in self._replicas]]
 
     def _best(self, token_ids: list[int], by_id: dict[str, RunningReplica]) -> str | None:
@@ -221,7 +246,7 @@ class PrefixAwareRequestRouter(_FastPath, RequestRouter):
         pinned = self._pinned(candidate_replicas, pending_request)
         if pinned is not None:  # decided by pick() (on_request_routed still expects its blocks there)
             return pinned
-        by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
+        by_id = {r.replica_id.unique_id: r for r in self._available(candidate_replicas)}
         decision = self._decide(hashes, by_id)
         # Counted now, until Serve sends it (then it is in Serve's queue lengths): under a burst many decisions
         # come before the first send, and each must see the ones before it, else all go to one replica.

@@ -147,3 +147,70 @@ def test_the_ingress_answers_an_error_for_a_refusal_or_failure_from_the_core():
     (_, _, a), (_, _, b) = run._queue.get_nowait(), run._queue.get_nowait()
     assert (_as_openai_error(a).status, _as_openai_error(b).status) == (400, 500)
     assert "max_model_len is 256" in str(a)
+
+
+def test_a_whole_response_is_sent_again_when_its_engine_dies_after_the_first_tokens():
+    """A response sent whole starts only when its choices finish: a choice whose engine core dies after its first
+    tokens is sent again from the start (elsewhere), and the response holds only the new attempt's tokens. A
+    stream, whose first event has gone to the client, gets the error."""
+    from types import SimpleNamespace
+
+    from deployments.ingress import START_ATTEMPTS, _Run
+    from nanovllm_ray import SamplingParams
+    from nanovllm_ray.engine.async_engine import EngineDeadError
+    from nanovllm_ray.serving.openai_protocol import OpenAIError
+    from nanovllm_ray.serving.request_processor import Choice
+
+    class Call:  # an LLMServer call that streams nothing itself (the tokens come on the core's channel)
+        def __init__(self):
+            self.cancelled = False
+
+        def __aiter__(self):
+            return self
+
+        async def __anext__(self):
+            await asyncio.Event().wait()
+
+        def cancel(self):
+            self.cancelled = True
+
+    async def scenario(resend_late: bool) -> tuple[_Run, list]:
+        calls = []
+        ingress = SimpleNamespace(routes={}, cores_by_replica={}, conns={}, subscriber="s",
+                                  llm=SimpleNamespace(generate=SimpleNamespace(
+                                      remote=lambda *a, **k: calls.append(Call()) or calls[-1])))
+
+        async def no_pick(*_):
+            return None
+
+        ingress.pick = no_pick
+        params = SamplingParams(max_tokens=3, detokenize=False)
+        run = _Run(ingress, "cmpl-x", [Choice(0, 0, [1, 2, 3], params)], None, resend_late=resend_late)
+        run.deliver(0, run._rids[0], RequestOutput(run._rids[0], [7], num_prompt_tokens=3, num_generated_tokens=1))
+        await run.start()
+        first = run._rids[0]
+        run.deliver(0, first, EngineDeadError("the engine core is gone"))
+        events = run.events()
+        if not resend_late:
+            with pytest.raises(OpenAIError):
+                async for _ in events:
+                    pass
+            return run, calls
+        consumer = asyncio.ensure_future(run.drain())
+
+        async def resent():
+            while run._rids[0] == first:
+                await asyncio.sleep(0.001)
+
+        await asyncio.wait_for(resent(), 5)
+        run.deliver(0, first, RequestOutput(first, [8], num_generated_tokens=2))  # late, from the lost attempt
+        run.deliver(0, run._rids[0], RequestOutput(run._rids[0], [5, 6, 4], "length", num_prompt_tokens=3,
+                                                   num_generated_tokens=3))
+        await asyncio.wait_for(consumer, 5)
+        return run, calls
+
+    run, calls = asyncio.run(scenario(resend_late=True))
+    assert len(calls) == 2 and calls[0].cancelled and START_ATTEMPTS >= 2
+    assert run.states[0].token_ids == [5, 6, 4] and run.states[0].finished
+    run, calls = asyncio.run(scenario(resend_late=False))
+    assert len(calls) == 1

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import random
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
 import openai
@@ -178,7 +179,6 @@ def test_hot_prefix_spreads_when_out_of_balance(client, router):
 
 def test_fast_path_picks_count_until_routed_or_stale():
     """A pick counts toward its replica's load until its call is routed, or for PICK_TTL_S at most."""
-    from collections import Counter
     from types import SimpleNamespace
 
     from deployments import fast_path
@@ -192,6 +192,45 @@ def test_fast_path_picks_count_until_routed_or_stale():
     assert (router._picked("r1", now), router._picked("r2", now)) == (1, 1)  # "old" went stale
     router._routed_pick(SimpleNamespace(kwargs={fast_path.PIN: "r1"}, args=([1], None, "a")))
     assert router._picked("r1", now) == 0 and list(router._picks) == ["b"]
+
+
+def test_a_replica_that_failed_as_unavailable_is_avoided_for_a_while(monkeypatch):
+    """A replica killed a moment ago answers ActorUnavailableError until Ray learns that it died: both routers leave
+    it out (picks and routing) for UNAVAILABLE_AVOID_S, unless it is the only one; so do they a replica whose engine
+    core's channel closed on the ingress."""
+    from types import SimpleNamespace
+
+    from deployments import fast_path, request_router
+    from deployments.request_router import _FastPath
+
+    class Serve:  # what Serve's RequestRouter does on the hook: drops the cached queue length
+        def on_replica_actor_unavailable(self, replica_id):
+            self.invalidated = replica_id
+
+    class Router(_FastPath, Serve):
+        _use_replica_queue_len_cache = False
+
+        def _best(self, token_ids, by_id):
+            return min(by_id)
+
+    def replica(uid):
+        return SimpleNamespace(replica_id=SimpleNamespace(unique_id=uid), routing_stats={}, max_ongoing_requests=8)
+
+    router = Router()
+    router._picks, router._pick_counts, router._unavailable = {}, Counter(), {}
+    a, b = replica("a"), replica("b")
+    router._replicas = {"a": a, "b": b}
+    assert router.pick("r0", [1], {"a", "b"}) == "a"
+    router.on_replica_actor_unavailable(a.replica_id)
+    assert router.invalidated is a.replica_id
+    assert router._available([a, b]) == [b] and router.pick("r1", [1], {"a", "b"}) == "b"
+    assert router._available([a]) == [a]  # the only one left: still tried
+    now = time.monotonic()
+    monkeypatch.setattr(request_router.time, "monotonic", lambda: now + request_router.UNAVAILABLE_AVOID_S + 1)
+    assert router._available([a, b]) == [a, b] and not router._unavailable
+    fast_path.register(router, "app-u", "LLMServer")
+    fast_path.avoid_replica("app-u", "LLMServer", "b")  # the ingress: b's engine core closed its channel
+    assert router._available([a, b]) == [a]
 
 
 def test_a_request_of_several_choices_completes(client):
