@@ -25,6 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
+from nanovllm_ray.kernels import pdl
+
 NPROG = 32  # programs at most; rows beyond go round-robin
 
 
@@ -46,13 +48,17 @@ def _allreduce_add_rms_norm_kernel(
     BLOCK_H: tl.constexpr,
     W: tl.constexpr,
     NUM_PROGRAMS: tl.constexpr,
+    PDL: tl.constexpr,  # launched as a programmatic dependent (kernels/pdl.py)
 ):
     pid = tl.program_id(0)
-    epoch = tl.load(epoch_ptr + pid) + 1
-    half = (epoch & 1).to(tl.int64) * half_elems
     cols = tl.arange(0, BLOCK_H)
     cmask = cols < H
     dtype = x_ptr.dtype.element_ty
+    w = tl.load(weight_ptr + cols, mask=cmask, other=0.0).to(tl.float32)  # before the wait: no kernel writes it
+    if PDL:
+        pdl.wait()  # then the epoch too: the call before, if it ran just before, stores it at its end
+    epoch = tl.load(epoch_ptr + pid) + 1
+    half = (epoch & 1).to(tl.int64) * half_elems
     mine = tl.load(buf_ptrs_ptr + rank).to(tl.pointer_type(dtype)) + half
 
     # 1. this rank's partial rows into its buffer
@@ -75,7 +81,6 @@ def _allreduce_add_rms_norm_kernel(
     tl.debug_barrier()
 
     # 3. sum in rank order, add the residual, normalise
-    w = tl.load(weight_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
     for row in range(pid, n_rows, NUM_PROGRAMS):
         offs = row.to(tl.int64) * H + cols
         acc = tl.zeros([BLOCK_H], dtype=tl.float32)
@@ -125,8 +130,9 @@ class AllReduceAddRMSNorm:
             return out, res_out
         programs = min(n, NPROG)
         block_h = triton.next_power_of_2(self.hidden)
+        use_pdl = pdl.use(x)
         _allreduce_add_rms_norm_kernel[(programs,)](
             x, residual, weight, out, res_out, self.buf_ptrs, self.flag_ptrs, self.epochs, n, self.half_elems,
-            self.rank, eps, H=self.hidden, BLOCK_H=block_h, W=self.world_size, NUM_PROGRAMS=NPROG,
-            num_warps=4 if block_h <= 1024 else 8)
+            self.rank, eps, H=self.hidden, BLOCK_H=block_h, W=self.world_size, NUM_PROGRAMS=NPROG, PDL=use_pdl,
+            launch_pdl=use_pdl, num_warps=4 if block_h <= 1024 else 8)
         return out, res_out
