@@ -4,8 +4,8 @@ Each variant runs the projections of `--layers` layers (own weights, more bytes 
 CUDA graph, as a decode step does, and reports microseconds per layer beside the floor (a layer's weight bytes at
 the measured copy bandwidth):
 
-- unfused: torch.compile'd add + RMSNorm, cuBLAS or the skinny GEMM (layers/linear.py's choice), compiled
-  SiLU-and-mul: the engine's path before the fused GEMV;
+- unfused: the Triton add + RMSNorm (kernels/elementwise.py), cuBLAS or the skinny GEMM (layers/linear.py's
+  choice), the Triton SiLU-and-mul: the engine's path for batches the fused GEMV does not take;
 - gemv: the fused kernel, plain launches;
 - gemv+pdl: the fused kernel as programmatic dependents (Hopper+), each prefetching its weights into L2 while the
   kernel before it finishes.
@@ -110,8 +110,7 @@ def main() -> None:
     from nanovllm_ray.layers import linear as linear_mod
     from nanovllm_ray.layers import ops
 
-    ops.enable_compiled_ops()
-    ops.enable_triton_ops(True, fused_gemv=False)  # the unfused path's choice of cuBLAS or skinny GEMM
+    ops.enable_triton_ops(True, fused_gemv=False)  # the unfused path: element-wise kernels, cuBLAS or skinny GEMM
     assert ops.skinny_gemm is skinny_gemm
     hidden, q, inter = SHAPES[args.shape]
     dtype = torch.bfloat16

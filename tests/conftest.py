@@ -38,6 +38,14 @@ def assert_no_leak(engine) -> None:
     assert all(b.ref_count == 0 for b in bm.blocks)
 
 
+# How far below transformers' own bf16 agreement with fp32 ours may fall over all positions, near-ties included. On one
+# H200 (2026-11-30, tests/gpu/test_engine_gpu.py's streams, 721 positions, transformers bf16 at 0.958) implementations
+# that differ in rounding only spread from 0.939 to 0.962: all-plain torch ops eagerly 0.948, the same with the Triton
+# element-wise kernels 0.960, with torch.compile'd ones 0.957, the CUDA-graph path 0.939; 1.000 on the decisive
+# positions every time. The decisive positions are the sharp check; this one catches a wholesale drift.
+NEAR_TIE_SLACK = 0.03
+
+
 def decisive(truth: torch.Tensor, margin: float = 0.02) -> torch.Tensor:
     """Positions whose top-two logits are further apart than bf16 noise (margin x the largest |logit|). Random weights
     leave many near-ties elsewhere, where any two bf16 implementations may pick different tokens."""

@@ -1,6 +1,7 @@
-"""The Triton sampler (kernels/sampling.py), the fused q/k norm + rotary + KV store (kernels/qk_norm_rope.py) and
-the decode GEMV with its fused norm and SiLU-and-mul (kernels/gemv.py)
-through Triton's interpreter on the CPU, against the PyTorch ops they replace.
+"""The Triton sampler (kernels/sampling.py), the fused q/k norm + rotary + KV store (kernels/qk_norm_rope.py), the
+decode GEMV with its fused norm and SiLU-and-mul (kernels/gemv.py) and the element-wise kernels (kernels/elementwise.py:
+RMSNorm with and without the residual add, SiLU-and-mul, the merge of pending tokens) through Triton's interpreter on
+the CPU, against the PyTorch ops they replace.
 
     TRITON_INTERPRET=1 .venv/bin/python -m pytest tests/test_fused_kernels_interpret.py -q
 
@@ -11,7 +12,7 @@ import pytest
 import torch
 from test_kernels_interpret import _patch_interpreter  # noqa: F401  (sets up or skips the interpreter)
 
-from nanovllm_ray.kernels import gemv, qk_norm_rope, sampling  # noqa: E402
+from nanovllm_ray.kernels import elementwise, gemv, qk_norm_rope, sampling  # noqa: E402
 from nanovllm_ray.layers import ops  # noqa: E402
 from nanovllm_ray.layers.attention.torch_ref import store_kvcache_ref  # noqa: E402
 from nanovllm_ray.layers.rotary import RotaryEmbedding  # noqa: E402
@@ -128,3 +129,99 @@ def test_gemv_takes_one_row_of_small_half_precision_weights():
     assert not gemv.supports(1, 4096, 1020, torch.bfloat16)  # rows not 16-byte aligned
     assert not gemv.supports(1, 6144, 4096, torch.bfloat16)  # qwen3-8b's QKV: 48 MiB, cuBLAS measured faster
     assert not gemv.supports(1, 4096, 2048, torch.bfloat16)  # its o_proj at tp=2: 16 MiB, not measured with it
+
+
+# The element-wise kernels (kernels/elementwise.py) against the plain ops. fp32 matches up to the order of the sum of
+# squares; bf16 differs where the interpreter rounds fp32 -> bf16 toward zero (the GPU rounds to nearest): up to one
+# ulp a rounding, three roundings in the norm's chain (measured up to 2.8 ulps), two in SiLU-and-mul's (2.0).
+BF16_ULP = 2**-7  # relative, at most
+
+
+def _rows_of(n, width, dtype, strided):
+    """[n, width] of dtype, contiguous or a view with a row stride past width (and an offset start)."""
+    if strided:
+        return torch.randn(n, width + 24).to(dtype)[:, 3:width + 3]
+    return torch.randn(n, width).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("hidden", [96, 1000, 1024])
+@pytest.mark.parametrize("n", [0, 1, 5])
+@pytest.mark.parametrize("add", [False, True])
+@pytest.mark.parametrize("strided", [False, True])
+def test_rms_norm_matches_plain_op(dtype, hidden, n, add, strided):
+    torch.manual_seed(0)
+    eps = 1e-6
+    x = _rows_of(n, hidden, dtype, strided)
+    weight = (1 + 0.1 * torch.randn(hidden)).to(dtype)
+    if add:
+        residual = torch.randn(n, hidden).to(dtype)
+        out, res_out = elementwise.add_rms_norm(x, residual, weight, eps)
+        ref, ref_res = ops._PLAIN["add_rms_norm"](x, residual, weight, eps)
+        assert res_out.shape == ref_res.shape and res_out.dtype == dtype
+        if dtype == torch.float32:
+            assert torch.equal(res_out, ref_res)
+        else:
+            torch.testing.assert_close(res_out, ref_res, atol=0, rtol=BF16_ULP)
+    else:
+        out, ref = elementwise.rms_norm(x, weight, eps), ops._PLAIN["rms_norm"](x, weight, eps)
+    assert out.shape == ref.shape == (n, hidden) and out.dtype == ref.dtype == dtype
+    tol = {"atol": 1e-6, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 1e-6, "rtol": 4 * BF16_ULP}
+    torch.testing.assert_close(out, ref, **tol)
+
+
+def test_rms_norm_of_heads_and_of_an_fp32_weight():
+    """qk_norm_rope's per-head norm: q [n, heads, d], a strided view of the QKV rows; and a weight of another dtype
+    than x (the product takes the wider one, as in PyTorch)."""
+    torch.manual_seed(0)
+    n, heads, d = 5, 6, 128
+    qkv = torch.randn(n, (heads + 4) * d)
+    q = qkv[:, :heads * d].view(n, heads, d)
+    weight = 1 + 0.1 * torch.randn(d)
+    torch.testing.assert_close(elementwise.rms_norm(q, weight, 1e-6), ops._PLAIN["rms_norm"](q, weight, 1e-6),
+                               atol=1e-6, rtol=1e-5)
+    x = torch.randn(3, 64).bfloat16()
+    out, ref = elementwise.rms_norm(x, weight[:64], 1e-6), ops._PLAIN["rms_norm"](x, weight[:64], 1e-6)
+    assert out.dtype == ref.dtype == torch.float32
+    torch.testing.assert_close(out, ref, atol=1e-6, rtol=BF16_ULP)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("inter", [96, 1000, 1536])  # 1536: two column blocks, the last one partial
+@pytest.mark.parametrize("n", [0, 1, 5])
+@pytest.mark.parametrize("strided", [False, True])
+def test_silu_and_mul_matches_plain_op(dtype, inter, n, strided):
+    torch.manual_seed(0)
+    x = 3 * _rows_of(n, 2 * inter, dtype, strided)
+    out, ref = elementwise.silu_and_mul(x), ops._PLAIN["silu_and_mul"](x)
+    assert out.shape == ref.shape == (n, inter) and out.dtype == dtype
+    tol = {"atol": 1e-6, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 1e-6, "rtol": 3 * BF16_ULP}
+    torch.testing.assert_close(out, ref, **tol)
+
+
+@pytest.mark.parametrize("n", [0, 1, 5, 300])  # 300: two programs
+@pytest.mark.parametrize("src_dtype", [torch.int64, torch.int32])
+def test_merge_pending_matches_plain_op(n, src_dtype):
+    torch.manual_seed(0)
+    input_ids = torch.randint(0, 1000, (n,))
+    tokens = torch.randint(1000, 2000, (max(n, 1) + 3,))
+    src = torch.randint(-1, tokens.shape[0], (n,), dtype=src_dtype)
+    src[::2] = -1
+    out, ref = elementwise.merge_pending(input_ids, src, tokens), ops._PLAIN["merge_pending"](input_ids, src, tokens)
+    assert out.dtype == ref.dtype and torch.equal(out, ref)
+
+
+def test_enable_triton_ops_swaps_the_elementwise_ops_and_back():
+    names = ("rms_norm", "add_rms_norm", "silu_and_mul", "merge_pending")
+    x, w = torch.randn(3, 64), torch.ones(64)
+    try:
+        ops.enable_triton_ops(True, fused_gemv=False, head_dim_supported=False)
+        assert all(getattr(ops, name) is not ops._PLAIN[name] for name in names)
+        assert ops.qk_norm_rope_store is None and ops.skinny_gemm is None and ops.gemv is None
+        assert torch.equal(ops.rms_norm(x, w, 1e-6), ops._PLAIN["rms_norm"](x, w, 1e-6))  # CPU tensors: plain
+        ops.enable_triton_ops(True)
+        assert ops.qk_norm_rope_store is not None and ops.skinny_gemm is not None and ops.gemv is not None
+    finally:
+        ops.enable_triton_ops(False)
+    assert all(getattr(ops, name) is ops._PLAIN[name] for name in names)
+    assert ops.qk_norm_rope_store is None and ops.skinny_gemm is None and ops.gemv is None

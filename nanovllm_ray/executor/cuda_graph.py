@@ -41,7 +41,7 @@ def graph_batch_sizes(max_num_seqs: int) -> list[int]:
 def capture_graphs(sizes: list[int], prepare: Callable[[int], AttentionMetadata],
                    forward: Callable[[int, AttentionMetadata], None]) -> dict[int, torch.cuda.CUDAGraph]:
     """A graph of forward(size, prepare(size)) for each size, largest first, all in one memory pool; each run once
-    eagerly first (Triton JIT, compiled ops)."""
+    eagerly first (Triton JIT compiles)."""
     graphs, pool = {}, None
     for size in reversed(sizes):
         meta = prepare(size)

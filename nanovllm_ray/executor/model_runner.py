@@ -67,12 +67,11 @@ class ModelRunner:
         self.head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
         self.num_kv_heads = max(1, cfg.get("num_key_value_heads", cfg["num_attention_heads"]) // self.world_size)
         self.vocab_size = cfg["vocab_size"]
-        if self.device.type == "cuda" and not config.enforce_eager:
-            ops.enable_compiled_ops()  # fuse the small element-wise ops (measured: most decode kernels)
-            if importlib.util.find_spec("triton") is not None:
-                # fused q/k norm + rotary + KV store; skinny GEMM where it measured faster (if they tile this head);
-                # the decode GEMV with its norm and activation
-                ops.enable_triton_ops(triton_supports_head_dim(self.head_dim), config.fused_gemv)
+        if self.device.type == "cuda" and not config.enforce_eager and importlib.util.find_spec("triton") is not None:
+            # the element-wise ops as Triton kernels (most decode kernels; no torch.compile, so no Inductor compile
+            # at start-up); fused q/k norm + rotary + KV store and skinny GEMM where it measured faster (if they tile
+            # this head); the decode GEMV with its norm and activation
+            ops.enable_triton_ops(True, config.fused_gemv, triton_supports_head_dim(self.head_dim))
         default_dtype = torch.get_default_dtype()
         torch.set_default_dtype(self.dtype)
         try:
@@ -185,8 +184,8 @@ class ModelRunner:
         return available // self.block_bytes
 
     def warmup(self) -> None:
-        """On CUDA, compile before serving what the profile pass and graph capture leave out, so that no Triton or
-        Inductor JIT compile (~0.5-2 s each) lands in a request's step: see warmup_steps(). Before any request."""
+        """On CUDA, compile before serving what the profile pass and graph capture leave out, so that no Triton
+        JIT compile (~0.5-2 s each) lands in a request's step: see warmup_steps(). Before any request."""
         if self.device.type != "cuda":
             return
         for step in self.warmup_steps():

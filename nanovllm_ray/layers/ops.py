@@ -1,6 +1,7 @@
-"""The small element-wise ops of a decoder layer, as plain functions. On CUDA the model runner swaps in
-torch.compile'd versions (enable_compiled_ops), which fuse each into one or two kernels: in a decode step of a
-small model these ops, not the matmuls, are most of the kernels launched."""
+"""The small element-wise ops of a decoder layer, as plain functions. On CUDA the model runner swaps in Triton
+kernels (enable_triton_ops: kernels/elementwise.py), one launch each: in a decode step of a small model these ops,
+not the matmuls, are most of the kernels launched. (torch.compile did that before: it brought Dynamo's and
+Inductor's imports, code generation and compile workers into every start.)"""
 
 from __future__ import annotations
 
@@ -50,8 +51,10 @@ def merge_pending(input_ids: torch.Tensor, src: torch.Tensor, tokens: torch.Tens
     return torch.where(src >= 0, tokens[src.clamp(min=0)], input_ids)
 
 
-_PLAIN = {name: globals()[name] for name in ("rms_norm", "add_rms_norm", "silu_and_mul", "qk_norm_rope",
-                                             "exponential_race", "merge_pending")}
+# The ops enable_triton_ops swaps for kernels/elementwise.py's; qk_norm_rope (the fallback attention path) calls
+# rms_norm through this module's globals, so it takes the kernel too. exponential_race (the sampler's filtered path,
+# outside the graphs) stays plain.
+_PLAIN = {name: globals()[name] for name in ("rms_norm", "add_rms_norm", "silu_and_mul", "merge_pending")}
 
 
 # Triton kernels that replace small ops on CUDA, set by enable_triton_ops():
@@ -60,18 +63,29 @@ skinny_gemm = None  # nanovllm_ray.kernels.skinny_gemm: decode-sized matmuls whe
 gemv = None  # nanovllm_ray.kernels.gemv: small decode batches, with the norm before and SiLU-and-mul after folded in
 
 
-def enable_triton_ops(enabled: bool = True, fused_gemv: bool = True) -> None:
+def _on_cuda(kernel, plain):
+    """kernel for CUDA tensors, plain for others: the swap is process-wide, and a CPU model may run after a CUDA one."""
+
+    def op(x, *args, **kwargs):
+        return kernel(x, *args, **kwargs) if x.is_cuda else plain(x, *args, **kwargs)
+
+    return op
+
+
+def enable_triton_ops(enabled: bool = True, fused_gemv: bool = True, head_dim_supported: bool = True) -> None:
+    """Swap the Triton kernels in (CUDA, with Triton) or back to the plain ops. The element-wise ops take them for
+    any shape; the fused q/k norm + rotary + KV store, the skinny GEMM and (fused_gemv) the decode GEMV only where
+    the attention kernels tile the model's head_dim (head_dim_supported)."""
     global qk_norm_rope_store, skinny_gemm, gemv
     fused = skinny = small = None
+    globals().update(_PLAIN)
     if enabled:
-        from nanovllm_ray.kernels import skinny_gemm as skinny
-        from nanovllm_ray.kernels.qk_norm_rope import qk_norm_rope_store as fused
-        if fused_gemv:
-            from nanovllm_ray.kernels import gemv as small
+        from nanovllm_ray.kernels import elementwise
+
+        globals().update({name: _on_cuda(getattr(elementwise, name), plain) for name, plain in _PLAIN.items()})
+        if head_dim_supported:
+            from nanovllm_ray.kernels import skinny_gemm as skinny
+            from nanovllm_ray.kernels.qk_norm_rope import qk_norm_rope_store as fused
+            if fused_gemv:
+                from nanovllm_ray.kernels import gemv as small
     qk_norm_rope_store, skinny_gemm, gemv = fused, skinny, small
-
-
-def enable_compiled_ops(enabled: bool = True) -> None:
-    """Swap this module's ops for torch.compile'd ones (dynamic in the token dimension) or back."""
-    for name, fn in _PLAIN.items():
-        globals()[name] = torch.compile(fn, dynamic=True, fullgraph=True) if enabled else fn

@@ -4,6 +4,7 @@ import random
 
 import pytest
 import torch
+from conftest import NEAR_TIE_SLACK
 from conftest import decisive as is_decisive
 
 from nanovllm_ray import LLM, SamplingParams
@@ -37,8 +38,9 @@ def _teacher_forced(llm: LLM, streams: list[list[int]], prompt_lens: list[int]) 
 @pytest.mark.parametrize("enforce_eager", [False, True])
 def test_teacher_forced_against_transformers_bf16(model_06b, enforce_eager):
     """Same token stream through both. Random weights give many near-ties between the top two logits, where any
-    bf16 implementation flips a coin: so the truth is transformers in fp32, and we must agree with it as well as
-    transformers' own bf16 does, and on 99% of the positions whose top-two gap exceeds bf16 noise."""
+    bf16 implementation flips a coin: so the truth is transformers in fp32, and we must agree with it on 99% of the
+    positions whose top-two gap exceeds bf16 noise, and overall nearly as well as transformers' own bf16 does
+    (NEAR_TIE_SLACK: how much rounding alone moves that)."""
     from transformers import AutoModelForCausalLM
 
     rng = random.Random(0)
@@ -66,7 +68,7 @@ def test_teacher_forced_against_transformers_bf16(model_06b, enforce_eager):
           f"{agree.mean():.4f}, transformers bf16 {hf_agree.mean():.4f}; on decisive positions ours "
           f"{agree[decisive].mean():.4f}; ours vs transformers bf16 {ours_vs_hf16:.4f}; "
           f"max |diff| / max |logit| vs transformers bf16 {err:.4f}")
-    assert agree.mean() >= hf_agree.mean() - 0.01
+    assert agree.mean() >= hf_agree.mean() - NEAR_TIE_SLACK
     assert agree[decisive].mean() >= 0.99
     assert err < 0.05
 

@@ -1,7 +1,9 @@
 """The fused decode-path kernels on the GPU: the Triton sampler against torch, inside CUDA graphs and through the
 engine's decode graphs (temperature-only requests sample in the graph; seeded / filtered / logprobs requests from the
-graph's logits), the fused q/k norm + rotary + KV store against the unfused ops, and the decode GEMV
-(kernels/gemv.py) against the ops it folds in, in and out of CUDA graphs."""
+graph's logits), the fused q/k norm + rotary + KV store against the unfused ops, the decode GEMV
+(kernels/gemv.py) against the ops it folds in, in and out of CUDA graphs, and the element-wise kernels
+(kernels/elementwise.py) against the plain ops, in and out of CUDA graphs, with an engine start that imports no
+Dynamo."""
 
 import pytest
 import torch
@@ -220,3 +222,137 @@ def test_gemv_chain_as_programmatic_dependents_in_a_cuda_graph():
             assert torch.equal(out[0], ref[0]) and torch.equal(out[1], ref[1])
     finally:
         pdl.enable(True)
+
+
+def _nearly_bitwise(got: torch.Tensor, want: torch.Tensor) -> None:
+    """An RMSNorm's output against the plain op's: bit for bit but where the sum of squares, summed in another order
+    than PyTorch's reduction, rounds the normalised value the other way (one bf16 ulp, then the weight's product)."""
+    assert got.shape == want.shape and got.dtype == want.dtype
+    differ = (got != want).sum().item()  # expected: ~3e-5 of the values at most
+    assert differ <= max(2, got.numel() // 1000), f"{differ} of {got.numel()} values differ"
+    torch.testing.assert_close(got.float(), want.float(), atol=0, rtol=2**-5)
+
+
+@pytest.mark.parametrize("hidden", [1024, 4096])
+@pytest.mark.parametrize("n", [1, 8, 256])
+def test_elementwise_kernels_equal_plain_ops(hidden, n):
+    """kernels/elementwise.py against ops.py's plain ops in bf16 on model shapes: the residual sum, SiLU-and-mul and
+    the pending-token merge bit for bit, the norms nearly so (_nearly_bitwise)."""
+    pytest.importorskip("triton")
+    from nanovllm_ray.kernels import elementwise
+    from nanovllm_ray.layers.ops import _PLAIN as plain
+
+    torch.manual_seed(0)
+    x = torch.randn(n, hidden, device="cuda").bfloat16()
+    residual = torch.randn(n, hidden, device="cuda").bfloat16()
+    weight = (1 + 0.1 * torch.randn(hidden, device="cuda")).bfloat16()
+    out, res_out = elementwise.add_rms_norm(x, residual, weight, 1e-6)
+    ref, ref_res = plain["add_rms_norm"](x, residual, weight, 1e-6)
+    assert torch.equal(res_out, ref_res)
+    _nearly_bitwise(out, ref)
+    _nearly_bitwise(elementwise.rms_norm(x, weight, 1e-6), plain["rms_norm"](x, weight, 1e-6))
+    gate_up = 4 * torch.randn(n, 2 * 3072, device="cuda").bfloat16()
+    assert torch.equal(elementwise.silu_and_mul(gate_up), plain["silu_and_mul"](gate_up))
+    ids = torch.randint(0, 151936, (n,), device="cuda")
+    tokens = torch.randint(0, 151936, (n + 3,), device="cuda")
+    src = torch.randint(-1, n + 3, (n,), device="cuda")
+    merged = elementwise.merge_pending(ids, src, tokens)
+    want = plain["merge_pending"](ids, src, tokens)
+    assert merged.dtype == want.dtype and torch.equal(merged, want)
+
+
+def test_per_head_norm_through_ops_takes_the_kernel():
+    """With the Triton ops on, ops.qk_norm_rope (the fallback attention path) norms q [n, heads, d], a strided view
+    of the QKV rows, through the kernel (rows reshaped), nearly as the plain op does."""
+    pytest.importorskip("triton")
+    from nanovllm_ray.layers import ops
+    from nanovllm_ray.layers.rotary import RotaryEmbedding
+
+    torch.manual_seed(0)
+    n, heads, kv_heads, d = 40, 16, 8, 128
+    qkv = torch.randn(n, (heads + 2 * kv_heads) * d, device="cuda").bfloat16()
+    q, k = qkv[:, :heads * d].view(n, heads, d), qkv[:, heads * d:(heads + kv_heads) * d].view(n, kv_heads, d)
+    q_w, k_w = (1 + 0.1 * torch.randn(2, d, device="cuda")).bfloat16()
+    cos_sin = RotaryEmbedding(d, 4096, 1_000_000.0).cos_sin_cache.cuda()
+    positions = torch.randint(0, 4096, (n,), device="cuda")
+    saved = {name: getattr(ops, name) for name in (*ops._PLAIN, "qk_norm_rope_store", "skinny_gemm", "gemv")}
+    try:
+        ops.enable_triton_ops(False)
+        ref = ops.qk_norm_rope(q, k, q_w, k_w, 1e-6, cos_sin, positions)
+        ops.enable_triton_ops(True)
+        assert ops.rms_norm is not ops._PLAIN["rms_norm"]
+        got = ops.qk_norm_rope(q, k, q_w, k_w, 1e-6, cos_sin, positions)
+    finally:
+        for name, value in saved.items():
+            setattr(ops, name, value)
+    for a, b in zip(got, ref):
+        _nearly_bitwise(a, b)
+
+
+def test_elementwise_chain_as_programmatic_dependents_in_a_cuda_graph():
+    """merge_pending, add + RMSNorm, SiLU-and-mul and RMSNorm launched back to back as programmatic dependents (each
+    waits for the kernel before it), captured and replayed on fresh inputs: the same bits as plain launches, and as
+    the plain ops (the norms nearly)."""
+    pytest.importorskip("triton")
+    from nanovllm_ray.kernels import elementwise, pdl
+    from nanovllm_ray.layers.ops import _PLAIN as plain
+
+    torch.manual_seed(0)
+    n, hidden, inter = 8, 1024, 3072
+    ids = torch.randint(0, 1000, (n,), device="cuda")
+    src = torch.tensor([0, -1, 2, -1, 4, 5, -1, 7], device="cuda")
+    tokens = torch.randint(1000, 2000, (n,), device="cuda")
+    x = torch.randn(n, hidden, device="cuda").bfloat16()
+    residual = torch.randn(n, hidden, device="cuda").bfloat16()
+    gate_up = torch.randn(n, 2 * inter, device="cuda").bfloat16()
+    weight = (1 + 0.1 * torch.randn(hidden, device="cuda")).bfloat16()
+
+    def chain(ew):
+        merged = ew["merge_pending"](ids, src, tokens)
+        h, r = ew["add_rms_norm"](x, residual, weight, 1e-6)
+        act = ew["silu_and_mul"](gate_up)
+        return merged, h, r, act, ew["rms_norm"](r, weight, 1e-6)
+
+    kernels = {name: getattr(elementwise, name) for name in plain}
+    try:
+        pdl.enable(True)
+        chain(kernels)  # JIT compile outside the capture
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = chain(kernels)
+        for _ in range(3):
+            for t in (x, residual, gate_up):
+                t.normal_()
+            tokens.random_(1000, 2000)
+            graph.replay()
+            pdl.enable(False)
+            eager = chain(kernels)
+            pdl.enable(True)
+            want = chain(plain)
+            torch.cuda.synchronize()
+            assert all(torch.equal(a, b) for a, b in zip(out, eager))
+            assert torch.equal(out[0], want[0]) and torch.equal(out[2], want[2]) and torch.equal(out[3], want[3])
+            _nearly_bitwise(out[1], want[1])
+            _nearly_bitwise(out[4], want[4])
+    finally:
+        pdl.enable(True)
+
+
+def test_engine_compiles_nothing_with_torch_compile(tiny):
+    """On CUDA with Triton the engine swaps in the Triton element-wise ops instead of torch.compile'd ones: a start
+    and a generation (CUDA graphs) hand no frame to Dynamo. (Dynamo's modules may be imported all the same: torch's
+    varlen attention imports them.) In a fresh process, where no other test compiled anything."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from nanovllm_ray import LLM, SamplingParams\n"
+        f"llm = LLM({tiny!r}, dtype='bfloat16', max_model_len=256, num_kvcache_blocks=64)\n"
+        "llm.generate([[11, 22, 33]], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True), use_tqdm=False)\n"
+        "dynamo = sys.modules.get('torch._dynamo.utils')\n"
+        "print(dynamo.counters['frames']['total'] if dynamo is not None else 0)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().splitlines()[-1] == "0", proc.stdout[-2000:]

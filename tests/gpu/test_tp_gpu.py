@@ -10,6 +10,7 @@ from collections.abc import Callable
 
 import pytest
 import torch
+from conftest import NEAR_TIE_SLACK
 from conftest import decisive as is_decisive
 from serve_harness import ray_cluster
 
@@ -162,7 +163,7 @@ def test_tp_matches_one_gpu_bf16(cluster, model_06b, reference, tp, fused):
           f"to one GPU's {same}/{total}; greedy up to bf16 noise: own tokens {own:.4f}, one GPU's {tp1_path:.4f}")
     assert agree[decisive].mean() >= 0.99
     assert agree_tp1[decisive].mean() >= 0.99
-    assert agree.mean() >= hf_agree.mean() - 0.01
+    assert agree.mean() >= hf_agree.mean() - NEAR_TIE_SLACK
     assert err < 0.05
     assert all(len(t) == GREEDY.max_tokens for t in tokens)
     assert own >= 0.99 and tp1_path >= 0.99
