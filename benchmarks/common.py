@@ -68,6 +68,21 @@ def model_shape(path: str) -> dict:
             "flops_per_token": 2 * (params - embed)}  # the LM head runs on sampled rows only
 
 
+def add_kernel_flags(ap) -> None:
+    """The switches that turn the batch-1 decode fusions off, to measure each one (latency.py, profile_step.py)."""
+    ap.add_argument("--no-fused-gemv", action="store_true", help="decode projections as before kernels/gemv.py")
+    ap.add_argument("--no-pdl", action="store_true", help="decode kernels without programmatic dependent launch")
+
+
+def apply_kernel_flags(args) -> dict:
+    """Apply add_kernel_flags' switches to this process (the engine must run in it); returns LLM(...) kwargs."""
+    if args.no_pdl:
+        from nanovllm_ray.kernels import pdl
+
+        pdl.enable(False)
+    return {"fused_gemv": not args.no_fused_gemv}
+
+
 def percentile(xs: list[float], q: float) -> float:
     """The q-quantile of xs (nearest rank); NaN for none."""
     if not xs:

@@ -15,6 +15,8 @@ import time
 from random import Random
 
 from benchmarks.common import (
+    add_kernel_flags,
+    apply_kernel_flags,
     demo_checkpoint,
     device_name,
     measure_bandwidth,
@@ -60,8 +62,7 @@ def main() -> None:
     ap.add_argument("--attention-backend", default="auto")
     ap.add_argument("--max-num-batched-tokens", type=int, default=32768)
     ap.add_argument("--tag", default="")
-    ap.add_argument("--no-fused-gemv", action="store_true", help="decode projections as before kernels/gemv.py")
-    ap.add_argument("--no-pdl", action="store_true", help="decode kernels without programmatic dependent launch")
+    add_kernel_flags(ap)
     args = ap.parse_args()
 
     import torch
@@ -69,16 +70,13 @@ def main() -> None:
     from nanovllm_ray import LLM
 
     path = demo_checkpoint(args.shape, args.model)
-    if args.no_pdl:  # the engine runs in this process on one GPU
-        from nanovllm_ray.kernels import pdl
-
-        pdl.enable(False)
+    kernel_kwargs = apply_kernel_flags(args)  # the engine runs in this process on one GPU
     cuda = torch.cuda.is_available()
     bandwidth = measure_bandwidth() if cuda else float("nan")
     flops = measure_matmul_flops() if cuda else float("nan")
     shape = model_shape(path)
     llm = LLM(path, max_model_len=4096, enforce_eager=args.enforce_eager, attention_backend=args.attention_backend,
-              max_num_batched_tokens=args.max_num_batched_tokens, fused_gemv=not args.no_fused_gemv)
+              max_num_batched_tokens=args.max_num_batched_tokens, **kernel_kwargs)
     engine, rng = llm.engine, Random(0)
     run_batch(engine, 2, args.prompt_len, 8, rng)  # warm-up
     rows = []

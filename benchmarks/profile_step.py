@@ -15,7 +15,14 @@ import time
 from collections import defaultdict
 from random import Random
 
-from benchmarks.common import demo_checkpoint, device_name, print_table, write_result
+from benchmarks.common import (
+    add_kernel_flags,
+    apply_kernel_flags,
+    demo_checkpoint,
+    device_name,
+    print_table,
+    write_result,
+)
 
 
 def instrument(engine) -> dict[str, float]:
@@ -48,8 +55,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--sync", action="store_true", help="async_scheduling off")
     ap.add_argument("--temperature", type=float, default=0.6)
-    ap.add_argument("--no-fused-gemv", action="store_true", help="decode projections as before kernels/gemv.py")
-    ap.add_argument("--no-pdl", action="store_true", help="decode kernels without programmatic dependent launch")
+    add_kernel_flags(ap)
     args = ap.parse_args()
 
     import torch
@@ -57,12 +63,9 @@ def main() -> None:
     from nanovllm_ray import LLM, SamplingParams
     from nanovllm_ray.executor.model_runner import cuda_kernel_table
 
-    if args.no_pdl:  # the engine runs in this process on one GPU
-        from nanovllm_ray.kernels import pdl
-
-        pdl.enable(False)
+    kernel_kwargs = apply_kernel_flags(args)  # the engine runs in this process on one GPU
     llm = LLM(demo_checkpoint(args.shape, args.model), max_model_len=4096, async_scheduling=not args.sync,
-              fused_gemv=not args.no_fused_gemv)
+              **kernel_kwargs)
     engine, rng, cuda = llm.engine, Random(0), torch.cuda.is_available()
     acc = instrument(engine)
     rows, kernels = [], {}
