@@ -4,12 +4,17 @@ from nanovllm_ray.caches import setup_caches
 
 setup_caches()  # before torch is imported: where Triton, Inductor and (if need be) Python keep what they compile
 
-# ruff: noqa: E402
-from nanovllm_ray.config import Config, ConfigError
-from nanovllm_ray.engine.llm_engine import LLMEngine, RequestError
-from nanovllm_ray.engine.output import GenerationOutput, OutputProcessor, RequestOutput, RequestState
-from nanovllm_ray.llm import LLM
-from nanovllm_ray.sampling_params import SamplingParams
+_EXPORTS = {"LLM": "llm", "LLMEngine": "engine.llm_engine", "RequestError": "engine.llm_engine", "Config": "config",
+            "ConfigError": "config", "SamplingParams": "sampling_params", "GenerationOutput": "engine.output",
+            "RequestOutput": "engine.output", "RequestState": "engine.output", "OutputProcessor": "engine.output"}
+__all__ = list(_EXPORTS)
 
-__all__ = ["LLM", "LLMEngine", "Config", "ConfigError", "SamplingParams", "GenerationOutput", "RequestOutput",
-           "RequestError", "RequestState", "OutputProcessor"]
+
+def __getattr__(name: str):
+    """The public names, imported on first use: a process that needs only part of the package (the HTTP ingress,
+    the Serve app's build) does not import torch for it."""
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'nanovllm_ray' has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(f"nanovllm_ray.{_EXPORTS[name]}"), name)

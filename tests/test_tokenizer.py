@@ -192,3 +192,43 @@ def test_chat_template_tools(tok):
 def test_chat_template_rejects_unknown_role(tok):
     with pytest.raises(Exception, match="Unsupported chat role: narrator"):
         tok.apply_chat_template([{"role": "narrator", "content": "x"}], tokenize=False)
+
+
+def test_load_tokenizer_is_autotokenizers_without_torch(model_dir, tok):
+    """load_tokenizer takes the class tokenizer_config.json names (AutoTokenizer's choice, same ids and chat prompt)
+    without importing torch: the HTTP ingress loads it and needs no torch (3-4 s of its start)."""
+    import subprocess
+    import sys
+
+    from nanovllm_ray.engine.llm_engine import load_tokenizer
+
+    ours = load_tokenizer(str(model_dir))
+    assert type(ours) is type(tok)
+    for text in CORPUS:
+        assert ours.encode(text) == tok.encode(text), text
+    chat = [{"role": "user", "content": "hi there"}]
+    assert ours.apply_chat_template(chat, add_generation_prompt=True, tokenize=False) == tok.apply_chat_template(
+        chat, add_generation_prompt=True, tokenize=False)
+    code = ("import sys\nimport deployments.app\nfrom nanovllm_ray.engine.llm_engine import load_tokenizer\n"
+            f"load_tokenizer({str(model_dir)!r})\nprint('torch' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True)
+    assert out.stdout.strip().splitlines()[-1] == "False", out.stdout
+
+
+def test_load_tokenizer_falls_back_to_autotokenizer(model_dir, tmp_path):
+    """A tokenizer_config.json without a class transformers has: AutoTokenizer's answer all the same."""
+    import json
+    import shutil
+
+    from nanovllm_ray.engine.llm_engine import load_tokenizer
+
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(model_dir / name, tmp_path / name)
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    config["tokenizer_class"] = "NoSuchTokenizer"
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    try:
+        fallback = AutoTokenizer.from_pretrained(tmp_path)
+    except Exception:
+        pytest.skip("AutoTokenizer cannot load it either")
+    assert load_tokenizer(str(tmp_path)).encode("Hello world") == fallback.encode("Hello world")

@@ -7,7 +7,9 @@ stop strings and the accumulated result are the output path's (engine/output.py)
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import time
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass
@@ -293,12 +295,24 @@ class LLMEngine:
 
 
 def load_tokenizer(path: str):
-    from transformers import AutoTokenizer
+    """The checkpoint's tokenizer: the class its tokenizer_config.json names, straight from transformers where it
+    has it, else AutoTokenizer. AutoTokenizer reads the model's config code first, which imports torch: 3-4 s of the
+    HTTP ingress's start (2-core machine), a process that needs no torch."""
+    import transformers
 
     try:
-        return AutoTokenizer.from_pretrained(path)
+        return getattr(transformers, _tokenizer_class(path)).from_pretrained(path)
+    except Exception:  # no tokenizer_config.json or no such class: let AutoTokenizer find it
+        pass
+    try:
+        return transformers.AutoTokenizer.from_pretrained(path)
     except Exception as e:  # transformers raises OSError/ValueError/... for a missing or broken tokenizer
         raise RuntimeError(f"cannot load a tokenizer from {path!r}: {e}") from e
+
+
+def _tokenizer_class(path: str) -> str:
+    with open(os.path.join(path, "tokenizer_config.json")) as f:
+        return json.load(f)["tokenizer_class"]
 
 
 __all__ = ["LLMEngine", "RequestOutput", "RequestError", "EngineStats", "SequenceStatus"]

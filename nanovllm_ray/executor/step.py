@@ -4,9 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from itertools import accumulate, chain
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(slots=True)
@@ -67,6 +70,8 @@ class StepInput:
     def sampling_arrays(self, vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Per sampled row, on the host: [3, rows] float32 (temperature, top-p, min-p) and [rows] int64 top-k (off,
         or larger than the vocabulary: the vocabulary size)."""
+        import torch  # here, not at the top: the HTTP ingress and the Serve app's build import this module
+
         top_ks = [k if 0 < k < vocab_size else vocab_size for k in self.top_ks]
         return (torch.tensor([self.temperatures, self.top_ps, self.min_ps], dtype=torch.float32),
                 torch.tensor(top_ks, dtype=torch.int64))
@@ -82,6 +87,8 @@ class StepInput:
 
     def padded_block_tables(self) -> torch.Tensor:
         """The ragged block tables as [num_seqs, longest] int32 on the host, padded with -1."""
+        import torch
+
         arr = np.full((len(self.block_tables), max(map(len, self.block_tables))), -1, dtype=np.int32)
         for i, b in enumerate(self.block_tables):
             arr[i, :len(b)] = b
