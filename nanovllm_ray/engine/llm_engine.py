@@ -300,19 +300,22 @@ def load_tokenizer(path: str):
     HTTP ingress's start (2-core machine), a process that needs no torch."""
     import transformers
 
+    cls = _named_tokenizer_class(path) or transformers.AutoTokenizer
     try:
-        return getattr(transformers, _tokenizer_class(path)).from_pretrained(path)
-    except Exception:  # no tokenizer_config.json or no such class: let AutoTokenizer find it
-        pass
-    try:
-        return transformers.AutoTokenizer.from_pretrained(path)
+        return cls.from_pretrained(path)
     except Exception as e:  # transformers raises OSError/ValueError/... for a missing or broken tokenizer
         raise RuntimeError(f"cannot load a tokenizer from {path!r}: {e}") from e
 
 
-def _tokenizer_class(path: str) -> str:
-    with open(os.path.join(path, "tokenizer_config.json")) as f:
-        return json.load(f)["tokenizer_class"]
+def _named_tokenizer_class(path: str):
+    """transformers' class of the name tokenizer_config.json gives; None where there is none (AutoTokenizer then)."""
+    import transformers
+
+    try:
+        with open(os.path.join(path, "tokenizer_config.json")) as f:
+            return getattr(transformers, json.load(f)["tokenizer_class"])
+    except Exception:  # no such file or key, or a class transformers lacks
+        return None
 
 
 __all__ = ["LLMEngine", "RequestOutput", "RequestError", "EngineStats", "SequenceStatus"]
