@@ -1,5 +1,6 @@
-"""Time one all-reduce against message size: the one-shot and two-shot kernels over symmetric memory
-(nanovllm_ray/layers/fast_all_reduce.py) against NCCL, on N GPUs of this host; print a table, write JSON and a PNG.
+"""Time one all-reduce against message size: the sentinel kernel (nanovllm_ray/kernels/allreduce_norm.py, messages of
+whole 4096-wide rows), the one-shot and two-shot kernels over symmetric memory (nanovllm_ray/layers/fast_all_reduce.py)
+against NCCL, on N GPUs of this host; print a table, write JSON and a PNG.
 
     python benchmarks/allreduce_bench.py                      # all visible GPUs, bf16, 4 KiB .. 64 MiB
     python benchmarks/allreduce_bench.py --nprocs 2 --calls 50 --iters 20
@@ -8,8 +9,9 @@
 It starts one process a GPU itself (torch.multiprocessing, NCCL over localhost; no Ray). Each method is timed as a
 decode step runs it: `calls` back-to-back all-reduces of one [numel] bf16 tensor captured in one CUDA graph, the
 graph replayed `iters` times; the time per all-reduce is the replays' time / (iters x calls), on rank 0. `ours` is
-what the layers' all_reduce does at that size (nanovllm_ray.layers.fast_all_reduce.choose_algo with the default
-buffer: NCCL above it). `ok`: each kernel's sum equals NCCL's within bf16 rounding (exactly, for two ranks).
+what the layers' all_reduce does at that size (the sentinel kernel up to LAMPORT_MAX_BYTES, then
+nanovllm_ray.layers.fast_all_reduce.choose_algo with the default buffer: NCCL above it). `ok`: each kernel's sum
+equals NCCL's within bf16 rounding (exactly, for two ranks).
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ import torch
 
 from benchmarks.common import device_name, print_table, save_figure, time_cuda_graph, write_result
 
-METHODS = ("nccl", "one_shot", "two_shot")
+METHODS = ("nccl", "one_shot", "two_shot", "sentinel")
+HIDDEN = 4096  # the sentinel kernel's row (qwen3-8b); it takes messages of whole rows, 8 KiB and up
 
 
 def sizes(lo: int, hi: int) -> list[int]:
@@ -58,25 +61,32 @@ def _rank(rank: int, world: int, port: int, args: argparse.Namespace, out_path: 
         message_sizes = sizes(args.min_bytes, args.max_bytes)
         # One buffer as large as the largest message, so that both kernels are timed at every size.
         fast, why = create(dist.group.WORLD, max(message_sizes))
+        sentinel = None
+        if fast is not None:  # its buffer holds 2 x world messages: up to 16 MiB ones here
+            from nanovllm_ray.kernels.allreduce_norm import LamportAllReduce
+
+            rows_max = min(max(message_sizes), 16 << 20) // (2 * HIDDEN)
+            sentinel = LamportAllReduce(dist.group.WORLD, torch.device("cuda", rank), HIDDEN, rows_max, torch.bfloat16)
         if rank == 0:
             print(f"{world} ranks: {why}", flush=True)
         rows = []
         for nbytes in message_sizes:
-            rows.append(_measure(fast, nbytes, rank, world, args))
+            rows.append(_measure(fast, sentinel, nbytes, rank, world, args))
             torch.cuda.empty_cache()
         if rank == 0:
             Path(out_path).write_text(json.dumps({"rows": rows, "setup": why}))
-        if fast is not None:
-            fast.close()
+        for f in (fast, sentinel):
+            if f is not None:
+                f.close()
     finally:
         dist.destroy_process_group()
 
 
-def _measure(fast, nbytes: int, rank: int, world: int, args: argparse.Namespace) -> dict:
-    """One message size: NCCL and (where set up) both kernels, timed in CUDA graphs; a row of the table."""
+def _measure(fast, sentinel, nbytes: int, rank: int, world: int, args: argparse.Namespace) -> dict:
+    """One message size: NCCL and (where set up) the kernels, timed in CUDA graphs; a row of the table."""
     import torch.distributed as dist
 
-    from nanovllm_ray.layers.fast_all_reduce import DEFAULT_MAX_BYTES, choose_algo
+    from nanovllm_ray.layers.fast_all_reduce import DEFAULT_MAX_BYTES, LAMPORT_MAX_BYTES, choose_algo
 
     numel = nbytes // 2
     x = torch.zeros(numel, dtype=torch.bfloat16, device="cuda")  # zeros stay zeros through any number of sums
@@ -84,9 +94,13 @@ def _measure(fast, nbytes: int, rank: int, world: int, args: argparse.Namespace)
     fns = {"nccl": lambda: dist.all_reduce(x)}
     if fast is not None:
         fns |= {a: (lambda a=a: fast.all_reduce_(x, a)) for a in ("one_shot", "two_shot")}
+    if sentinel is not None and sentinel.eligible(x):
+        fns["sentinel"] = lambda: sentinel.all_reduce_(x)
     us = {m: _time_graph(fn, calls, args.iters) for m, fn in fns.items()}
-    ok = _check(fast, numel, rank, world) if fast is not None else None
+    ok = _check(fast, sentinel, numel, rank, world) if fast is not None else None
     algo = choose_algo(nbytes, world, DEFAULT_MAX_BYTES) if fast is not None else "nccl"
+    if "sentinel" in us and nbytes <= LAMPORT_MAX_BYTES.get(world, 0):
+        algo = "sentinel"  # what the layers' all_reduce takes first
     row = {"bytes": nbytes, "size": _human(nbytes), "calls": calls}
     row |= {f"{m}_us": round(us[m], 2) if m in us else None for m in METHODS}
     row |= {"algo": algo, "ours_us": round(us[algo], 2), "speedup": round(us["nccl"] / us[algo], 2), "ok": ok}
@@ -95,7 +109,7 @@ def _measure(fast, nbytes: int, rank: int, world: int, args: argparse.Namespace)
     return row
 
 
-def _check(fast, numel: int, rank: int, world: int) -> bool:
+def _check(fast, sentinel, numel: int, rank: int, world: int) -> bool:
     """Each kernel's sum of random bf16 against NCCL's: exact for two ranks (one rounding either way), within bf16
     rounding of the partial sums for more."""
     import torch.distributed as dist
@@ -105,8 +119,11 @@ def _check(fast, numel: int, rank: int, world: int) -> bool:
     want = x.clone()
     dist.all_reduce(want)
     ok = True
-    for algo in ("one_shot", "two_shot"):
-        got = fast.all_reduce_(x.clone(), algo)
+    runs = [lambda t, a=a: fast.all_reduce_(t, a) for a in ("one_shot", "two_shot")]
+    if sentinel is not None and sentinel.eligible(x):
+        runs.append(sentinel.all_reduce_)
+    for run in runs:
+        got = run(x.clone())
         ok &= torch.equal(got, want) if world == 2 else torch.allclose(got, want, rtol=2e-2, atol=2e-2 * world)
     flag = torch.tensor([int(ok)], device="cuda")
     dist.all_reduce(flag, op=dist.ReduceOp.MIN)
@@ -138,10 +155,10 @@ def plot(data: dict, path: Path) -> None:
     rows = data["rows"]
     fig, ax = plt.subplots(figsize=(7, 4.5))
     x = [r["bytes"] for r in rows]
-    for m, style in (("nccl", "o-"), ("one_shot", "s-"), ("two_shot", "^-")):
-        ys = [r[f"{m}_us"] for r in rows]
-        if all(y is not None for y in ys):
-            ax.plot(x, ys, style, label=m.replace("_", "-"))
+    for m, style in (("nccl", "o-"), ("one_shot", "s-"), ("two_shot", "^-"), ("sentinel", "d-")):
+        pts = [(b, r.get(f"{m}_us")) for b, r in zip(x, rows) if r.get(f"{m}_us") is not None]
+        if pts:
+            ax.plot(*zip(*pts), style, label=m.replace("_", "-"))
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xlabel("message (bytes, bf16)")

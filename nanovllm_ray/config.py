@@ -45,9 +45,10 @@ class Config:
     tensor_parallel_size: int = _setting(1, "ranks (GPUs) per engine")
     fast_all_reduce: bool = _setting(True, "tensor parallelism on GPUs with P2P access: decode-sized all-reduces "
                                            "through one-shot/two-shot kernels over symmetric memory, not NCCL")
-    fused_all_reduce_norm: bool = _setting(True, "with the fast all-reduce: one kernel for a row-parallel "
-                                                 "layer's all-reduce, the residual add and the RMSNorm after it "
-                                                 "(decode-sized messages)")
+    fused_all_reduce_norm: bool = _setting(True, "with the fast all-reduce: decode-sized all-reduces through "
+                                                 "one kernel that pushes each rank's rows to its peers (no "
+                                                 "barrier), fused with a row-parallel layer's residual add "
+                                                 "and the RMSNorm after it (kernels/allreduce_norm.py)")
     enable_prefix_caching: bool = _setting(True, "reuse KV blocks across requests that share a prefix")
     enable_chunked_prefill: bool = _setting(True, "split long prompts over steps")
     enable_kv_cache_events: bool = _setting(False, "record block stored/removed events (a prefix-aware router)")

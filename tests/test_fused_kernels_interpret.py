@@ -100,9 +100,9 @@ def _gemv_reference(x, weight, residual, norm_weight, eps, silu_mul):
     return (ops.silu_and_mul(y) if silu_mul else y), res_out
 
 
-@pytest.mark.parametrize("N,K", [(48, 64), (42, 1536)])  # a partial last W slice; K not a multiple of BLOCK_K
-@pytest.mark.parametrize("fusion", ["plain", "norm", "add_norm", "add_norm_silu"])
-def test_gemv_matches_unfused_ops(N, K, fusion):
+@pytest.mark.parametrize("N,K,config", [(48, 64, None), (42, 1536, None), (42, 2560, "large")])  # a partial last W
+@pytest.mark.parametrize("fusion", ["plain", "norm", "add_norm", "add_norm_silu"])  # slice; K not a multiple of BLOCK_K
+def test_gemv_matches_unfused_ops(N, K, config, fusion):
     torch.manual_seed(0)
     M, dtype, eps = 1, torch.bfloat16, 1e-6
     silu = fusion.endswith("silu")
@@ -110,7 +110,9 @@ def test_gemv_matches_unfused_ops(N, K, fusion):
     weight = (torch.randn(2 * N if silu else N, K) / K**0.5).to(dtype)
     residual = torch.randn(M, K).to(dtype) if "add" in fusion else None
     norm_weight = (1 + 0.1 * torch.randn(K)).to(dtype) if "norm" in fusion else None
-    y, res_out = gemv.gemv(x, weight, residual=residual, norm_weight=norm_weight, eps=eps, silu_mul=silu)
+    override = gemv.LARGE_CONFIG if config == "large" else None  # the tiles of weights of 16 MiB and more
+    y, res_out = gemv.gemv(x, weight, residual=residual, norm_weight=norm_weight, eps=eps, silu_mul=silu,
+                           config_override=override)
     ref, ref_res = _gemv_reference(x, weight, residual, norm_weight, eps, silu)
     assert y.shape == ref.shape and y.dtype == dtype
     tol = 6e-2 if silu else 2e-2  # the interpreter's roundings toward zero add up over silu's chain of them
@@ -128,7 +130,12 @@ def test_gemv_takes_one_row_of_small_half_precision_weights():
     assert not gemv.supports(1, 4096, 1024, torch.float32)
     assert not gemv.supports(1, 4096, 1020, torch.bfloat16)  # rows not 16-byte aligned
     assert not gemv.supports(1, 6144, 4096, torch.bfloat16)  # qwen3-8b's QKV: 48 MiB, cuBLAS measured faster
-    assert not gemv.supports(1, 4096, 2048, torch.bfloat16)  # its o_proj at tp=2: 16 MiB, not measured with it
+    assert not gemv.supports(1, 4096, 4096, torch.bfloat16)  # its o_proj: 32 MiB, the same
+    assert not gemv.supports(1, 4096, 6144, torch.bfloat16)  # its down_proj at tp=2: 48 MiB
+    # Its QKV and o_proj at tp=2 (24 and 16 MiB) measured faster with the large weights' tiles than on cuBLAS.
+    assert gemv.supports(1, 3072, 4096, torch.bfloat16) and gemv.supports(1, 4096, 2048, torch.bfloat16)
+    assert gemv.config(3072, 4096) == gemv.config(4096, 2048) == gemv.LARGE_CONFIG
+    assert gemv.config(4096, 1024) != gemv.LARGE_CONFIG  # qwen3-0.6b's QKV (8 MiB): the tuned small tiles
 
 
 # The element-wise kernels (kernels/elementwise.py) against the plain ops. fp32 matches up to the order of the sum of
@@ -225,3 +232,71 @@ def test_enable_triton_ops_swaps_the_elementwise_ops_and_back():
         ops.enable_triton_ops(False)
     assert all(getattr(ops, name) is ops._PLAIN[name] for name in names)
     assert ops.qk_norm_rope_store is None and ops.skinny_gemm is None and ops.gemv is None
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the sentinel all-reduce (kernels/allreduce_norm.py), two ranks simulated in one process
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _lamport_rank(rank: int, buffers: list[torch.Tensor], hidden: int, max_rows: int, programs: int):
+    """Rank `rank`'s LamportAllReduce over CPU buffers: what __init__ sets up, without symmetric memory."""
+    from nanovllm_ray.kernels.allreduce_norm import LamportAllReduce, peer_offsets
+
+    fast = LamportAllReduce.__new__(LamportAllReduce)
+    fast.hidden, fast.max_rows, fast.dtype = hidden, max_rows, torch.bfloat16
+    fast.world_size, fast.rank, fast.programs, fast.block_h = len(buffers), rank, programs, 64
+    fast.buffer, fast.calls = buffers[rank], torch.zeros(programs, dtype=torch.int32)
+    fast.peer_offs = peer_offsets([b.data_ptr() for b in buffers], buffers[rank])
+    return fast
+
+
+@pytest.mark.parametrize("norm", [True, False])
+def test_lamport_all_reduce_two_ranks_in_turn(norm):
+    """Rank 1's push is written by hand into rank 0's buffer; rank 0's call then sums, restores the sentinels it
+    read and pushes its rows into rank 1's buffer, so rank 1's call completes too. Both calls give the sum (with the
+    residual add and RMSNorm) of the plain ops, the same bits on both ranks; -0.0 arrives as +0.0; the second call
+    uses the other slot. Within one bf16 rounding: the interpreter casts float32 to bf16 by truncation
+    (tests/gpu/test_all_reduce_gpu.py checks the bits)."""
+    from nanovllm_ray.kernels.allreduce_norm import SENTINEL
+
+    hidden, max_rows, n, world = 48, 5, 4, 2
+    sentinel = SENTINEL.value
+    buffers = [torch.full((2 * world * max_rows * hidden,), sentinel, dtype=torch.int16) for _ in range(world)]
+    ranks = [_lamport_rank(r, buffers, hidden, max_rows, programs=3) for r in range(world)]
+    weight = torch.rand(hidden).bfloat16()
+
+    def region(buf, slot, sender):
+        return buf.view(2, world, max_rows, hidden)[slot, sender, :n]
+
+    for call in range(2):
+        torch.manual_seed(call)
+        xs = [torch.randn(n, hidden).bfloat16() for _ in range(world)]
+        xs[0][0, :5] = -0.0
+        xs[1][0, :3] = -0.0  # both -0.0: the sum is +0.0 on every rank
+        residual = torch.randn(n, hidden).bfloat16()
+        pushed = xs[1].view(torch.int16).clone()
+        pushed[pushed == sentinel] = 0
+        region(buffers[0], call % 2, 1).copy_(pushed)  # rank 1's push, by hand
+        outs = []
+        for r in range(world):
+            x = xs[r].clone()
+            outs.append(ranks[r].add_rms_norm(x, residual, weight, 1e-6) if norm else (ranks[r].all_reduce_(x),))
+            if r == 0:  # rank 0 read rank 1's rows, put the sentinels back, and pushed its own
+                assert bool((buffers[0] == sentinel).all())
+                got = region(buffers[1], call % 2, 0)
+                assert bool((got != sentinel).all()) and got[0, :5].tolist() == [0] * 5
+        buffers[0].fill_(sentinel)  # rank 1's call pushed again into rank 0's buffer: its next push is by hand
+        assert bool((buffers[1] == sentinel).all())
+        total = (xs[0].float() + xs[1].float()).bfloat16()
+        if norm:
+            want, want_res = ops.add_rms_norm(total, residual, weight, 1e-6)
+            for got, got_res in outs:
+                assert torch.allclose(got_res.float(), want_res.float(), rtol=2 ** -6, atol=2 ** -5)
+                assert torch.allclose(got.float(), want.float(), atol=2e-2, rtol=2e-2)
+            assert torch.equal(outs[0][0], outs[1][0])
+        else:
+            assert all(torch.allclose(o[0].float(), total.float(), rtol=2 ** -7, atol=0) for o in outs)
+            assert torch.equal(outs[0][0], outs[1][0])
+            assert outs[0][0][0, :3].view(torch.int16).tolist() == [0, 0, 0]  # +0.0, not -0.0
+    assert all(r.calls.tolist() == [2, 2, 2] for r in ranks)

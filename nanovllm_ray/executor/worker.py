@@ -47,12 +47,12 @@ class TPWorker:
         dist.init_process_group(backend="nccl" if use_gpu else "gloo", init_method=f"tcp://{addr}:{port}",
                                 rank=self.rank, world_size=self.world_size)
         # Before the model and its CUDA graphs: they capture the fast all-reduce's buffer address.
-        fused = None
+        lamport = None
         if use_gpu and self.config.fused_all_reduce_norm:
             from nanovllm_ray.executor.model_runner import resolve_dtype
 
-            fused = (self.config.hf_config["hidden_size"], resolve_dtype(self.config, torch.device("cuda")))
-        self.all_reduce_path = init_all_reduce(self.config.fast_all_reduce, fused_norm=fused)
+            lamport = (self.config.hf_config["hidden_size"], resolve_dtype(self.config, torch.device("cuda")))
+        self.all_reduce_path = init_all_reduce(self.config.fast_all_reduce, lamport=lamport)
         logger.info("rank %d of %d: all-reduce through %s", self.rank, self.world_size, self.all_reduce_path)
         # CUDA graphs bake in the KV cache's addresses: build without them, agree on the block count, then capture.
         self.runner = runner = ModelRunner(self.config, defer_graphs=True)

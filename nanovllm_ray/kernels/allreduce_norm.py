@@ -1,22 +1,21 @@
-"""One kernel for a row-parallel layer's all-reduce, the residual add and the RMSNorm after it (decode-sized
-messages, ranks of one host with P2P access), in place of torch's one-shot all-reduce and the fused add + RMSNorm:
-one launch and one barrier instead of two launches and the one-shot kernel's two barriers.
+"""The decode path's all-reduce, alone or fused with the residual add and the RMSNorm after a row-parallel layer: one
+kernel, no flags, no barrier (ranks of one host with P2P access; 16-bit model dtypes).
 
-Each rank owns a data buffer of two halves and a flag array, both in symmetric memory (every peer maps them). Rows go
-to programs by row % NPROG, at fixed addresses, so a given address is only ever touched by the same program on every
-rank. Program p of a call with epoch e (its own counter, kept on the device, one more each call it runs):
+Every rank owns a receive buffer in symmetric memory (every peer maps it): two slots, each with a region per sender
+of [max_rows, H]. A buffer element that holds -0.0 (the sentinel) has not arrived. A call with slot s:
 
-1. copies its rows of this rank's partial sums into half e % 2 of its own buffer;
-2. sets flags[p, this rank] = e in every peer's flag array (release, system scope), and waits until its own
-   flags[p, q] has reached e for every peer q (acquire);
-3. sums the rows over all ranks' buffers in rank order (so every rank computes the same bits), rounds the sum to the
-   model dtype as an all-reduce would, adds the residual (rounded), and writes it as the new residual and its RMSNorm
-   as the output.
+1. each program pushes its rows of this rank's partial sums, with any -0.0 written as +0.0 (the same sum), into
+   slot s of every peer's buffer, at this rank's region: plain stores over NVLink, one trip one way;
+2. then, row by row, it reads the peers' regions of its own buffer until no element is the sentinel (the data is the
+   flag: no fence, no second trip), sums the ranks in rank order (every rank computes the same bits), writes the
+   sentinel back into what it read, and writes the sum, or the residual add and RMSNorm of it, as the output.
 
-Two halves make one barrier a call enough: a rank writes half e % 2 again at e + 2, after every peer signalled e + 1,
-which each did after it had read its rows of e. A peer may be one epoch ahead when this rank waits, never two, so the
-wait compares by signed difference (epochs wrap). On 2 x H200 (qwen3-8b, tp=2, 2026-11-30) it took batch-1 TPOT from
-3.663 to 3.422 ms; tests/gpu/test_all_reduce_gpu.py checks it against NCCL + add_rms_norm, in and out of CUDA graphs.
+Why two slots are enough: rank A writes slot s again two calls later, after its next call has received B's data of
+that call, which B sent after its call with slot s had ended, sentinels written back included (kernels on a stream
+end in order). Every call of every rank launches the same NUM_PROGRAMS programs, each keeping its own call counter on
+the device, so every counter is the call's number on both ranks and picks the same slot; the rows go to programs
+round-robin. The grid is at most the GPU's SM count, so that every program is resident together and a program that
+waits for a peer's row never waits on a program of its own that cannot start.
 """
 
 from __future__ import annotations
@@ -27,112 +26,136 @@ import triton.language as tl
 
 from nanovllm_ray.kernels import pdl
 
-NPROG = 32  # programs at most; rows beyond go round-robin
+SENTINEL = tl.constexpr(-32768)  # int16 bits of bfloat16 / float16 -0.0
 
 
 @triton.jit
-def _allreduce_add_rms_norm_kernel(
-    x_ptr,  # [n, H] this rank's partial sums (model dtype)
-    residual_ptr,  # [n, H]
-    weight_ptr,  # [H]
-    out_ptr,  # [n, H] RMSNorm(sum + residual) * weight
-    res_out_ptr,  # [n, H] sum + residual (may be residual_ptr)
-    buf_ptrs_ptr,  # [W] int64: every rank's data buffer
-    flag_ptrs_ptr,  # [W] int64: every rank's flags, int32 [NPROG, W]
-    epoch_ptr,  # [NPROG] int32: this rank's per-program call counters
+def _lamport_all_reduce_kernel(
+    x_ptr,  # [n, H] this rank's partial sums (16-bit float)
+    residual_ptr,  # [n, H] (NORM only)
+    weight_ptr,  # [H] (NORM only)
+    out_ptr,  # [n, H] the sum, or RMSNorm(sum + residual) * weight; may be x_ptr
+    res_out_ptr,  # [n, H] sum + residual (NORM only; may be residual_ptr)
+    buf_ptr,  # int16 [2, W, max_rows, H]: this rank's receive buffer
+    peer_offs_ptr,  # [W] int64: where each rank's buffer lies, in elements from this rank's
+    calls_ptr,  # [NUM_PROGRAMS] int32: this rank's per-program call counters
     n_rows,
-    half_elems,  # elements in one half of a data buffer
+    max_rows,
     rank,
     eps,
     H: tl.constexpr,
     BLOCK_H: tl.constexpr,
     W: tl.constexpr,
     NUM_PROGRAMS: tl.constexpr,
+    NORM: tl.constexpr,
     PDL: tl.constexpr,  # launched as a programmatic dependent (kernels/pdl.py)
 ):
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_H)
     cmask = cols < H
     dtype = x_ptr.dtype.element_ty
-    w = tl.load(weight_ptr + cols, mask=cmask, other=0.0).to(tl.float32)  # before the wait: no kernel writes it
+    if NORM:
+        w = tl.load(weight_ptr + cols, mask=cmask, other=0.0).to(tl.float32)  # before the wait: no kernel writes it
     if PDL:
-        pdl.wait()  # then the epoch too: the call before, if it ran just before, stores it at its end
-    epoch = tl.load(epoch_ptr + pid) + 1
-    half = (epoch & 1).to(tl.int64) * half_elems
-    mine = tl.load(buf_ptrs_ptr + rank).to(tl.pointer_type(dtype)) + half
+        pdl.wait()  # then the counter too: the call before, if it ran just before, stores it at its end
+    call = tl.load(calls_ptr + pid)
+    region = (call & 1).to(tl.int64) * W * max_rows * H  # this call's slot
 
-    # 1. this rank's partial rows into its buffer
-    for row in range(pid, n_rows, NUM_PROGRAMS):
-        offs = row.to(tl.int64) * H + cols
-        tl.store(mine + offs, tl.load(x_ptr + offs, mask=cmask), mask=cmask)
+    # 1. push this rank's rows into every peer's buffer (-0.0 as +0.0: -0.0 is the sentinel)
+    for row in range(pid.to(tl.int64), n_rows, NUM_PROGRAMS):  # int64 rows: offsets past 2**31
+        offs = row * H + cols
+        bits = tl.load(x_ptr + offs, mask=cmask).to(tl.int16, bitcast=True)
+        bits = tl.where(bits == SENTINEL, 0, bits)
+        dst = region + rank * max_rows * H + offs
+        for q in tl.static_range(W):
+            if q != rank:
+                peer = tl.load(peer_offs_ptr + q) // 8 * 8  # a multiple of 8 already: this says so to Triton
+                tl.store(buf_ptr + peer + dst, bits, mask=cmask)
 
-    # 2. barrier with each peer's same program: every thread's stores before the release
-    tl.debug_barrier()
-    for q in tl.static_range(W):
-        if q != rank:
-            peer_flags = tl.load(flag_ptrs_ptr + q).to(tl.pointer_type(tl.int32))
-            tl.atomic_xchg(peer_flags + pid * W + rank, epoch, sem="release", scope="sys")
-    my_flags = tl.load(flag_ptrs_ptr + rank).to(tl.pointer_type(tl.int32))
-    for q in tl.static_range(W):
-        if q != rank:
-            seen = tl.atomic_add(my_flags + pid * W + q, 0, sem="acquire", scope="sys")
-            while seen - epoch < 0:
-                seen = tl.atomic_add(my_flags + pid * W + q, 0, sem="acquire", scope="sys")
-    tl.debug_barrier()
-
-    # 3. sum in rank order, add the residual, normalise
-    for row in range(pid, n_rows, NUM_PROGRAMS):
-        offs = row.to(tl.int64) * H + cols
+    # 2. wait for every peer's rows in this rank's buffer, sum in rank order, put the sentinels back
+    for row in range(pid.to(tl.int64), n_rows, NUM_PROGRAMS):
+        offs = row * H + cols
         acc = tl.zeros([BLOCK_H], dtype=tl.float32)
         for q in tl.static_range(W):
-            buf = tl.load(buf_ptrs_ptr + q).to(tl.pointer_type(dtype)) + half
-            acc += tl.load(buf + offs, mask=cmask, other=0.0).to(tl.float32)
-        res = tl.load(residual_ptr + offs, mask=cmask, other=0.0).to(tl.float32)
-        h = (acc.to(dtype).to(tl.float32) + res).to(dtype)  # the all-reduce's rounding, then the add's
-        tl.store(res_out_ptr + offs, h, mask=cmask)
-        hf = h.to(tl.float32)
-        var = tl.sum(hf * hf, axis=0) / H
-        normed = (hf * tl.rsqrt(var + eps)).to(dtype).to(tl.float32)
-        tl.store(out_ptr + offs, (w * normed).to(dtype), mask=cmask)
-    tl.store(epoch_ptr + pid, epoch)
+            if q == rank:
+                bits = tl.load(x_ptr + offs, mask=cmask, other=0.0).to(tl.int16, bitcast=True)
+                bits = tl.where(bits == SENTINEL, 0, bits)
+            else:
+                src = buf_ptr + region + q * max_rows * H + offs
+                bits = tl.load(src, mask=cmask, other=0, volatile=True)
+                while tl.max((bits == SENTINEL).to(tl.int32), axis=0) > 0:
+                    bits = tl.load(src, mask=cmask, other=0, volatile=True)
+                tl.store(src, tl.full([BLOCK_H], SENTINEL, tl.int16), mask=cmask)
+            acc += bits.to(dtype, bitcast=True).to(tl.float32)
+        if NORM:
+            res = tl.load(residual_ptr + offs, mask=cmask, other=0.0).to(tl.float32)
+            h = (acc.to(dtype).to(tl.float32) + res).to(dtype)  # the all-reduce's rounding, then the add's
+            tl.store(res_out_ptr + offs, h, mask=cmask)
+            hf = h.to(tl.float32)
+            var = tl.sum(hf * hf, axis=0) / H
+            normed = (hf * tl.rsqrt(var + eps)).to(dtype).to(tl.float32)
+            tl.store(out_ptr + offs, (w * normed).to(dtype), mask=cmask)
+        else:
+            tl.store(out_ptr + offs, acc.to(dtype), mask=cmask)
+    tl.store(calls_ptr + pid, call + 1)
 
 
-class AllReduceAddRMSNorm:
-    """The buffers of the fused kernel on one rank: made on every rank of `group` at once (collective)."""
+def peer_offsets(buffer_ptrs: list[int], base: torch.Tensor) -> torch.Tensor:
+    """Every rank's int16 buffer (its address here) as an offset in elements from `base`, this rank's: the kernel
+    reaches peers' buffers from its own, whose alignment Triton knows."""
+    assert all(p % 16 == 0 for p in buffer_ptrs) and base.data_ptr() % 16 == 0, buffer_ptrs
+    return torch.tensor([(p - base.data_ptr()) // 2 for p in buffer_ptrs], dtype=torch.int64, device=base.device)
+
+
+class LamportAllReduce:
+    """The kernel's buffers on one rank: made on every rank of `group` at once (collective). Takes [rows, hidden]
+    messages of `dtype` (16-bit) up to max_rows rows."""
 
     def __init__(self, group, device: torch.device, hidden: int, max_rows: int, dtype: torch.dtype) -> None:
         import torch.distributed._symmetric_memory as symm_mem
 
+        if dtype.itemsize != 2 or not dtype.is_floating_point:
+            raise ValueError(f"dtype {dtype}: the sentinel all-reduce takes 16-bit floats")
         self.hidden, self.max_rows, self.dtype = hidden, max_rows, dtype
         self.world_size, self.rank = group.size(), group.rank()
-        self.half_elems = max_rows * hidden
-        self.data = symm_mem.empty(2 * self.half_elems, dtype=dtype, device=device)
-        self.flags = symm_mem.empty(NPROG * self.world_size, dtype=torch.int32, device=device)
-        self.flags.zero_()
-        self.epochs = torch.zeros(NPROG, dtype=torch.int32, device=device)
-        torch.cuda.synchronize(device)  # zeroed flags before any peer signals
-        self.data_handle = symm_mem.rendezvous(self.data, group.group_name)
-        self.flag_handle = symm_mem.rendezvous(self.flags, group.group_name)
-        self.buf_ptrs = torch.tensor(self.data_handle.buffer_ptrs, dtype=torch.int64, device=device)
-        self.flag_ptrs = torch.tensor(self.flag_handle.buffer_ptrs, dtype=torch.int64, device=device)
+        self.buffer = symm_mem.empty(2 * self.world_size * max_rows * hidden, dtype=torch.int16, device=device)
+        self.buffer.fill_(SENTINEL.value)
+        self.programs = min(max_rows, torch.cuda.get_device_properties(device).multi_processor_count)
+        self.calls = torch.zeros(self.programs, dtype=torch.int32, device=device)
+        torch.cuda.synchronize(device)  # every sentinel in place before a peer pushes
+        self.handle = symm_mem.rendezvous(self.buffer, group.group_name)  # collective: after every rank's fill
+        self.peer_offs = peer_offsets(self.handle.buffer_ptrs, self.buffer)
+        self.block_h = triton.next_power_of_2(hidden)
 
-    def eligible(self, x: torch.Tensor, residual: torch.Tensor) -> bool:
-        return (x.dtype == self.dtype and x.dim() == 2 and x.shape[1] == self.hidden and x.shape[0] <= self.max_rows
-                and x.is_contiguous() and residual.is_contiguous() and residual.shape == x.shape)
+    def eligible(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> bool:
+        """Whether x (any shape of whole [hidden] rows; with a residual, [rows, hidden] like it) fits the kernel."""
+        if not (x.is_cuda and x.dtype == self.dtype and x.is_contiguous() and x.numel() % self.hidden == 0
+                and x.numel() // self.hidden <= self.max_rows):
+            return False
+        return residual is None or (x.dim() == 2 and residual.is_contiguous() and residual.shape == x.shape)
 
-    def __call__(self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(RMSNorm(sum over ranks of x + residual) * weight, sum + residual); x and residual [n, hidden]."""
-        n = x.shape[0]
-        out = torch.empty_like(x)
-        res_out = torch.empty_like(residual)
-        if n == 0:
-            return out, res_out
-        programs = min(n, NPROG)
-        block_h = triton.next_power_of_2(self.hidden)
+    def _launch(self, x, residual, weight, out, res_out, eps: float, norm: bool) -> None:
+        rows = x.numel() // self.hidden
+        if rows == 0:
+            return
         use_pdl = pdl.use(x)
-        _allreduce_add_rms_norm_kernel[(programs,)](
-            x, residual, weight, out, res_out, self.buf_ptrs, self.flag_ptrs, self.epochs, n, self.half_elems,
-            self.rank, eps, H=self.hidden, BLOCK_H=block_h, W=self.world_size, NUM_PROGRAMS=NPROG, PDL=use_pdl,
-            launch_pdl=use_pdl, num_warps=4 if block_h <= 1024 else 8)
+        _lamport_all_reduce_kernel[(self.programs,)](
+            x, residual, weight, out, res_out, self.buffer, self.peer_offs, self.calls, rows, self.max_rows, self.rank,
+            eps,
+            H=self.hidden, BLOCK_H=self.block_h, W=self.world_size, NUM_PROGRAMS=self.programs, NORM=norm,
+            PDL=use_pdl, launch_pdl=use_pdl, num_warps=4 if self.block_h <= 2048 else 8)
+
+    def all_reduce_(self, x: torch.Tensor) -> torch.Tensor:
+        """x <- the sum of x over the ranks (x eligible, any shape of whole rows); returns x."""
+        self._launch(x, x, x, x, x, 0.0, norm=False)
+        return x
+
+    def add_rms_norm(self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(RMSNorm(sum over ranks of x + residual) * weight, sum + residual); x and residual [n, hidden]."""
+        out, res_out = torch.empty_like(x), torch.empty_like(residual)
+        self._launch(x, residual, weight, out, res_out, eps, norm=True)
         return out, res_out
+
+    def close(self) -> None:
+        self.handle = self.buffer = None

@@ -13,6 +13,10 @@ CUDA graphs like any kernel:
   buffers) and an all-gather of the sums, with barriers between. 2 (N - 1) / N x the message read per rank; for
   larger messages (above 1 MiB on two H200s, where it also beats NCCL up to the 8 MiB buffer).
 
+Ahead of both, where the engine sets it up (`create_lamport`, setting fused_all_reduce_norm): the sentinel
+all-reduce of kernels/allreduce_norm.py, one kernel without a barrier (2.8 us at 8 KiB, 9.3 us at 2 MiB on two
+H200s), also fused with the residual add and RMSNorm after a row-parallel layer; up to LAMPORT_MAX_BYTES.
+
 `choose_algo` picks by message size and N. Larger messages than the buffer, dtypes the ops lack (float16), a group
 that is not all on one host with P2P access between every pair of GPUs, or the CPU: NCCL or gloo, as before
 (nanovllm_ray.layers.parallel.all_reduce decides). NVLink multicast (the multimem ops) is never used: it stays off
@@ -36,6 +40,11 @@ DEFAULT_MAX_BYTES = 8 << 20  # the buffer: 8 MiB holds a decode step of 1024 tok
 # 8 MiB 63.1, 41.5, 52.5. With more ranks one-shot reads (N - 1) x the message per rank against two-shot's
 # 2 (N - 1) / N x, so it stops paying sooner: the sizes for 4 and 8 are vLLM's custom all-reduce's, not measured.
 ONE_SHOT_MAX_BYTES = {2: 1 << 20, 4: 512 << 10, 8: 256 << 10}
+# The sentinel all-reduce (kernels/allreduce_norm.py), which the layers take first, up to this message size for N
+# ranks: each rank pushes the whole message to every peer, and its buffer holds 2 x N of them. Two H200s (in CUDA
+# graphs, us): 8 MiB 32.6 against two-shot's 42.1; 16 MiB 67.3 against 72.6, not taken for a 64 MiB buffer. The
+# sizes for 4 and 8 ranks, where a rank pushes 3 or 7 x the message, are guesses, not measured.
+LAMPORT_MAX_BYTES = {2: 8 << 20, 4: 1 << 20, 8: 512 << 10}
 TWO_SHOT_WORLD_SIZES = (2, 4, 8)  # torch's two-shot kernel with a separate output is compiled for these
 DTYPES = (torch.bfloat16, torch.float32)  # what torch's symm_mem all-reduce kernels are compiled for
 ALIGN = 16  # bytes: the kernels' vector width; the buffer view and the input must agree on alignment
@@ -140,29 +149,30 @@ def create(group: dist.ProcessGroup, max_bytes: int = DEFAULT_MAX_BYTES) -> tupl
     return fast, f"one/two-shot over symmetric memory ({max_bytes >> 20} MiB buffer), NCCL above"
 
 
-def create_fused_norm(group: dist.ProcessGroup, hidden: int, dtype: torch.dtype):
-    """The all-reduce fused with the residual add and RMSNorm (kernels/allreduce_norm.py) for [rows, hidden]
-    messages up to the one-shot size, or None and why not. Collective, after `create` succeeded on every rank; the
-    ranks agree, and a sum is checked against NCCL's before it is trusted."""
+def create_lamport(group: dist.ProcessGroup, hidden: int, dtype: torch.dtype):
+    """The sentinel all-reduce (kernels/allreduce_norm.py), alone and fused with the residual add and RMSNorm, for
+    [rows, hidden] messages of a 16-bit dtype up to LAMPORT_MAX_BYTES, or None and why not. Collective, after
+    `create` succeeded on every rank; the ranks agree, and sums are checked against NCCL's before they are trusted."""
     device = torch.device("cuda", torch.cuda.current_device())
     fused, why = None, ""
-    max_rows = ONE_SHOT_MAX_BYTES.get(group.size(), 256 << 10) // (hidden * torch.tensor([], dtype=dtype).itemsize)
+    max_rows = LAMPORT_MAX_BYTES.get(group.size(), 256 << 10) // (hidden * dtype.itemsize)
     try:
-        from nanovllm_ray.kernels.allreduce_norm import AllReduceAddRMSNorm
+        from nanovllm_ray.kernels.allreduce_norm import LamportAllReduce
 
-        fused = AllReduceAddRMSNorm(group, device, hidden, max(1, max_rows), dtype)
-        _check_fused_norm(fused, group, device)
-    except Exception as e:  # no Triton, a kernel that does not compile, a wrong sum: the unfused path
+        fused = LamportAllReduce(group, device, hidden, max(1, max_rows), dtype)
+        _check_lamport(fused, group, device)
+    except Exception as e:  # no Triton, a kernel that does not compile, a wrong sum, a float32 model
         why = f"{type(e).__name__}: {e}"
-        logger.warning("fused all-reduce + RMSNorm: %s", why)
+        logger.warning("sentinel all-reduce: %s", why)
         fused = None
     if not _agree(fused is not None, group, device):
-        return None, f"fused all-reduce + RMSNorm off ({why or 'failed on another rank'})"
-    return fused, f"all-reduce + residual + RMSNorm fused up to {fused.max_rows} rows"
+        return None, f"sentinel all-reduce off ({why or 'failed on another rank'})"
+    return fused, f"sentinel all-reduce (+ residual + RMSNorm) up to {fused.max_rows} rows"
 
 
-def _check_fused_norm(fused, group: dist.ProcessGroup, device: torch.device) -> None:
-    """The fused kernel against NCCL's sum and the unfused add + RMSNorm, twice (both halves of its buffer)."""
+def _check_lamport(fused, group: dist.ProcessGroup, device: torch.device) -> None:
+    """The kernel against NCCL's sum and the unfused add + RMSNorm, at 1 row and the most, fused and alone (both
+    slots of its buffer)."""
     from nanovllm_ray.layers.ops import add_rms_norm
 
     g = torch.Generator(device=device).manual_seed(1234 + fused.rank)
@@ -175,10 +185,12 @@ def _check_fused_norm(fused, group: dist.ProcessGroup, device: torch.device) -> 
         total = x.clone()
         dist.all_reduce(total, group=group)
         want, want_res = add_rms_norm(total, residual, weight, 1e-6)
-        got, got_res = fused(x, residual, weight, 1e-6)
+        got, got_res = fused.add_rms_norm(x, residual, weight, 1e-6)
         if not (torch.allclose(got_res.float(), want_res.float(), rtol=2e-2, atol=2e-2)
                 and torch.allclose(got.float(), want.float(), rtol=2e-2, atol=5e-2)):
-            raise RuntimeError(f"fused all-reduce + RMSNorm gave a wrong result at {rows} rows")
+            raise RuntimeError(f"the fused sentinel all-reduce gave a wrong result at {rows} rows")
+        if not torch.allclose(fused.all_reduce_(x).float(), total.float(), rtol=2e-2, atol=2e-2):
+            raise RuntimeError(f"the sentinel all-reduce gave a wrong sum at {rows} rows")
 
 
 def _use_cuda_ipc_backend() -> None:

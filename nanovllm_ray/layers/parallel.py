@@ -10,8 +10,9 @@ from nanovllm_ray.layers import fast_all_reduce, ops
 
 # This rank's fast all-reduce over symmetric memory (fast_all_reduce.py), set up by init_all_reduce; None: NCCL/gloo.
 _fast: fast_all_reduce.SymmMemAllReduce | None = None
-# The all-reduce fused with the residual add and RMSNorm (kernels/allreduce_norm.py), set up by init_all_reduce.
-_fused_norm = None
+# The sentinel all-reduce, alone or fused with the residual add and RMSNorm (kernels/allreduce_norm.py), set up by
+# init_all_reduce; the layers take it first where a message fits it.
+_lamport = None
 
 
 def tp_rank() -> int:
@@ -33,6 +34,8 @@ def all_reduce(x: torch.Tensor) -> torch.Tensor:
     torch.distributed (NCCL, gloo on the CPU). Every rank must call it with the same shape and dtype."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return x
+    if _lamport is not None and _lamport.eligible(x):
+        return _lamport.all_reduce_(x)
     if _fast is not None and _fast.eligible(x):
         return _fast.all_reduce_(x)
     dist.all_reduce(x)
@@ -44,8 +47,8 @@ def all_reduce_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: tor
     """A row-parallel layer's partial sums x: all-reduce them, add the residual, RMSNorm. Returns (normed, new
     residual), as ops.add_rms_norm does for the sum. One kernel where init_all_reduce set it up and x fits it; else
     the all-reduce, then the fused add + RMSNorm."""
-    if _fused_norm is not None and _fused_norm.eligible(x, residual):
-        return _fused_norm(x, residual, weight, eps)
+    if _lamport is not None and _lamport.eligible(x, residual):
+        return _lamport.add_rms_norm(x, residual, weight, eps)
     return ops.add_rms_norm(all_reduce(x), residual, weight, eps)
 
 
@@ -55,11 +58,12 @@ def fast_all_reduce_bytes(dtype: torch.dtype) -> int:
 
 
 def init_all_reduce(enabled: bool = True, max_bytes: int = fast_all_reduce.DEFAULT_MAX_BYTES,
-                    fused_norm: tuple[int, torch.dtype] | None = None) -> str:
+                    lamport: tuple[int, torch.dtype] | None = None) -> str:
     """Once per rank, after init_process_group and before CUDA graphs are captured (they bake in the buffer's
-    address): set up the fast all-reduce where the group can use it, and with fused_norm (hidden size, dtype) the
-    all-reduce fused with the residual add and RMSNorm. Collective. Returns the path taken, for the log."""
-    global _fast, _fused_norm
+    address): set up the fast all-reduce where the group can use it, and with lamport (hidden size, dtype) the
+    sentinel all-reduce, alone and fused with the residual add and RMSNorm. Collective. Returns the path taken, for
+    the log."""
+    global _fast, _lamport
     close_all_reduce()
     if not dist.is_initialized():
         return "none (one process)"
@@ -69,15 +73,16 @@ def init_all_reduce(enabled: bool = True, max_bytes: int = fast_all_reduce.DEFAU
     _fast, why = fast_all_reduce.create(dist.group.WORLD, max_bytes)
     if _fast is None:
         return f"{backend} ({why})"
-    if fused_norm is not None:
-        _fused_norm, how = fast_all_reduce.create_fused_norm(dist.group.WORLD, *fused_norm)
+    if lamport is not None:
+        _lamport, how = fast_all_reduce.create_lamport(dist.group.WORLD, *lamport)
         why += f"; {how}"
     return why
 
 
 def close_all_reduce() -> None:
     """Drop the fast all-reduce's buffer (before destroy_process_group)."""
-    global _fast, _fused_norm
-    if _fast is not None:
-        _fast.close()
-    _fast = _fused_norm = None
+    global _fast, _lamport
+    for fast in (_fast, _lamport):
+        if fast is not None:
+            fast.close()
+    _fast = _lamport = None

@@ -1,7 +1,8 @@
-"""The layers' all_reduce on several GPUs (one process a GPU, NCCL): the one-shot and two-shot kernels over symmetric
-memory give NCCL's sum of random bf16, exactly with two ranks (one rounding either way), within bf16 rounding with
-more; eagerly and replayed from a CUDA graph; messages the fast path does not take (unaligned, float16, larger than
-the buffer) still sum right through NCCL."""
+"""The layers' all_reduce on several GPUs (one process a GPU, NCCL): the sentinel kernel (kernels/allreduce_norm.py,
+[rows, 4096] bf16 messages up to its size), the one-shot and two-shot kernels over symmetric memory give NCCL's sum of
+random bf16, exactly with two ranks (one rounding either way), within bf16 rounding with more; eagerly and replayed
+from a CUDA graph; messages the fast path does not take (unaligned, float16, larger than the buffer) still sum right
+through NCCL."""
 
 from __future__ import annotations
 
@@ -73,17 +74,18 @@ def _in_graph(x: torch.Tensor, world: int) -> list[str]:
 
 
 def _fused_norm(world: int) -> list[str]:
-    """The all-reduce fused with the residual add and RMSNorm (kernels/allreduce_norm.py) against NCCL's sum then
-    ops.add_rms_norm: eagerly at several row counts in a row (both halves of its buffer, rows on every program), and
-    replayed from CUDA graphs of two sizes, interleaved; every rank must hold the same bits."""
+    """The sentinel all-reduce fused with the residual add and RMSNorm (kernels/allreduce_norm.py) against NCCL's
+    sum then ops.add_rms_norm: eagerly at several row counts in a row (both slots of its buffer, rows on every
+    program, more rows than programs), alone and fused in turn, and replayed from CUDA graphs of two sizes,
+    interleaved; every rank must hold the same bits."""
     import torch.distributed as dist
 
-    from nanovllm_ray.layers import fast_all_reduce
+    from nanovllm_ray.layers import parallel
     from nanovllm_ray.layers.ops import add_rms_norm
 
-    fused, how = fast_all_reduce.create_fused_norm(dist.group.WORLD, HIDDEN, torch.bfloat16)
+    fused = parallel._lamport
     if fused is None:
-        return [f"fused all-reduce + RMSNorm not set up: {how}"]
+        return ["sentinel all-reduce not set up"]
     rank, failures = dist.get_rank(), []
     weight = torch.rand(HIDDEN, device="cuda", generator=torch.Generator(device="cuda").manual_seed(5)).bfloat16()
 
@@ -106,18 +108,22 @@ def _fused_norm(world: int) -> list[str]:
         if not all(torch.equal(gathered[0], y) for y in gathered):
             failures.append(f"{what}: ranks hold different outputs")
 
-    for i, rows in enumerate([1, 3, 1, 33, fused.max_rows, 2, fused.max_rows, 1]):
+    for i, rows in enumerate([1, 3, 1, 33, fused.max_rows, 2, fused.max_rows, 1, 200]):
         x, res = inputs(rows, i)
-        check(fused(x, res, weight, 1e-6), x, res, f"eager {rows} rows, call {i}")
+        check(fused.add_rms_norm(x, res, weight, 1e-6), x, res, f"eager {rows} rows, call {i}")
+        want = x.clone()
+        dist.all_reduce(want)
+        if (why := _same(fused.all_reduce_(x.clone()), want, world)) is not None:
+            failures.append(f"sentinel all-reduce alone, {rows} rows after call {i}: {why}")
     graphs = {}
     for rows in (1, min(64, fused.max_rows)):
         x, res = inputs(rows, 50 + rows)
         static = (x.clone(), res.clone())
-        fused(*static, weight, 1e-6)  # warm-up
+        fused.add_rms_norm(*static, weight, 1e-6)  # warm-up
         torch.cuda.synchronize()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            out = fused(*static, weight, 1e-6)
+            out = fused.add_rms_norm(*static, weight, 1e-6)
         graphs[rows] = (graph, static, out)
     for i in range(6):
         rows = (1, min(64, fused.max_rows))[i % 2]
@@ -141,7 +147,7 @@ def _rank(rank: int, world: int, port: int, errors, isolated: bool = False) -> N
     try:
         torch.cuda.set_device(0 if isolated else rank)
         dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-        path = parallel.init_all_reduce(True, BUFFER)
+        path = parallel.init_all_reduce(True, BUFFER, lamport=(HIDDEN, torch.bfloat16))
         fast = parallel._fast
         if isolated:
             assert torch.cuda.device_count() == 1

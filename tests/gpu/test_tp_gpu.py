@@ -130,7 +130,7 @@ def test_tp_matches_one_gpu_bf16(cluster, model_06b, reference, tp, fused):
             for w in ex.workers])
         assert ranks == [(True, "torch.bfloat16", "0")] * tp, ranks
         paths = ray.get([w.__ray_call__.remote(lambda w: w.all_reduce_path) for w in ex.workers])
-        assert all(("fused up to" in p) == fused for p in paths), paths
+        assert all(("sentinel all-reduce (+ residual + RMSNorm) up to" in p) == fused for p in paths), paths
         ours = _teacher_forced(ex.forward_logits, llm.config.block_size, _streams(), PROMPT_LENS)
         tokens = [o.token_ids for o in llm.generate(_prompts(), GREEDY, use_tqdm=False)]
         # Greedy generation (async scheduling: rank 0 broadcasts the tokens each step) judged by this model teacher
