@@ -26,14 +26,13 @@ import torch
 
 from benchmarks.common import device_name, measure_bandwidth, print_table, time_cuda_graph, write_result
 
-SHAPES = {"0.6b": (1024, 2048, 3072), "8b": (4096, 4096, 12288)}  # hidden, q heads x head_dim, intermediate
+# hidden, q heads x head_dim, kv heads x head_dim, intermediate; "8b-tp2": one rank's slices at tensor parallel 2
+SHAPES = {"0.6b": (1024, 2048, 1024, 3072), "8b": (4096, 4096, 1024, 12288), "8b-tp2": (4096, 2048, 512, 6144)}
 SWEEP = [dict(BLOCK_N=n, BLOCK_K=k, num_warps=w, num_stages=1, PREFETCH=p)
          for n, k, w, p in itertools.product((4, 8, 16), (256, 512, 1024), (2, 4), (True, False))]
 
 
-def make_layers(hidden: int, q: int, inter: int, layers: int, dtype: torch.dtype) -> list[dict]:
-    kv = q // 2
-
+def make_layers(hidden: int, q: int, kv: int, inter: int, layers: int, dtype: torch.dtype) -> list[dict]:
     def w(n, k):
         return (torch.randn(n, k, device="cuda") / k**0.5).to(dtype)
 
@@ -112,9 +111,11 @@ def main() -> None:
 
     ops.enable_triton_ops(True, fused_gemv=False)  # the unfused path: element-wise kernels, cuBLAS or skinny GEMM
     assert ops.skinny_gemm is skinny_gemm
-    hidden, q, inter = SHAPES[args.shape]
+    hidden, q, kv, inter = SHAPES[args.shape]
     dtype = torch.bfloat16
-    layers = make_layers(hidden, q, inter, args.layers, dtype)
+    layers = make_layers(hidden, q, kv, inter, args.layers, dtype)
+    # The kernel on every projection, whatever size the engine's cap (gemv.MAX_WEIGHT_BYTES) leaves to cuBLAS.
+    gemv.MAX_WEIGHT_BYTES = max(t.numel() * t.element_size() for t in layers[0].values()) + 1
     layer_bytes = sum(t.numel() * t.element_size() for k, t in layers[0].items() if not k.startswith("n"))
     bandwidth = measure_bandwidth()
     floor_us = layer_bytes / bandwidth * 1e6

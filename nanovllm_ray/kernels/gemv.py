@@ -35,10 +35,14 @@ import triton.language as tl
 from nanovllm_ray.kernels import pdl
 
 DTYPES = (torch.bfloat16, torch.float16)
-# Weights of this size and above stay on cuBLAS, which streams them near bandwidth: with qwen3-8b's (33-200 MB;
-# 16-100 MB a rank at tp=2) batch-1 TPOT went from 4.88 to 5.97 ms at tp=1 and 3.42 to 3.67 ms at tp=2 (2 x H200,
-# 2026-11-30). qwen3-0.6b's are 4-12 MB.
-MAX_WEIGHT_BYTES = 16 * 2**20
+# Weights of this size and above stay on cuBLAS, which streams them near bandwidth: with every qwen3-8b projection
+# (32-192 MiB; 16-96 MiB a rank at tp=2) on the kernel, batch-1 TPOT went from 4.88 to 5.97 ms at tp=1 and 3.42 to
+# 3.67 ms at tp=2 (2 x H200, 2026-11-30). qwen3-0.6b's are 4-12 MiB. At tp=2 (gemv_bench --shape 8b-tp2 --sweep,
+# H200), with LARGE_CONFIG: QKV (24 MiB) 9.9 us against cuBLAS's 11.0, o_proj (16 MiB) 5.4 against 7.1; down (48
+# MiB) 14.4 against 16.3 and gate/up 29.2 against 27.1 stay on cuBLAS, as does every tp=1 projection.
+MAX_WEIGHT_BYTES = 32 * 2**20
+LARGE_WEIGHT_BYTES = 16 * 2**20  # and above: LARGE_CONFIG
+LARGE_CONFIG = dict(BLOCK_N=4, BLOCK_K=1024, num_warps=4, num_stages=1, PREFETCH=False)  # the sweep's best for each
 
 
 @triton.jit
@@ -151,6 +155,8 @@ def config(N: int, K: int, silu_mul: bool = False) -> dict:
     distinct weights, as programmatic dependents)."""
     if silu_mul:  # two W tiles at once
         return dict(BLOCK_N=4, BLOCK_K=min(256, triton.next_power_of_2(K)), num_warps=2, num_stages=1, PREFETCH=True)
+    if N * K * 2 >= LARGE_WEIGHT_BYTES and K >= 1024:
+        return dict(LARGE_CONFIG)
     block_k = min(1024, triton.next_power_of_2(K))
     return dict(BLOCK_N=8 if N >= 3072 else 4, BLOCK_K=block_k, num_warps=2 if K <= 1024 else 4, num_stages=1,
                 PREFETCH=K > block_k)

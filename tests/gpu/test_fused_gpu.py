@@ -162,7 +162,9 @@ def _gemv_reference(x, weight, residual, norm_weight, silu_mul):
 
 @pytest.mark.parametrize("name,N,K,fusion", [("qkv_proj", 4096, 1024, "add_norm"), ("o_proj", 1024, 2048, "plain"),
                                              ("gate_up_proj", 3072, 1024, "add_norm_silu"),
-                                             ("down_proj", 1024, 3072, "plain"), ("layer 0 qkv", 4096, 1024, "norm")])
+                                             ("down_proj", 1024, 3072, "plain"), ("layer 0 qkv", 4096, 1024, "norm"),
+                                             ("8b tp=2 qkv", 3072, 4096, "plain"),
+                                             ("8b tp=2 o_proj", 4096, 2048, "plain")])
 def test_gemv_on_model_shapes(name, N, K, fusion):
     pytest.importorskip("triton")
     from nanovllm_ray.kernels import gemv
