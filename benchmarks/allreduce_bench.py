@@ -52,7 +52,7 @@ def _rank(rank: int, world: int, port: int, args: argparse.Namespace, out_path: 
     os.environ["TORCH_SYMM_MEM_DISABLE_MULTICAST"] = "1"
     import torch.distributed as dist
 
-    from nanovllm_ray.layers.fast_all_reduce import create
+    from nanovllm_ray.layers.fast_all_reduce import create, create_lamport
 
     torch.cuda.set_device(rank)
     dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
@@ -63,10 +63,7 @@ def _rank(rank: int, world: int, port: int, args: argparse.Namespace, out_path: 
         fast, why = create(dist.group.WORLD, max(message_sizes))
         sentinel = None
         if fast is not None:  # its buffer holds 2 x world messages: up to 16 MiB ones here
-            from nanovllm_ray.kernels.allreduce_norm import LamportAllReduce
-
-            rows_max = min(max(message_sizes), 16 << 20) // (2 * HIDDEN)
-            sentinel = LamportAllReduce(dist.group.WORLD, torch.device("cuda", rank), HIDDEN, rows_max, torch.bfloat16)
+            sentinel, _ = create_lamport(dist.group.WORLD, HIDDEN, torch.bfloat16, min(max(message_sizes), 16 << 20))
         if rank == 0:
             print(f"{world} ranks: {why}", flush=True)
         rows = []

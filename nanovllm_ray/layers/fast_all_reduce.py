@@ -149,19 +149,23 @@ def create(group: dist.ProcessGroup, max_bytes: int = DEFAULT_MAX_BYTES) -> tupl
     return fast, f"one/two-shot over symmetric memory ({max_bytes >> 20} MiB buffer), NCCL above"
 
 
-def create_lamport(group: dist.ProcessGroup, hidden: int, dtype: torch.dtype):
+def create_lamport(group: dist.ProcessGroup, hidden: int, dtype: torch.dtype, max_bytes: int | None = None):
     """The sentinel all-reduce (kernels/allreduce_norm.py), alone and fused with the residual add and RMSNorm, for
-    [rows, hidden] messages of a 16-bit dtype up to LAMPORT_MAX_BYTES, or None and why not. Collective, after
-    `create` succeeded on every rank; the ranks agree, and sums are checked against NCCL's before they are trusted."""
+    [rows, hidden] messages of a 16-bit dtype up to max_bytes (default LAMPORT_MAX_BYTES for the group's size), or
+    None and why not. Collective, after `create` succeeded on every rank; the ranks agree, and sums are checked
+    against NCCL's before they are trusted."""
+    if dtype.itemsize != 2 or not dtype.is_floating_point:  # the same model dtype on every rank
+        return None, f"sentinel all-reduce off (it takes 16-bit floats, not {dtype})"
     device = torch.device("cuda", torch.cuda.current_device())
     fused, why = None, ""
-    max_rows = LAMPORT_MAX_BYTES.get(group.size(), 256 << 10) // (hidden * dtype.itemsize)
+    if max_bytes is None:
+        max_bytes = LAMPORT_MAX_BYTES.get(group.size(), 256 << 10)
     try:
         from nanovllm_ray.kernels.allreduce_norm import LamportAllReduce
 
-        fused = LamportAllReduce(group, device, hidden, max(1, max_rows), dtype)
+        fused = LamportAllReduce(group, device, hidden, max(1, max_bytes // (hidden * dtype.itemsize)), dtype)
         _check_lamport(fused, group, device)
-    except Exception as e:  # no Triton, a kernel that does not compile, a wrong sum, a float32 model
+    except Exception as e:  # no Triton, a kernel that does not compile, a wrong sum
         why = f"{type(e).__name__}: {e}"
         logger.warning("sentinel all-reduce: %s", why)
         fused = None
