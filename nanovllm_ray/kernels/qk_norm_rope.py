@@ -20,14 +20,13 @@ from nanovllm_ray.kernels import pdl
 
 
 @triton.jit
-def _norm_rope(row_ptr, w_ptr, cos, sin, eps, h, d, mask, HALF: tl.constexpr):
-    """RMSNorm over head_dim of heads h of one token, then neox-style rotation; returns both halves (fp32)."""
+def _norm_rope(row_ptr, w1, w2, cos, sin, eps, h, d, mask, HALF: tl.constexpr):
+    """RMSNorm over head_dim of heads h of one token (weight halves w1, w2), then neox-style rotation; returns both
+    halves (fp32)."""
     x1 = tl.load(row_ptr + h * (2 * HALF) + d, mask=mask, other=0.0).to(tl.float32)
     x2 = tl.load(row_ptr + h * (2 * HALF) + HALF + d, mask=mask, other=0.0).to(tl.float32)
     r = tl.rsqrt((tl.sum(x1 * x1, axis=1) + tl.sum(x2 * x2, axis=1)) / (2 * HALF) + eps)[:, None]
     dtype = row_ptr.dtype.element_ty
-    w1 = tl.load(w_ptr + d).to(tl.float32)
-    w2 = tl.load(w_ptr + HALF + d).to(tl.float32)
     n1 = (x1 * r).to(dtype).to(tl.float32) * w1
     n2 = (x2 * r).to(dtype).to(tl.float32) * w2
     return n1 * cos - n2 * sin, n2 * cos + n1 * sin
@@ -56,37 +55,46 @@ def _qk_norm_rope_store_kernel(
     STORE: tl.constexpr,
     PDL: tl.constexpr,  # launched as a programmatic dependent (kernels/pdl.py)
 ):
-    if PDL:
-        pdl.wait()
     t = tl.program_id(0).to(tl.int64)
     dtype = qkv_ptr.dtype.element_ty
+    # The step's inputs, the cos/sin table and the norm weights before the wait: the kernel just before (the QKV
+    # projection) writes only the row.
     pos = tl.load(pos_ptr + t).to(tl.int64)
     d = tl.arange(0, HALF)[None, :]
     cos = tl.load(cos_sin_ptr + pos * stride_cs + d).to(dtype).to(tl.float32)
     sin = tl.load(cos_sin_ptr + pos * stride_cs + HALF + d).to(dtype).to(tl.float32)
+    qw1 = tl.load(q_w_ptr + d).to(tl.float32)
+    qw2 = tl.load(q_w_ptr + HALF + d).to(tl.float32)
+    kw1 = tl.load(k_w_ptr + d).to(tl.float32)
+    kw2 = tl.load(k_w_ptr + HALF + d).to(tl.float32)
+    slot = tl.load(slot_ptr + t).to(tl.int64)  # (positions when not STORE: unused)
+    if PDL:
+        pdl.wait()
     row = qkv_ptr + t * stride_t
     D = 2 * HALF
 
+    # Every load before the first store, so that their latencies overlap.
     qh = tl.arange(0, BLOCK_QH)[:, None]
     q_mask = qh < NUM_HEADS
-    q1, q2 = _norm_rope(row, q_w_ptr, cos, sin, eps, qh, d, q_mask, HALF)
+    q1, q2 = _norm_rope(row, qw1, qw2, cos, sin, eps, qh, d, q_mask, HALF)
+    kh = tl.arange(0, BLOCK_KH)[:, None]
+    k_mask = kh < NUM_KV_HEADS
+    k1, k2 = _norm_rope(row + NUM_HEADS * D, kw1, kw2, cos, sin, eps, kh, d, k_mask, HALF)
+    k1, k2 = k1.to(dtype), k2.to(dtype)
+    if STORE:
+        v_src = row + (NUM_HEADS + NUM_KV_HEADS) * D + kh * D + d
+        v_mask = k_mask & (slot >= 0)
+        v1 = tl.load(v_src, mask=v_mask)
+        v2 = tl.load(v_src + HALF, mask=v_mask)
+
     q_dst = q_out_ptr + t * (NUM_HEADS * D) + qh * D + d
     tl.store(q_dst, q1.to(dtype), mask=q_mask)
     tl.store(q_dst + HALF, q2.to(dtype), mask=q_mask)
-
-    kh = tl.arange(0, BLOCK_KH)[:, None]
-    k_mask = kh < NUM_KV_HEADS
-    k1, k2 = _norm_rope(row + NUM_HEADS * D, k_w_ptr, cos, sin, eps, kh, d, k_mask, HALF)
-    k1, k2 = k1.to(dtype), k2.to(dtype)
     k_dst = k_out_ptr + t * (NUM_KV_HEADS * D) + kh * D + d
     tl.store(k_dst, k1, mask=k_mask)
     tl.store(k_dst + HALF, k2, mask=k_mask)
     if STORE:
-        slot = tl.load(slot_ptr + t).to(tl.int64)
         if slot >= 0:
-            v_src = row + (NUM_HEADS + NUM_KV_HEADS) * D + kh * D + d
-            v1 = tl.load(v_src, mask=k_mask)
-            v2 = tl.load(v_src + HALF, mask=k_mask)
             dst = slot * (NUM_KV_HEADS * D) + kh * D + d
             cache_dtype = k_cache_ptr.dtype.element_ty
             tl.store(k_cache_ptr + dst, k1.to(cache_dtype), mask=k_mask)
