@@ -14,7 +14,9 @@ Throughput is benchmarks/throughput.py's workload and floor (the floor over N ca
 benchmarks/latency.py's batch of one. The all-reduce time of a step is 2 x num_layers + 1 back-to-back all-reduces
 (o_proj and down_proj of each layer, the embedding) of [batch, hidden] activations in the model's dtype, replayed in
 one CUDA graph on the ranks: the step's communication without its compute or the LM head's gather to rank 0. It is
-shown beside the batch-1 TPOT and beside an engine decode step at --decode-batch.
+shown beside the batch-1 TPOT and beside an engine decode step at --decode-batch. Also per N: the workload's wall time
+by kind of step (throughput.py's table) and graph_ms, the device's time for a decode graph at --decode-batch whose
+rows hold one token of context (the step without its KV reads: weights, all-reduces, LM head, sampler).
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ from benchmarks.common import (
 )
 from benchmarks.executor_dispatch import decode_step_ms
 from benchmarks.latency import run_batch
-from benchmarks.throughput import floor_seconds, workload
+from benchmarks.throughput import floor_seconds, summarize_trace, trace_steps, workload
 
 
 def run_tp(path: str, tp: int, args: argparse.Namespace, prompts: list[list[int]], max_tokens: list[int],
@@ -60,9 +62,12 @@ def run_tp(path: str, tp: int, args: argparse.Namespace, prompts: list[list[int]
         llm.generate(["Benchmark: "], SamplingParams(), use_tqdm=False)  # warm-up
         if cuda:
             torch.cuda.synchronize()
+        trace = trace_steps(engine.scheduler)
         t = time.perf_counter()
         outs = llm.generate(prompts, params, use_tqdm=False)
         seconds = time.perf_counter() - t
+        phases = summarize_trace(trace, time.perf_counter())
+        print_table(phases)
         generated = sum(o.num_generated_tokens for o in outs)
         assert generated == sum(max_tokens)
         print(f"tp={tp}: workload {generated / seconds:,.0f} tok/s", flush=True)
@@ -79,6 +84,10 @@ def run_tp(path: str, tp: int, args: argparse.Namespace, prompts: list[list[int]
         graph_b1, kernels = executor.measure_decode_graph(1, profile=args.profile) if cuda else (0.0, "")
         if kernels:
             print(f"\n--- tp={tp}: top kernels of 5 batch-1 decode graph replays (rank 0) ---\n{kernels}")
+        # The same at the decode batch: its rows have one token of context, so this is the step without the KV reads.
+        graph_batch, kernels_batch = executor.measure_decode_graph(batch, profile=args.profile) if cuda else (0.0, "")
+        if kernels_batch:
+            print(f"\n--- tp={tp}: top kernels of 5 batch-{batch} decode graph replays (rank 0) ---\n{kernels_batch}")
         layers = llm.config.hf_config["num_hidden_layers"]
         allreduce = {1: 0.0, batch: 0.0}  # one rank: no communication
         if tp > 1:
@@ -88,10 +97,11 @@ def run_tp(path: str, tp: int, args: argparse.Namespace, prompts: list[list[int]
                "tokens_per_s": round(generated / seconds, 1),
                "tpot_b1_ms": round(tpot * 1e3, 3), "graph_b1_ms": round(graph_b1 * 1e3, 3),
                "allreduce_b1_ms": round(allreduce[1], 3),
-               "decode_batch": batch, "step_ms": round(step_ms, 3), "allreduce_ms": round(allreduce[batch], 3),
+               "decode_batch": batch, "step_ms": round(step_ms, 3), "graph_ms": round(graph_batch * 1e3, 3),
+               "allreduce_ms": round(allreduce[batch], 3),
                "num_kv_blocks": engine.block_manager.num_blocks, "preemptions": stats.num_preemptions,
                "async_scheduling": engine.async_scheduling, "executor": type(executor).__name__,
-               **({"kernels_b1": kernels} if kernels else {})}
+               "phases": phases, **({"kernels_b1": kernels, f"kernels_b{batch}": kernels_batch} if kernels else {})}
         if bandwidth:
             floor = floor_seconds(prompts, max_tokens, model_shape(path), bandwidth * tp)
             row |= {"floor_s": round(floor, 3), "fraction_of_floor": round(floor / seconds, 3)}
@@ -162,7 +172,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=30, help="decode steps timed")
     ap.add_argument("--baseline", default=None, help="tp_scaling JSON whose tp=1 row is the baseline")
     ap.add_argument("--ray-num-cpus", type=int, default=None, help="CPUs of the local Ray instance (default: all)")
-    ap.add_argument("--profile", action="store_true", help="print and keep rank 0's top kernels of a batch-1 step")
+    ap.add_argument("--profile", action="store_true",
+                    help="print and keep rank 0's top kernels of a batch-1 step and of one at --decode-batch")
     ap.add_argument("--tag", default="")
     args = ap.parse_args()
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a local instance of our own
@@ -206,7 +217,7 @@ def main() -> None:
         r["efficiency"] = round(r["tokens_per_s"] / (r["tp"] * base["tokens_per_s"]), 3) if base else None
         r["tpot_speedup"] = round(base["tpot_b1_ms"] / r["tpot_b1_ms"], 3) if base else None
     shown = ["tp", "tokens_per_s", "efficiency", "fraction_of_floor", "tpot_b1_ms", "tpot_speedup", "graph_b1_ms",
-             "allreduce_b1_ms", "decode_batch", "step_ms", "allreduce_ms", "preemptions"]
+             "allreduce_b1_ms", "decode_batch", "step_ms", "graph_ms", "allreduce_ms", "preemptions"]
     print(f"\n{Path(path).name} on {f'{gpus} x ' if gpus else ''}{device_name()}"
           + (f", {bandwidth / 1e12:.2f} TB/s a card" if bandwidth else ""))
     print_table([{k: "-" if r.get(k) is None else r[k] for k in shown} for r in rows])
