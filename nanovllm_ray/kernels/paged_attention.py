@@ -209,12 +209,11 @@ def _decode_kernel(
     # latency overlaps that kernel (qwen3-0.6b batch-1 TPOT 0.865 -> 0.855 ms, H200). Longer chunks leave every tile
     # to the loop after the wait, whose software pipeline loads the next tiles ahead (a first tile loaded apart from
     # it made batch 8, two tiles a split, 2% slower, and batch 64, unsplit, 3%).
-    cols0 = start + tl.arange(0, BLOCK_N)
-    new = seq_len - 1  # the new token's position
     if SPLIT:
         one_tile = chunk == BLOCK_N
+        cols0 = start + tl.arange(0, BLOCK_N)
         k, v = _load_kv_tile(
-            k_cache_ptr, v_cache_ptr, bt_row_ptr, cols0, (cols0 < tl.minimum(end, new)) & one_tile, head_off,
+            k_cache_ptr, v_cache_ptr, bt_row_ptr, cols0, (cols0 < tl.minimum(end, seq_len - 1)) & one_tile, head_off,
             stride_co, block_shift, HEAD_DIM,
         )
     if PDL:
@@ -232,7 +231,7 @@ def _decode_kernel(
     loop_start = start
     if SPLIT:
         if one_tile:
-            if (start <= new) & (new < end):  # the tile holds the new token: load it whole, now that it is stored
+            if end == seq_len:  # the last split's tile holds the new token: load it whole, now that it is stored
                 k, v = _load_kv_tile(
                     k_cache_ptr, v_cache_ptr, bt_row_ptr, cols0, cols0 < end, head_off, stride_co, block_shift,
                     HEAD_DIM,
