@@ -72,6 +72,8 @@ def add_kernel_flags(ap) -> None:
     """The switches that turn the batch-1 decode fusions off, to measure each one (latency.py, profile_step.py)."""
     ap.add_argument("--no-fused-gemv", action="store_true", help="decode projections as before kernels/gemv.py")
     ap.add_argument("--no-pdl", action="store_true", help="decode kernels without programmatic dependent launch")
+    ap.add_argument("--gemv-max-rows", type=int, default=None,
+                    help="decode batches of up to this many rows take kernels/gemv.py (1: one row only)")
 
 
 def apply_kernel_flags(args) -> dict:
@@ -80,6 +82,10 @@ def apply_kernel_flags(args) -> dict:
         from nanovllm_ray.kernels import pdl
 
         pdl.enable(False)
+    if args.gemv_max_rows is not None:
+        from nanovllm_ray.kernels import gemv
+
+        gemv.MAX_ROWS = args.gemv_max_rows
     return {"fused_gemv": not args.no_fused_gemv}
 
 

@@ -1,4 +1,4 @@
-"""A decode layer's four projections at batch 1: the fused GEMV (kernels/gemv.py) against the ops it replaces.
+"""A decode layer's four projections at small batches: the fused GEMV (kernels/gemv.py) against the ops it replaces.
 
 Each variant runs the projections of `--layers` layers (own weights, more bytes than L2 holds) back to back in one
 CUDA graph, as a decode step does, and reports microseconds per layer beside the floor (a layer's weight bytes at
@@ -6,14 +6,16 @@ the measured copy bandwidth):
 
 - unfused: the Triton add + RMSNorm (kernels/elementwise.py), cuBLAS or the skinny GEMM (layers/linear.py's
   choice), the Triton SiLU-and-mul: the engine's path for batches the fused GEMV does not take;
-- gemv: the fused kernel, plain launches;
-- gemv+pdl: the fused kernel as programmatic dependents (Hopper+), each prefetching its weights into L2 while the
-  kernel before it finishes.
+- gemv: the engine's choice: the fused kernel where gemv.supports the projection at the batch's rows (every
+  projection at 1 row; at 2-8 rows those of ROWS_TUNED), else the unfused ops; plain launches;
+- gemv+pdl: the same as programmatic dependents (Hopper+), each prefetching its weights into L2 while the kernel
+  before it finishes.
 
-With --sweep it also times each projection alone (`--layers` launches of it over distinct weights in one graph,
+--rows times the layer at several batch sizes (1 takes the one-row kernel, 2-8 the rows kernel). With --sweep
+M,... it also times each projection alone at M rows (`--layers` launches of it over distinct weights in one graph,
 as programmatic dependents) over tile configs, beside layers/linear.py's cuBLAS or skinny GEMM, and prints the best.
 
-    python -m benchmarks.gemv_bench [--shape 0.6b|8b] [--layers 28] [--sweep]
+    python -m benchmarks.gemv_bench [--shape 0.6b|8b|8b-tp2] [--layers 28] [--rows 1,2,4,8,16] [--sweep 1,8]
 """
 
 from __future__ import annotations
@@ -30,6 +32,12 @@ from benchmarks.common import device_name, measure_bandwidth, print_table, time_
 SHAPES = {"0.6b": (1024, 2048, 1024, 3072), "8b": (4096, 4096, 1024, 12288), "8b-tp2": (4096, 2048, 512, 6144)}
 SWEEP = [dict(BLOCK_N=n, BLOCK_K=k, num_warps=w, num_stages=1, PREFETCH=p)
          for n, k, w, p in itertools.product((4, 8, 16), (256, 512, 1024), (2, 4), (True, False))]
+# 2-16 rows (_gemv_rows_kernel): fp32 FMAs over thin slices, and tensor cores over slices of 16 and 32 rows
+ROWS_SWEEP = ([dict(DOT=False, BLOCK_N=n, BLOCK_K=k, num_warps=w, num_stages=1)
+               for n, k, w in itertools.product((2, 4, 8), (64, 128, 256), (2, 4))]
+              + [dict(DOT=True, BLOCK_N=n, BLOCK_K=k, num_warps=4, num_stages=1) for n, k in ((16, 256), (16, 512),
+                                                                                               (32, 256))])
+FMA_ACC_PER_THREAD = 64  # the FMA configs' [BLOCK_N, BLOCK_M, BLOCK_K] accumulator, fp32 a thread: more spills
 
 
 def make_layers(hidden: int, q: int, kv: int, inter: int, layers: int, dtype: torch.dtype) -> list[dict]:
@@ -41,25 +49,35 @@ def make_layers(hidden: int, q: int, kv: int, inter: int, layers: int, dtype: to
             for _ in range(layers)]
 
 
-def unfused_layer(x, residual, p, ops, linear):
+# Attention's output, which o_proj reads: a step's input, not the QKV projection's (attention is not timed here).
+def unfused_layer(x, residual, attn, p, ops, linear):
     h, residual = ops.add_rms_norm(x, residual, p["n1"], 1e-6)
-    qkv = linear(h, p["qkv"])
-    o = linear(qkv[:, : p["o"].shape[1]].contiguous(), p["o"])  # stands in for attention's output
+    linear(h, p["qkv"])
+    o = linear(attn, p["o"])
     h, residual = ops.add_rms_norm(o, residual, p["n2"], 1e-6)
     return linear(ops.silu_and_mul(linear(h, p["gate_up"])), p["down"]), residual
 
 
-def gemv_layer(x, residual, p, gemv, cfg):
-    qkv, residual = gemv.gemv(x, p["qkv"], residual=residual, norm_weight=p["n1"], config_override=cfg)
-    o, _ = gemv.gemv(qkv[:, : p["o"].shape[1]], p["o"], config_override=cfg)
-    h, residual = gemv.gemv(o, p["gate_up"], residual=residual, norm_weight=p["n2"], silu_mul=True,
-                            config_override=cfg)
-    return gemv.gemv(h, p["down"], config_override=cfg)[0], residual
+def gemv_layer(x, residual, attn, p, gemv, ops, linear):
+    """The engine's choice (layers/linear.py): the fused kernel where gemv.supports the projection at x's rows,
+    else the unfused ops."""
+    def proj(x, w, residual=None, norm_weight=None, silu_mul=False):
+        if gemv.supports(x.shape[0], w.shape[0], w.shape[1], x.dtype):
+            return gemv.gemv(x, w, residual=residual, norm_weight=norm_weight, silu_mul=silu_mul)
+        if norm_weight is not None:
+            x, residual = ops.add_rms_norm(x, residual, norm_weight, 1e-6)
+        y = linear(x, w)
+        return (ops.silu_and_mul(y) if silu_mul else y), residual
+
+    proj(x, p["qkv"], residual, p["n1"])
+    o, _ = proj(attn, p["o"])
+    h, residual = proj(o, p["gate_up"], residual, p["n2"], silu_mul=True)
+    return proj(h, p["down"])[0], residual
 
 
-def projection_calls(p: dict, hidden: int, dtype: torch.dtype) -> dict:
-    """Per projection: (x, weight, gemv kwargs) as the layer calls it."""
-    x = lambda k: torch.randn(1, k, device="cuda", dtype=dtype)  # noqa: E731
+def projection_calls(p: dict, hidden: int, dtype: torch.dtype, M: int = 1) -> dict:
+    """Per projection: (x, weight, gemv kwargs) as the layer calls it, for M rows."""
+    x = lambda k: torch.randn(M, k, device="cuda", dtype=dtype)  # noqa: E731
     residual = x(hidden)
     return {"qkv_proj": (x(hidden), "qkv", dict(residual=residual, norm_weight=p["n1"])),
             "o_proj": (x(p["o"].shape[1]), "o", {}),
@@ -67,14 +85,19 @@ def projection_calls(p: dict, hidden: int, dtype: torch.dtype) -> dict:
             "down_proj": (x(p["down"].shape[1]), "down", {})}
 
 
-def sweep(layers: list[dict], hidden: int, dtype: torch.dtype, gemv, linear, bandwidth: float) -> list[dict]:
+def sweep(layers: list[dict], hidden: int, dtype: torch.dtype, gemv, linear, bandwidth: float, M: int = 1
+          ) -> list[dict]:
     rows = []
-    for name, (x, key, kwargs) in projection_calls(layers[0], hidden, dtype).items():
+    for name, (x, key, kwargs) in projection_calls(layers[0], hidden, dtype, M).items():
         weights = [p[key] for p in layers]
         floor_us = weights[0].numel() * weights[0].element_size() / bandwidth * 1e6
         base = per_call_us(linear, x, weights)
         results = []
-        for cfg in SWEEP:
+        silu = kwargs.get("silu_mul", False)
+        configs = SWEEP if M == 1 else [
+            c for c in ROWS_SWEEP if c["DOT"] or (c["BLOCK_N"] * gemv.rows_block(M, False) * c["BLOCK_K"]
+                                                  * (2 if silu else 1) <= FMA_ACC_PER_THREAD * 32 * c["num_warps"])]
+        for cfg in configs:
             try:
                 us = per_call_us(functools.partial(gemv.gemv, config_override=cfg, **kwargs), x, weights)
             except Exception as e:  # a config that does not compile (registers, shared memory)
@@ -82,11 +105,11 @@ def sweep(layers: list[dict], hidden: int, dtype: torch.dtype, gemv, linear, ban
                 continue
             results.append((us, cfg))
         results.sort(key=lambda r: r[0])
-        silu = kwargs.get("silu_mul", False)
-        default = gemv.config(weights[0].shape[0] // (2 if silu else 1), weights[0].shape[1], silu)
+        rows, K = weights[0].shape
+        default = gemv.config(rows // (2 if silu else 1), K, silu) if M == 1 else gemv.rows_config(rows, K, M)
         default_us = next((us for us, cfg in results if cfg == default), float("nan"))
         best_us, best = results[0]
-        rows.append({"projection": name, "linear_us": base, "gemv_default_us": default_us,
+        rows.append({"rows": M, "projection": name, "linear_us": base, "gemv_default_us": default_us,
                      "gemv_best_us": best_us, "floor_us": floor_us,
                      "best": " ".join(f"{k}={v}" for k, v in best.items())})
     return rows
@@ -101,7 +124,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", choices=SHAPES, default="0.6b")
     ap.add_argument("--layers", type=int, default=28)
-    ap.add_argument("--sweep", action="store_true", help="also time other tile configs (gemv+pdl)")
+    ap.add_argument("--rows", default="1", help="batch rows to time the layer at, comma-separated")
+    ap.add_argument("--sweep", default="", help="also time other tile configs (gemv+pdl) at these rows, "
+                    "comma-separated (1: _gemv_kernel's, 2-16: _gemv_rows_kernel's)")
     ap.add_argument("--tag", default="")
     args = ap.parse_args()
 
@@ -115,32 +140,35 @@ def main() -> None:
     dtype = torch.bfloat16
     layers = make_layers(hidden, q, kv, inter, args.layers, dtype)
     # The kernel on every projection, whatever size the engine's cap (gemv.MAX_WEIGHT_BYTES) leaves to cuBLAS.
-    gemv.MAX_WEIGHT_BYTES = max(t.numel() * t.element_size() for t in layers[0].values()) + 1
+    cap = max(t.numel() * t.element_size() for t in layers[0].values()) + 1
+    gemv.MAX_WEIGHT_BYTES = gemv.MAX_ROWS_WEIGHT_BYTES = cap  # still only where ROWS_TUNED says, at 2-8 rows
     layer_bytes = sum(t.numel() * t.element_size() for k, t in layers[0].items() if not k.startswith("n"))
     bandwidth = measure_bandwidth()
     floor_us = layer_bytes / bandwidth * 1e6
-    x = torch.randn(1, hidden, device="cuda", dtype=dtype)
-    residual = torch.randn(1, hidden, device="cuda", dtype=dtype)
-
-    def step(layer_fn):
-        h, r = x, residual
-        for p in layers:
-            h, r = layer_fn(h, r, p)
-        return h
-
-    variants = {"unfused": (lambda h, r, p: unfused_layer(h, r, p, ops, linear_mod.linear), False),
-                "gemv": (lambda h, r, p: gemv_layer(h, r, p, gemv, None), False),
-                "gemv+pdl": (lambda h, r, p: gemv_layer(h, r, p, gemv, None), True)}
     rows = []
-    for name, (fn, on) in variants.items():
-        pdl.enable(on)  # read at each launch, so at capture
-        us = time_cuda_graph(functools.partial(step, fn)) / args.layers
-        rows.append({"variant": name, "us_per_layer": us, "floor_us": floor_us, "of_floor": floor_us / us})
-    pdl.enable(True)
+    for M in (int(m) for m in args.rows.split(",")):
+        x, residual, attn = (torch.randn(M, k, device="cuda", dtype=dtype) for k in (hidden, hidden, q))
+
+        def step(layer_fn, x=x, residual=residual, attn=attn):
+            h, r = x, residual
+            for p in layers:
+                h, r = layer_fn(h, r, attn, p)
+            return h
+
+        variants = {"unfused": (functools.partial(unfused_layer, ops=ops, linear=linear_mod.linear), False),
+                    "gemv": (functools.partial(gemv_layer, gemv=gemv, ops=ops, linear=linear_mod.linear), False),
+                    "gemv+pdl": (functools.partial(gemv_layer, gemv=gemv, ops=ops, linear=linear_mod.linear), True)}
+        for name, (fn, on) in variants.items():
+            pdl.enable(on)  # read at each launch, so at capture
+            us = time_cuda_graph(functools.partial(step, fn)) / args.layers
+            rows.append({"rows": M, "variant": name, "us_per_layer": us, "floor_us": floor_us,
+                         "of_floor": floor_us / us})
+        pdl.enable(True)
     print_table(rows)
     sweep_rows = []
-    if args.sweep:
-        sweep_rows = sweep(layers, hidden, dtype, gemv, linear_mod.linear, bandwidth)
+    for M in (int(m) for m in args.sweep.split(",") if m):
+        sweep_rows += sweep(layers, hidden, dtype, gemv, linear_mod.linear, bandwidth, M)
+    if sweep_rows:
         print_table(sweep_rows)
     print(f"{args.shape}: {layer_bytes / 2**20:.1f} MiB of weights a layer, bandwidth {bandwidth / 1e12:.2f} TB/s, "
           f"{device_name()}")

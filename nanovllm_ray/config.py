@@ -40,7 +40,7 @@ class Config:
     prefill_graph_tokens: int = _setting(2048, "CUDA graphs for prefill steps up to this many tokens (of up to 8 "
                                                "sequences; a short prompt's first token without the host's "
                                                "per-op cost); 0: prefills run eagerly")
-    fused_gemv: bool = _setting(True, "decode batches of up to 16 rows on CUDA: each projection one Triton kernel, "
+    fused_gemv: bool = _setting(True, "decode batches of up to 4 rows on CUDA: each projection one Triton kernel, "
                                 "with the RMSNorm before it and SiLU-and-mul after it folded in (kernels/gemv.py)")
     tensor_parallel_size: int = _setting(1, "ranks (GPUs) per engine")
     fast_all_reduce: bool = _setting(True, "tensor parallelism on GPUs with P2P access: decode-sized all-reduces "

@@ -1,4 +1,4 @@
-"""y = x @ W^T for the one row of a batch-1 decode step, with the layer's neighbours folded in.
+"""y = x @ W^T for the 1-4 rows of a small decode step, with the layer's neighbours folded in.
 
 A batch-1 decode step of a small model is ~40 us a layer of kernels that each sit at a few-microsecond latency
 floor (profile_step.py, H200: QKV 5.4 us, o_proj 9.8 us, gate/up 5.4 us, down 4.4 + 1.7 us split-K combine, two
@@ -22,8 +22,13 @@ four projections are four launches of one kernel and nothing else runs between t
 
 Rounding follows the unfused ops (ops.add_rms_norm, ops.silu_and_mul): the residual sum is rounded to the model dtype,
 so are the normalised value before the weight multiplies it, the product, the gate and up values and silu(gate).
-One row only (a batch-1 decode step): with more rows, FMAs cost too much (8 rows: 200 us a layer) and tl.dot's
-16-row tiles lost to cuBLAS (46 against 32 us a layer at 8 rows); those batches take layers/linear.py's GEMMs.
+
+2-4 rows (_gemv_rows_kernel): the same slices, fusions, prefetch and roundings, with each W tile used for every row:
+fp32 FMAs into a [BLOCK_N, rows, BLOCK_K] accumulator summed over K once at the end (thin slices), or tl.dot with W
+as the left operand and the rows padded to 16 (slices of 16-32 rows). Per projection and row count ROWS_TUNED says
+which, or cuBLAS where that measured faster. At 2 rows the step is 20% shorter (qwen3-0.6b, H200: TPOT 1.430 ->
+1.148 ms), at 4 12% (1.410 -> 1.247); at 5-8 rows cuBLAS with the separate kernels stayed faster (a layer's
+projections 30.9 against 28.8 us at 8), and 5 rows and up take layers/linear.py's GEMMs.
 """
 
 from __future__ import annotations
@@ -42,6 +47,8 @@ DTYPES = (torch.bfloat16, torch.float16)
 # MiB) 14.4 against 16.3 and gate/up 29.2 against 27.1 stay on cuBLAS, as does every tp=1 projection.
 MAX_WEIGHT_BYTES = 32 * 2**20
 LARGE_WEIGHT_BYTES = 16 * 2**20  # and above: LARGE_CONFIG
+MAX_ROWS = 4  # rows a call takes at most (more: cuBLAS / the skinny GEMM); see ROWS_TUNED
+MAX_ROWS_WEIGHT_BYTES = 16 * 2**20  # weights of this size and above take cuBLAS at more than one row
 LARGE_CONFIG = dict(BLOCK_N=4, BLOCK_K=1024, num_warps=4, num_stages=1, PREFETCH=False)  # the sweep's best for each
 
 
@@ -58,12 +65,13 @@ def _prefetch_l2(base, nbytes, NUM_THREADS: tl.constexpr):
 
 
 @triton.jit
-def _input(x_ptr, res_ptr, nw_ptr, k, kmask, rstd, NORM: tl.constexpr, ADD: tl.constexpr):
-    """x[k] for a vector of columns k, normalised when NORM; also returns a + residual (ADD), the new residual."""
+def _input(x_ptr, res_ptr, nw_ptr, offs, k, kmask, mask, rstd, NORM: tl.constexpr, ADD: tl.constexpr):
+    """x at offsets offs (columns k), normalised when NORM (rstd: the row's, or a column of the rows'); also returns
+    a + residual (ADD), the new residual. One row: offs = k, mask = kmask; rows: offs [rows, cols], k [1, cols]."""
     dtype = x_ptr.dtype.element_ty
-    h = tl.load(x_ptr + k, mask=kmask, other=0.0)
+    h = tl.load(x_ptr + offs, mask=mask, other=0.0)
     if ADD:
-        h = (h.to(tl.float32) + tl.load(res_ptr + k, mask=kmask, other=0.0).to(tl.float32)).to(dtype)
+        h = (h.to(tl.float32) + tl.load(res_ptr + offs, mask=mask, other=0.0).to(tl.float32)).to(dtype)
     x = h
     if NORM:
         nw = tl.load(nw_ptr + k, mask=kmask, other=0.0).to(tl.float32)
@@ -118,7 +126,7 @@ def _gemv_kernel(
     if NORM:  # the sum of squares of the whole row first
         ss = tl.zeros([BLOCK_K], dtype=tl.float32)
         for k in range(0, K, BLOCK_K):
-            _, h = _input(x_ptr, res_ptr, nw_ptr, k + rk, (k + rk) < K, rstd, False, ADD)
+            _, h = _input(x_ptr, res_ptr, nw_ptr, k + rk, k + rk, (k + rk) < K, (k + rk) < K, rstd, False, ADD)
             h = h.to(tl.float32)
             ss += h * h
         rstd = tl.rsqrt(tl.sum(ss, axis=0) / K + eps)
@@ -127,7 +135,7 @@ def _gemv_kernel(
     acc_up = tl.zeros([BLOCK_N], dtype=tl.float32)
     for k in range(0, K, BLOCK_K):
         kmask = (k + rk) < K
-        x, h = _input(x_ptr, res_ptr, nw_ptr, k + rk, kmask, rstd, NORM, ADD)
+        x, h = _input(x_ptr, res_ptr, nw_ptr, k + rk, k + rk, kmask, kmask, rstd, NORM, ADD)
         if ADD:
             tl.store(res_out_ptr + k + rk, h, mask=kmask & (pid == 0))
         x = x.to(tl.float32)[None, :]
@@ -147,6 +155,100 @@ def _gemv_kernel(
     tl.store(out_ptr + rn, acc.to(out_ptr.dtype.element_ty), mask=rn < N)
 
 
+@triton.jit
+def _gemv_rows_kernel(
+    x_ptr,  # [M, K] contiguous (NORM with ADD: the partial sums a to add to the residual)
+    res_ptr,  # [M, K] residual (ADD)
+    nw_ptr,  # [K] RMSNorm weight (NORM)
+    res_out_ptr,  # [M, K] a + residual, written by program 0 (ADD)
+    w_ptr,  # [N, K], or [2N, K] gate | up rows (SILU_MUL); rows contiguous
+    out_ptr,  # [M, N]
+    M,
+    N,
+    K,
+    eps,
+    NORM: tl.constexpr,
+    ADD: tl.constexpr,
+    SILU_MUL: tl.constexpr,
+    PDL: tl.constexpr,  # launched as a programmatic dependent, bringing its W slice into L2 before the wait
+    DOT: tl.constexpr,  # tensor cores (tl.dot); else fp32 FMAs
+    BLOCK_M: tl.constexpr,  # M padded to a power of two (DOT: to tl.dot's 16)
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    NUM_THREADS: tl.constexpr,
+    ELEM_BYTES: tl.constexpr,
+):
+    """_gemv_kernel for 2-16 rows: the same slices, fusions and roundings, the products on tensor cores with W as the
+    left operand (W slice [BLOCK_N, BLOCK_K] x x^T [BLOCK_K, BLOCK_M]), so the batch pads only the small side."""
+    pid = tl.program_id(0)
+    dtype = w_ptr.dtype.element_ty
+    n0 = pid * BLOCK_N
+    rn = n0 + tl.arange(0, BLOCK_N)
+    rm = tl.arange(0, BLOCK_M)[:, None]  # [BLOCK_M, 1]
+    rk = tl.arange(0, BLOCK_K)[None, :]  # [1, BLOCK_K]
+    w_rows = w_ptr + (rn % N).to(tl.int64)[:, None] * K  # W rows past N read a valid row, never stored
+    u_rows = w_ptr + (rn % N + N).to(tl.int64)[:, None] * K
+    if PDL:
+        nbytes = tl.minimum(BLOCK_N, N - n0).to(tl.int64) * K * ELEM_BYTES
+        _prefetch_l2(w_ptr + n0.to(tl.int64) * K, nbytes, NUM_THREADS)
+        if SILU_MUL:
+            _prefetch_l2(w_ptr + (N + n0).to(tl.int64) * K, nbytes, NUM_THREADS)
+    # The first W tile before the wait; each later one is loaded a tile ahead of its product.
+    w = tl.load(w_rows + rk, mask=rk < K, other=0.0)
+    u = w
+    if SILU_MUL:
+        u = tl.load(u_rows + rk, mask=rk < K, other=0.0)
+    if PDL:
+        pdl.wait()
+
+    rstd = tl.zeros([BLOCK_M, 1], dtype=tl.float32)
+    if NORM:  # every row's sum of squares first
+        ss = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
+        for k in range(0, K, BLOCK_K):
+            cols = k + rk
+            _, h = _input(x_ptr, res_ptr, nw_ptr, rm * K + cols, cols, cols < K, (rm < M) & (cols < K), rstd, False,
+                          ADD)
+            h = h.to(tl.float32)
+            ss += h * h
+        rstd = tl.rsqrt(tl.sum(ss, axis=1) / K + eps)[:, None]
+
+    acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    acc_up = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    acc3 = tl.zeros([BLOCK_N, BLOCK_M, BLOCK_K if not DOT else 1], dtype=tl.float32)  # FMAs: reduced at the end
+    up3 = tl.zeros([BLOCK_N, BLOCK_M, BLOCK_K if not DOT else 1], dtype=tl.float32)
+    for k in range(0, K, BLOCK_K):
+        cols = k + rk
+        w_next = tl.load(w_rows + cols + BLOCK_K, mask=cols + BLOCK_K < K, other=0.0)  # past K: no traffic
+        u_next = w_next
+        if SILU_MUL:
+            u_next = tl.load(u_rows + cols + BLOCK_K, mask=cols + BLOCK_K < K, other=0.0)
+        mask = (rm < M) & (cols < K)
+        x, h = _input(x_ptr, res_ptr, nw_ptr, rm * K + cols, cols, cols < K, mask, rstd, NORM, ADD)
+        if ADD:
+            tl.store(res_out_ptr + rm * K + cols, h, mask=mask & (pid == 0))
+        if DOT:
+            xt = tl.trans(x)
+            acc = tl.dot(w, xt, acc)
+            if SILU_MUL:
+                acc_up = tl.dot(u, xt, acc_up)
+        else:
+            xf = x.to(tl.float32)[None, :, :]
+            acc3 += w.to(tl.float32)[:, None, :] * xf
+            if SILU_MUL:
+                up3 += u.to(tl.float32)[:, None, :] * xf
+        w, u = w_next, u_next
+    if not DOT:
+        acc = tl.sum(acc3, axis=2)
+        acc_up = tl.sum(up3, axis=2)
+
+    if SILU_MUL:
+        g = acc.to(dtype).to(tl.float32)
+        s = (g / (1.0 + tl.exp(-g))).to(dtype).to(tl.float32)
+        acc = s * acc_up.to(dtype).to(tl.float32)
+    rows = tl.arange(0, BLOCK_M)[None, :]
+    tl.store(out_ptr + rows * N + rn[:, None], acc.to(out_ptr.dtype.element_ty), mask=(rn < N)[:, None] & (rows < M))
+
+
 def config(N: int, K: int, silu_mul: bool = False) -> dict:
     """Tile sizes, from benchmarks/gemv_bench.py --sweep on an H200 (qwen3-0.6b's projections, 2026-11-30): thin W
     slices (4-8 rows: 256-768 programs for N = 1024-3072) over K tiles of up to 1024 columns, so that each program
@@ -162,39 +264,88 @@ def config(N: int, K: int, silu_mul: bool = False) -> dict:
                 PREFETCH=K > block_k)
 
 
+def _fma(block_n: int, block_k: int, num_warps: int) -> dict:
+    return dict(DOT=False, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps, num_stages=1)
+
+
+# _gemv_rows_kernel's tiles by W's shape (rows, K) and batch rows (the entry of the smallest bucket >= M); None where
+# cuBLAS with the separate norm and SiLU-and-mul kernels measured faster. `gemv_bench --sweep 2,4,8` on an H200
+# (2026-11-30, gemv_bench-NVIDIA_H200-20261130-143432.json), each projection alone against layers/linear.py's GEMM,
+# us at 2 / 4 / 8 rows (the GEMM's times leave out the 1.4 us RMSNorm and SiLU-and-mul kernels the fused ones save):
+# QKV 5.7 / 6.4 / 6.4 against 5.3; o_proj 4.0 / 4.4 / 5.7 against 12.8 / 8.4 / 5.9; gate/up 7.2 / 10.8 / 13.1 against
+# 6.0-6.1; down 5.3 / 6.0 / 7.6 against 6.7-6.8. A layer's four in one graph (`--rows`, ...-143722.json), us against
+# the unfused path: 2 rows 29.6 / 35.8, 3 rows 29.3 / 33.2, 4 rows 29.7 / 33.4; with the 8-row tiles below each
+# projection where it was faster alone, 8 rows 30.9 / 28.8: so 5 rows and more take cuBLAS. Other shapes take the
+# kernel at 2 rows only.
+ROWS_TUNED: dict[tuple[int, int], dict[int, dict | None]] = {
+    (4096, 1024): {2: _fma(8, 256, 4), 4: dict(DOT=True, BLOCK_N=32, BLOCK_K=256, num_warps=4, num_stages=1)},
+    (1024, 2048): {2: _fma(2, 256, 4), 4: _fma(4, 256, 2)},
+    (6144, 1024): {2: _fma(4, 256, 2), 4: None},
+    (1024, 3072): {2: _fma(2, 256, 4), 4: _fma(4, 256, 2)},
+}
+ROWS_DEFAULT: dict[int, dict | None] = {2: _fma(4, 256, 4), 4: None}
+
+
+def rows_config(rows: int, K: int, M: int) -> dict | None:
+    """Tiles of _gemv_rows_kernel for M (2 to MAX_ROWS) rows and W [rows, K] (gate and up rows together), or None
+    where cuBLAS measured faster."""
+    table = ROWS_TUNED.get((rows, K), ROWS_DEFAULT)
+    bucket = min((b for b in table if b >= M), default=None)
+    return None if bucket is None else table[bucket]
+
+
+def rows_block(M: int, dot: bool) -> int:
+    """BLOCK_M of _gemv_rows_kernel: M padded to a power of two, and to 16 for tl.dot."""
+    return max(16 if dot else 1, triton.next_power_of_2(M))
+
+
 def supports(M: int, rows: int, K: int, dtype: torch.dtype) -> bool:
-    """Shapes the kernel takes: x one row of bf16/fp16, W [rows, K] with 16-byte aligned rows (the bulk prefetch) and
-    under MAX_WEIGHT_BYTES, where it measured faster than cuBLAS."""
-    return M == 1 and dtype in DTYPES and K % 8 == 0 and 1 <= rows * K * 2 < MAX_WEIGHT_BYTES
+    """Shapes the kernels take: x 1 to MAX_ROWS rows of bf16/fp16, W [rows, K] with 16-byte aligned rows (the bulk
+    prefetch) and under MAX_WEIGHT_BYTES (MAX_ROWS_WEIGHT_BYTES for more than one row), where they measured faster
+    than cuBLAS."""
+    if dtype not in DTYPES or K % 8 or rows * K * 2 < 1:
+        return False
+    if M == 1:
+        return rows * K * 2 < MAX_WEIGHT_BYTES
+    return 2 <= M <= MAX_ROWS and rows * K * 2 < MAX_ROWS_WEIGHT_BYTES and rows_config(rows, K, M) is not None
 
 
 def gemv(
-    x: torch.Tensor,  # [1, K], unit stride on K
+    x: torch.Tensor,  # [M, K], unit stride on K (contiguous for M > 1)
     weight: torch.Tensor,  # [N, K] contiguous, or [2N, K] with silu_mul
     *,
-    residual: torch.Tensor | None = None,  # [1, K]: normalise x + residual (needs norm_weight)
+    residual: torch.Tensor | None = None,  # [M, K]: normalise x + residual (needs norm_weight)
     norm_weight: torch.Tensor | None = None,  # [K]: RMSNorm of the input, before the product
     eps: float = 1e-6,
     silu_mul: bool = False,
     config_override: dict | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Returns (y, new residual). y: [1, N] x W^T, or silu(x Wg^T) * (x Wu^T) with silu_mul, where x is
+    """Returns (y, new residual). y: [M, N] x W^T, or silu(x Wg^T) * (x Wu^T) with silu_mul, where x is
     RMSNorm(x + residual) * norm_weight when norm_weight is given. The new residual is x + residual (a new tensor)
     when residual is given, else None."""
     assert x.dim() == 2 and weight.dim() == 2 and weight.is_contiguous() and x.stride(1) == 1
     M, K = x.shape
     N = weight.shape[0] // 2 if silu_mul else weight.shape[0]
-    assert weight.shape[1] == K and x.dtype == weight.dtype and supports(M, weight.shape[0], K, x.dtype), (
-        x.shape, weight.shape)
+    assert weight.shape[1] == K and x.dtype == weight.dtype, (x.shape, weight.shape)
+    assert config_override is not None or supports(M, weight.shape[0], K, x.dtype), (x.shape, weight.shape)
+    assert M == 1 or x.is_contiguous(), x.stride()
     assert residual is None or (norm_weight is not None and residual.shape == x.shape and residual.is_contiguous())
-    out = torch.empty((1, N), dtype=x.dtype, device=x.device)
+    out = torch.empty((M, N), dtype=x.dtype, device=x.device)
     res_out = torch.empty_like(residual) if residual is not None else None
-    cfg = config(N, K, silu_mul) | (config_override or {})
     use_pdl = pdl.use(x)  # and the L2 bulk prefetch: both sm90+
-    _gemv_kernel[(triton.cdiv(N, cfg["BLOCK_N"]),)](
-        x, residual if residual is not None else x, norm_weight if norm_weight is not None else x,
-        res_out if res_out is not None else out, weight, out, N, K, eps,
-        NORM=norm_weight is not None, ADD=residual is not None, SILU_MUL=silu_mul, PDL=use_pdl,
-        PREFETCH=cfg["PREFETCH"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], NUM_THREADS=32 * cfg["num_warps"],
-        ELEM_BYTES=x.element_size(), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], launch_pdl=use_pdl)
+    args = (x, residual if residual is not None else x, norm_weight if norm_weight is not None else x,
+            res_out if res_out is not None else out, weight, out)
+    flags = dict(NORM=norm_weight is not None, ADD=residual is not None, SILU_MUL=silu_mul, PDL=use_pdl,
+                 ELEM_BYTES=x.element_size(), launch_pdl=use_pdl)
+    if M == 1:
+        cfg = config(N, K, silu_mul) | (config_override or {})
+        _gemv_kernel[(triton.cdiv(N, cfg["BLOCK_N"]),)](
+            *args, N, K, eps, **flags, PREFETCH=cfg["PREFETCH"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
+            NUM_THREADS=32 * cfg["num_warps"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    else:
+        cfg = {"num_stages": 1} | (rows_config(weight.shape[0], K, M) or {}) | (config_override or {})
+        _gemv_rows_kernel[(triton.cdiv(N, cfg["BLOCK_N"]),)](
+            *args, M, N, K, eps, **flags, DOT=cfg["DOT"], BLOCK_M=rows_block(M, cfg["DOT"]), BLOCK_N=cfg["BLOCK_N"],
+            BLOCK_K=cfg["BLOCK_K"], NUM_THREADS=32 * cfg["num_warps"], num_warps=cfg["num_warps"],
+            num_stages=cfg["num_stages"])
     return out, res_out

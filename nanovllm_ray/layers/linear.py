@@ -27,7 +27,8 @@ def norm_linear(x: torch.Tensor, residual: torch.Tensor | None, norm: RMSNorm, p
                 silu_mul: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """proj(norm(x + residual)), then SiLU-and-mul if silu_mul (gate_up_proj); returns it and the new residual
     (x itself where residual is None: the embeddings). x is the previous row-parallel layer's output, summed over
-    the ranks by the norm (RMSNorm reduce=True). At tp 1 a small CUDA batch is one kernel (kernels/gemv.py)."""
+    the ranks by the norm (RMSNorm reduce=True). At tp 1 a small CUDA batch (1-4 rows, where kernels/gemv.py takes the
+    shape) is one kernel."""
     if tp_size() == 1 and _gemv_fits(x, proj.weight, proj.bias):
         y, new_residual = ops.gemv.gemv(x, proj.weight, residual=residual, norm_weight=norm.weight, eps=norm.eps,
                                         silu_mul=silu_mul)
@@ -43,7 +44,8 @@ def norm_linear(x: torch.Tensor, residual: torch.Tensor | None, norm: RMSNorm, p
 def _gemv_fits(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
     gemv = ops.gemv
     return (gemv is not None and bias is None and x.is_cuda and x.dim() == 2 and x.stride(1) == 1
-            and gemv.supports(x.shape[0], weight.shape[0], x.shape[1], x.dtype))
+            and (x.shape[0] == 1 or x.is_contiguous()) and gemv.supports(x.shape[0], weight.shape[0], x.shape[1],
+                                                                         x.dtype))
 
 
 class LinearBase(nn.Module):

@@ -165,12 +165,15 @@ def _gemv_reference(x, weight, residual, norm_weight, silu_mul):
                                              ("down_proj", 1024, 3072, "plain"), ("layer 0 qkv", 4096, 1024, "norm"),
                                              ("8b tp=2 qkv", 3072, 4096, "plain"),
                                              ("8b tp=2 o_proj", 4096, 2048, "plain")])
-def test_gemv_on_model_shapes(name, N, K, fusion):
+@pytest.mark.parametrize("M", [1, 2, 3, 4])  # one row, and the rows kernel (FMAs or tensor cores, by ROWS_TUNED)
+def test_gemv_on_model_shapes(name, N, K, fusion, M):
     pytest.importorskip("triton")
     from nanovllm_ray.kernels import gemv
 
+    if not gemv.supports(M, N * (2 if fusion.endswith("silu") else 1), K, torch.bfloat16):
+        pytest.skip(f"{name} at {M} rows takes cuBLAS")
     torch.manual_seed(0)
-    M, silu = 1, fusion.endswith("silu")
+    silu = fusion.endswith("silu")
     x = torch.randn(M, K, device="cuda").bfloat16()
     weight = (torch.randn(2 * N if silu else N, K, device="cuda") / K**0.5).bfloat16()
     residual = torch.randn(M, K, device="cuda").bfloat16() if "add" in fusion else None
@@ -182,7 +185,8 @@ def test_gemv_on_model_shapes(name, N, K, fusion):
         assert torch.equal(res_out, ref_res)
 
 
-def test_gemv_chain_as_programmatic_dependents_in_a_cuda_graph():
+@pytest.mark.parametrize("M", [1, 2])
+def test_gemv_chain_as_programmatic_dependents_in_a_cuda_graph(M):
     """Layers of fused GEMVs launched as programmatic dependents (each prefetches its weights before it waits for the
     kernel before it), captured and replayed: the same bits as plain launches, on fresh inputs at every replay."""
     pytest.importorskip("triton")
@@ -191,7 +195,7 @@ def test_gemv_chain_as_programmatic_dependents_in_a_cuda_graph():
     if torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("programmatic dependent launch needs sm90+")
     torch.manual_seed(0)
-    hidden, inter, M = 1024, 3072, 1
+    hidden, inter = 1024, 3072
     ws = [[(torch.randn(n, k, device="cuda") / k**0.5).bfloat16() for n, k in ((2048, hidden), (hidden, 2048),
                                                                              (2 * inter, hidden), (hidden, inter))]
           for _ in range(6)]
