@@ -31,7 +31,10 @@ LOG2E = 1.4426950408889634
 # Split-KV choice, tuned on H100 (benchmarks/kernel_bench.py --cudagraph --splits ...) with the separate reduce
 # kernel: small batches are fastest with about 4 programs per SM and one 64-token tile per split at least; from ~1.5
 # programs per SM on, splitting only adds the reduce pass.
-MAX_SPLITS = 32  # split-KV partitions per (sequence, kv head) at most
+# At most 16: batch 1 took 32 (the decode graphs choose for max_model_len), most of them empty at a 512-640 token
+# context. qwen3-0.6b on an H200 (latency.py, 2026-11-30, the same run): batch-1 TPOT 0.852 -> 0.798 ms; at a
+# 3,500-token context 0.953 -> 0.957; batches 2 / 4 / 8 1.140 / 1.255 / 1.406 -> 1.144 / 1.245 / 1.409.
+MAX_SPLITS = 16  # split-KV partitions per (sequence, kv head) at most
 MIN_SPLIT_LEN = 64  # tokens per split at least
 # fp32 partials the fused split-KV merge loads at once (up to 4 heads x splits x head_dim): this keeps the decode
 # kernel at the registers it needs without the merge (ptxas for sm_90: 8192, or 8 heads, took 160-166 instead of 128).
