@@ -178,8 +178,10 @@ def _gemv_rows_kernel(
     NUM_THREADS: tl.constexpr,
     ELEM_BYTES: tl.constexpr,
 ):
-    """_gemv_kernel for 2-16 rows: the same slices, fusions and roundings, the products on tensor cores with W as the
-    left operand (W slice [BLOCK_N, BLOCK_K] x x^T [BLOCK_K, BLOCK_M]), so the batch pads only the small side."""
+    """_gemv_kernel for a few rows (2-4 in the engine): the same slices, fusions and roundings, each W tile used for
+    every row: fp32 FMAs into acc3 [BLOCK_N, BLOCK_M, BLOCK_K], summed over K once after the loop, or (DOT) tensor
+    cores with W as the left operand (W slice [BLOCK_N, BLOCK_K] x x^T [BLOCK_K, BLOCK_M]), so that the batch pads
+    only the small side."""
     pid = tl.program_id(0)
     dtype = w_ptr.dtype.element_ty
     n0 = pid * BLOCK_N
