@@ -65,6 +65,24 @@ def _prefetch_l2(base, nbytes, NUM_THREADS: tl.constexpr):
 
 
 @triton.jit
+def _prefetch_slice(w_ptr, n0, N, K, BLOCK_N: tl.constexpr, SILU_MUL: tl.constexpr, NUM_THREADS: tl.constexpr,
+                    ELEM_BYTES: tl.constexpr):
+    """This program's W slice, rows [n0, n0 + BLOCK_N) (and the up rows N + n0... with SILU_MUL), into L2."""
+    nbytes = tl.minimum(BLOCK_N, N - n0).to(tl.int64) * K * ELEM_BYTES
+    _prefetch_l2(w_ptr + n0.to(tl.int64) * K, nbytes, NUM_THREADS)
+    if SILU_MUL:
+        _prefetch_l2(w_ptr + (N + n0).to(tl.int64) * K, nbytes, NUM_THREADS)
+
+
+@triton.jit
+def _silu_mul(gate, up, dtype: tl.constexpr):
+    """silu(gate) * up from fp32 sums, rounded as ops.silu_and_mul rounds: the gate and up values, silu(gate)."""
+    g = gate.to(dtype).to(tl.float32)
+    s = (g / (1.0 + tl.exp(-g))).to(dtype).to(tl.float32)
+    return s * up.to(dtype).to(tl.float32)
+
+
+@triton.jit
 def _input(x_ptr, res_ptr, nw_ptr, offs, k, kmask, mask, rstd, NORM: tl.constexpr, ADD: tl.constexpr):
     """x at offsets offs (columns k), normalised when NORM (rstd: the row's, or a column of the rows'); also returns
     a + residual (ADD), the new residual. One row: offs = k, mask = kmask; rows: offs [rows, cols], k [1, cols]."""
@@ -109,10 +127,7 @@ def _gemv_kernel(
     w_rows = w_ptr + (rn % N).to(tl.int64)[:, None] * K  # [BLOCK_N, 1]
     u_rows = w_ptr + (rn % N + N).to(tl.int64)[:, None] * K  # SILU_MUL: the up rows
     if PDL and PREFETCH:
-        nbytes = tl.minimum(BLOCK_N, N - n0).to(tl.int64) * K * ELEM_BYTES
-        _prefetch_l2(w_ptr + n0.to(tl.int64) * K, nbytes, NUM_THREADS)
-        if SILU_MUL:
-            _prefetch_l2(w_ptr + (N + n0).to(tl.int64) * K, nbytes, NUM_THREADS)
+        _prefetch_slice(w_ptr, n0, N, K, BLOCK_N, SILU_MUL, NUM_THREADS, ELEM_BYTES)
     # The first W tile is read before the wait: weights do not depend on the kernels before this one.
     kmask = rk < K
     w = tl.load(w_rows + rk[None, :], mask=kmask[None, :], other=0.0)
@@ -149,9 +164,7 @@ def _gemv_kernel(
             u = tl.load(u_rows + (k + BLOCK_K + rk)[None, :], mask=kmask[None, :], other=0.0)
 
     if SILU_MUL:
-        g = acc.to(dtype).to(tl.float32)
-        s = (g / (1.0 + tl.exp(-g))).to(dtype).to(tl.float32)
-        acc = s * acc_up.to(dtype).to(tl.float32)
+        acc = _silu_mul(acc, acc_up, dtype)
     tl.store(out_ptr + rn, acc.to(out_ptr.dtype.element_ty), mask=rn < N)
 
 
@@ -191,10 +204,7 @@ def _gemv_rows_kernel(
     w_rows = w_ptr + (rn % N).to(tl.int64)[:, None] * K  # W rows past N read a valid row, never stored
     u_rows = w_ptr + (rn % N + N).to(tl.int64)[:, None] * K
     if PDL:
-        nbytes = tl.minimum(BLOCK_N, N - n0).to(tl.int64) * K * ELEM_BYTES
-        _prefetch_l2(w_ptr + n0.to(tl.int64) * K, nbytes, NUM_THREADS)
-        if SILU_MUL:
-            _prefetch_l2(w_ptr + (N + n0).to(tl.int64) * K, nbytes, NUM_THREADS)
+        _prefetch_slice(w_ptr, n0, N, K, BLOCK_N, SILU_MUL, NUM_THREADS, ELEM_BYTES)
     # The first W tile before the wait; each later one is loaded a tile ahead of its product.
     w = tl.load(w_rows + rk, mask=rk < K, other=0.0)
     u = w
@@ -244,9 +254,7 @@ def _gemv_rows_kernel(
         acc_up = tl.sum(up3, axis=2)
 
     if SILU_MUL:
-        g = acc.to(dtype).to(tl.float32)
-        s = (g / (1.0 + tl.exp(-g))).to(dtype).to(tl.float32)
-        acc = s * acc_up.to(dtype).to(tl.float32)
+        acc = _silu_mul(acc, acc_up, dtype)
     rows = tl.arange(0, BLOCK_M)[None, :]
     tl.store(out_ptr + rows * N + rn[:, None], acc.to(out_ptr.dtype.element_ty), mask=(rn < N)[:, None] & (rows < M))
 
