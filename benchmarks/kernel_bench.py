@@ -4,6 +4,7 @@
     python -m benchmarks.kernel_bench --heads 32 --kv-heads 8 --block-size 256 --prefill
     python -m benchmarks.kernel_bench --sweep               # also try other decode tile configs
     python -m benchmarks.kernel_bench --cudagraph --contexts 640 --max-seq-len 4096   # splits as in the engine's graphs
+    python -m benchmarks.kernel_bench --plan                # the split-KV plan against the one before it, 28 layers
     python -m benchmarks.kernel_bench --gemm                # skinny GEMM vs cuBLAS, Qwen3-0.6B decode linears
     python -m benchmarks.kernel_bench --gemm --gemm-model 8b --gemm-m 1 16 64
 
@@ -11,6 +12,10 @@ Decode is memory bound: GB/s = K and V bytes read / time (H100 SXM HBM3 peaks ne
 splits the KV, it is timed with the split-KV merge fused into the kernel and with the separate reduce kernel
 (--reduce); --max-seq-len chooses the split count for a longer bound than the context, as the engine's CUDA graphs do
 (captured for max_model_len, replayed at whatever the batch's context is).
+--plan times decode as a step does (a graph of --layers launches, one per layer's cache, so nothing stays in L2), the
+engine's split-KV plan (choose_num_splits, decode_config) against the plan before 2026-12-01 (previous_plan): at
+--plan-contexts for batches 1-256, at lengths drawn from --mixed for batches 16-256, splits chosen for
+--max-seq-len (default 4096).
 Prefill reports causal TFLOP/s (4 * heads * head_dim per visible query-key pair).
 --gemm times y = x @ W^T for each M: F.linear (cuBLAS), skinny_linear with gemm_config's choice and a sweep of tile
 configs, all replayed from CUDA graphs over enough weight copies to miss L2 (as a model's layers do); GB/s = (W + x +
@@ -22,6 +27,7 @@ import functools
 import itertools
 import json
 import os
+import random
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -101,6 +107,67 @@ def bench_decode(args, dtype, decode_config=None):
     finally:
         paged_attention.decode_config = original
     return rows
+
+
+def previous_plan(num_seqs: int, num_kv_heads: int, max_seq_len: int) -> tuple[int, dict]:
+    """The split-KV plan before 2026-12-01: ~4 programs a SM in one-tile splits (16 at most), none from 1.5 a SM;
+    64-token tiles, 3 stages everywhere."""
+    programs, sms = num_seqs * num_kv_heads, torch.cuda.get_device_properties(0).multi_processor_count
+    splits = 1 if 2 * programs >= 3 * sms else min(triton.cdiv(4 * sms, programs), triton.cdiv(max_seq_len, 64), 16)
+    return splits, dict(BLOCK_N=64, num_warps=4, num_stages=3)
+
+
+def bench_plan(args, dtype) -> list[dict]:
+    """Decode over --layers layers' caches in one CUDA graph: the engine's plan against previous_plan."""
+    rng = random.Random(0)
+    cases = [(f"ctx{c}", [c] * b) for c in args.plan_contexts for b in (1, 2, 4, 8, 16, 64, 128, 256)]
+    lo, hi = args.mixed
+    mixed_batches = (16, 24, 32, 48, 64, 96, 128, 192, 256)
+    cases += [(f"mixed{lo}-{hi}", [rng.randint(lo, hi) for _ in range(b)]) for b in mixed_batches]
+    bound = args.max_seq_len or 4096
+    original = paged_attention.decode_config
+    rows = []
+    for case, seq_lens in cases:
+        caches = [make_inputs(seq_lens, args.heads, args.kv_heads, args.head_dim, args.block_size, dtype)
+                  for _ in range(args.layers)]
+        q, lens = caches[0][0], caches[0][4]
+        out = torch.empty_like(q)
+        kv_bytes = 2 * sum(seq_lens) * args.kv_heads * args.head_dim * q.element_size() * args.layers
+        splits = paged_attention.choose_num_splits(len(seq_lens), args.kv_heads, bound, q.device)
+        plans = {"plan": (splits, None), "previous": previous_plan(len(seq_lens), args.kv_heads, bound)}
+        for name, (num_splits, config) in plans.items():
+            if config is not None:
+                paged_attention.decode_config = lambda *_, c=config: dict(c)
+            calls = [
+                functools.partial(
+                    paged_attention.paged_decode_attention,
+                    *(q, k_cache, v_cache, tables, lens, args.head_dim**-0.5),
+                    out=out,
+                    num_splits=num_splits,
+                )
+                for _, k_cache, v_cache, tables, _ in caches
+            ]
+            try:
+                ms = triton.testing.do_bench_cudagraph(lambda calls=calls: [call() for call in calls], rep=200)
+            finally:
+                paged_attention.decode_config = original
+            rows.append(dict(kernel="plan", case=case, batch=len(seq_lens), plan=name, num_splits=num_splits,
+                             config=config or "engine", us_per_layer=ms * 1e3 / args.layers,
+                             gb_s=kv_bytes / (ms * 1e-3) / 1e9))
+        del caches
+        torch.cuda.empty_cache()
+    return rows
+
+
+def print_plan(rows: list[dict]) -> None:
+    print(f"{'case':>14} {'batch':>5} {'plan us/layer':>13} {'GB/s':>6} {'previous':>9} {'GB/s':>6} {'speed-up':>8}",
+          " splits")
+    for case_batch in dict.fromkeys((r["case"], r["batch"]) for r in rows):
+        new, old = (next(r for r in rows if (r["case"], r["batch"]) == case_batch and r["plan"] == p)
+                    for p in ("plan", "previous"))
+        print(f"{case_batch[0]:>14} {case_batch[1]:5d} {new['us_per_layer']:13.2f} {new['gb_s']:6.0f} "
+              f"{old['us_per_layer']:9.2f} {old['gb_s']:6.0f} {old['us_per_layer'] / new['us_per_layer']:7.2f}x  "
+              f"{new['num_splits']} (was {old['num_splits']})")
 
 
 def print_decode_reduce(rows: list[dict]) -> None:
@@ -354,6 +421,10 @@ def main() -> None:
         "--reduce", choices=["both", "fused", "two-kernel"], default="both", help="split-KV merge(s) to time"
     )
     parser.add_argument("--cudagraph", action="store_true", help="time decode replayed from a CUDA graph")
+    parser.add_argument("--plan", action="store_true", help="time the split-KV plan against the previous one")
+    parser.add_argument("--plan-contexts", type=int, nargs="+", default=[640], help="--plan's uniform contexts")
+    parser.add_argument("--mixed", type=int, nargs=2, default=[100, 2048], help="--plan's range of random lengths")
+    parser.add_argument("--layers", type=int, default=28, help="--plan's layers (caches) a step")
     parser.add_argument("--prefill", action="store_true", help="also time prefill")
     parser.add_argument("--sweep", action="store_true", help="also time other decode tile configs")
     parser.add_argument("--gemm", action="store_true", help="time the skinny GEMM against cuBLAS instead")
@@ -372,6 +443,12 @@ def main() -> None:
         print_gemm(rows, args.dtype)
         print(f"\n{time.perf_counter() - t:.0f} s")
         write_json(args, rows, f"kernel_bench-gemm-{args.gemm_model}")
+        return
+
+    if args.plan:
+        rows = bench_plan(args, dtype)
+        print_plan(rows)
+        write_json(args, rows, "kernel_bench-plan")
         return
 
     rows = bench_decode(args, dtype)

@@ -137,12 +137,22 @@ def test_decode_padding_rows_and_out_buffer(num_splits):
 
 
 def test_choose_num_splits():
-    cpu = torch.device("cpu")
+    cpu = torch.device("cpu")  # counts as 132 SMs
     assert paged_attention.choose_num_splits(32, 8, 4096, cpu) == 1  # enough programs already
     assert paged_attention.choose_num_splits(1, 8, 50, cpu) == 1  # too short to split
     assert paged_attention.choose_num_splits(1, 8, 512, cpu) == 8  # one 64-token tile per split
-    assert paged_attention.choose_num_splits(8, 8, 4096, cpu) == 9  # ~4 programs per SM
+    assert paged_attention.choose_num_splits(8, 8, 4096, cpu) == paged_attention.MAX_SPLITS  # batch 1-8: all
+    assert paged_attention.choose_num_splits(16, 8, 4096, cpu) == 5  # ~4 programs per SM
     assert paged_attention.choose_num_splits(1, 1, 10**6, cpu) == paged_attention.MAX_SPLITS
+
+
+def test_decode_config_regimes():
+    cpu, bf16 = torch.device("cpu"), torch.bfloat16
+    assert paged_attention.decode_config(2, 128, bf16, 8, cpu)["num_stages"] == 1  # one-tile splits
+    assert paged_attention.decode_config(2, 128, bf16, 128, cpu)["BLOCK_N"] == 64
+    assert paged_attention.decode_config(2, 128, bf16, 528, cpu)["BLOCK_N"] == 64  # unsplit, one wave
+    assert paged_attention.decode_config(2, 128, bf16, 529, cpu)["BLOCK_N"] == 128
+    assert paged_attention.decode_config(2, 128, torch.float32, 1024, cpu)["BLOCK_N"] == 32
 
 
 def _counters_are_zero(device):

@@ -28,14 +28,23 @@ import triton.language as tl
 from nanovllm_ray.kernels import pdl
 
 LOG2E = 1.4426950408889634
-# Split-KV choice, tuned on H100 (benchmarks/kernel_bench.py --cudagraph --splits ...) with the separate reduce
-# kernel: small batches are fastest with about 4 programs per SM and one 64-token tile per split at least; from ~1.5
-# programs per SM on, splitting only adds the reduce pass.
-# At most 16: batch 1 took 32 (the decode graphs choose for max_model_len), most of them empty at a 512-640 token
-# context. qwen3-0.6b on an H200 (latency.py, 2026-11-30, the same run): batch-1 TPOT 0.852 -> 0.798 ms; at a
-# 3,500-token context 0.953 -> 0.957; batches 2 / 4 / 8 1.140 / 1.255 / 1.406 -> 1.144 / 1.245 / 1.409.
+# Split-KV choice and tiles, by (sequence, kv head) pairs; measured on an H200, qwen3-0.6b attention, bf16, 28 layers'
+# caches in one CUDA graph (benchmarks/kernel_bench.py --plan, kernel_bench-plan-h200-20261130-161857.json; 640 tokens
+# at batch 1-256, 100-2,048 at random from batch 16):
+# - up to SMALL_PROGRAMS pairs (batch 1-8 of 8 kv heads): MAX_SPLITS splits of one 64-token tile, loaded ahead of
+#   the programmatic wait, and num_stages 1 (a one-tile program has no loop to pipeline; 3 stages cost occupancy):
+#   batch 1 / 8 6.14 / 12.36 -> 5.30 / 11.25 us a layer against 16 / 9 splits and 3 stages.
+# - below 1.5 pairs a SM: splits for about 4 programs a SM, one 64-token tile at least (tuned on H100).
+# - from 1.5 pairs a SM: no split; from more than 4 a SM (one wave of 64-token programs, 128 registers: 4 a SM),
+#   128-token tiles (168 registers: 3 a SM), which double what a lone long sequence has in flight at the end of a
+#   step of mixed lengths: batch 128 / 256 at random lengths 162.6 / 291.5 -> 151.7 / 282.0 us a layer, at even
+#   lengths 83.0 / 162.5 -> 83.6 / 163.9. At batch 64 and even lengths they lost (42.7 -> 49.0: two waves, not one).
+# At most 16 splits: the decode graphs choose for max_model_len, so batch 1 took 32, most of them empty at a 512-640
+# token context (H200, latency.py: batch-1 TPOT 0.852 -> 0.798 ms). Empty splits are not free: each holds a program
+# slot for its sequence-length load (why splits of 512 tokens at least for batch 16-96 were dropped: README).
 MAX_SPLITS = 16  # split-KV partitions per (sequence, kv head) at most
 MIN_SPLIT_LEN = 64  # tokens per split at least
+SMALL_PROGRAMS = 64
 # fp32 partials the fused split-KV merge loads at once (up to 4 heads x splits x head_dim): this keeps the decode
 # kernel at the registers it needs without the merge (ptxas for sm_90: 8192, or 8 heads, took 160-166 instead of 128).
 MERGE_TILE = 4096
@@ -360,13 +369,15 @@ def _sm_count(device: torch.device) -> int:
 
 
 def choose_num_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int, device: torch.device) -> int:
-    """Split-KV partitions so that num_seqs * num_kv_heads * splits fills the GPU, each split >= MIN_SPLIT_LEN."""
-    programs = num_seqs * num_kv_heads
-    num_sms = _sm_count(device)
-    if 2 * programs >= 3 * num_sms:
+    """Split-KV partitions per (sequence, kv head), each >= MIN_SPLIT_LEN tokens: the regimes above."""
+    programs, sms = num_seqs * num_kv_heads, _sm_count(device)
+    if programs <= SMALL_PROGRAMS:
+        fill = MAX_SPLITS
+    elif 2 * programs >= 3 * sms:
         return 1
-    splits = min(triton.cdiv(4 * num_sms, programs), triton.cdiv(max_seq_len, MIN_SPLIT_LEN), MAX_SPLITS)
-    return max(splits, 1)
+    else:
+        fill = triton.cdiv(4 * sms, programs)
+    return max(min(fill, triton.cdiv(max_seq_len, MIN_SPLIT_LEN), MAX_SPLITS), 1)
 
 
 def _check_cache(k_cache: torch.Tensor, v_cache: torch.Tensor, head_dim: int) -> tuple[int, int]:
@@ -379,10 +390,18 @@ def _check_cache(k_cache: torch.Tensor, v_cache: torch.Tensor, head_dim: int) ->
     return block_size, num_kv_heads
 
 
-def decode_config(group: int, head_dim: int, dtype: torch.dtype) -> dict:
-    """Tile sizes and launch options of _decode_kernel (benchmarks/kernel_bench.py --sweep times the alternatives)."""
-    block_n = 32 if dtype == torch.float32 or head_dim > 128 else 64  # fp32 "ieee" dots are FMA loops: keep them small
-    return dict(BLOCK_N=block_n, num_warps=4, num_stages=3)
+def decode_config(
+    group: int, head_dim: int, dtype: torch.dtype, programs: int | None = None, device: torch.device | None = None
+) -> dict:
+    """Tile sizes and launch options of _decode_kernel for `programs` (sequence, kv head) pairs: the regimes above
+    (benchmarks/kernel_bench.py --sweep times others)."""
+    if dtype == torch.float32 or head_dim > 128:  # fp32 "ieee" dots are FMA loops: keep them small
+        return dict(BLOCK_N=32, num_warps=4, num_stages=3)
+    if programs is not None and programs <= SMALL_PROGRAMS:
+        return dict(BLOCK_N=64, num_warps=4, num_stages=1)
+    if programs is not None and device is not None and programs > 4 * _sm_count(device):
+        return dict(BLOCK_N=128, num_warps=4, num_stages=3)
+    return dict(BLOCK_N=64, num_warps=4, num_stages=3)
 
 
 def prefill_config(group: int, head_dim: int, dtype: torch.dtype) -> dict:
@@ -429,7 +448,7 @@ def paged_decode_attention(
         bound = max_seq_len if max_seq_len is not None else block_tables.shape[1] * block_size
         num_splits = choose_num_splits(num_seqs, num_kv_heads, bound, q.device)
     assert 1 <= num_splits <= 1024, num_splits
-    cfg = decode_config(group, head_dim, k_cache.dtype)
+    cfg = decode_config(group, head_dim, k_cache.dtype, num_seqs * num_kv_heads, q.device)
     block_g = max(triton.next_power_of_2(group), 16)
 
     split = num_splits > 1

@@ -178,7 +178,8 @@ def test_decode_cuda_graph_replay(kernels, num_splits):
 
 
 def counters_are_zero(attn):
-    return not attn._ARRIVALS[torch.device(DEVICE, torch.cuda.current_device())][-1].any()
+    buffers = attn._ARRIVALS.get(torch.device(DEVICE, torch.cuda.current_device()))
+    return not buffers or not buffers[-1].any()  # none yet: no fused merge has run
 
 
 @pytest.mark.parametrize("num_heads,num_kv_heads", GQA)
@@ -232,10 +233,12 @@ def test_decode_fused_reduce_no_stale_partials(kernels):
     assert counters_are_zero(attn)
 
 
+@pytest.mark.parametrize("fused", [False, True])
 @pytest.mark.parametrize("num_seqs", [1, 4, 16])
-def test_decode_fused_reduce_cuda_graph(kernels, num_seqs):
+def test_decode_fused_reduce_cuda_graph(kernels, num_seqs, fused):
     """As the engine runs it: splits chosen for max_seq_len 4096 (most empty at short contexts), captured once, each
-    input replayed twice (the counters must be back at 0 after every launch)."""
+    input replayed twice; the split-KV merge in a kernel of its own (the engine's) or fused (the counters must be
+    back at 0 after every launch)."""
     _, attn = kernels
     torch.manual_seed(12)
     max_len, block_size = 4096, 16
@@ -247,7 +250,7 @@ def test_decode_fused_reduce_cuda_graph(kernels, num_seqs):
     tables = torch.zeros(num_seqs, max_blocks, dtype=torch.int32, device=DEVICE)
     out = torch.empty_like(q)
     run = lambda: attn.paged_decode_attention(  # noqa: E731
-        q, k_cache, v_cache, tables, lens, 128**-0.5, out=out, max_seq_len=max_len
+        q, k_cache, v_cache, tables, lens, 128**-0.5, out=out, max_seq_len=max_len, fused_reduce=fused
     )
     graph, _ = capture(run)
 
