@@ -43,6 +43,28 @@ def test_draws_follow_softmax_of_scaled_logits():
     assert torch.allclose(freq, probs, atol=0.02), freq
 
 
+def test_vocabulary_slices_at_any_offset_draw_the_whole_vocabulary_token():
+    """A token's noise is keyed by its row and id (Philox's four numbers go to an aligned group of four ids), so
+    slices cut anywhere, not at multiples of four, merge to the whole vocabulary's draw."""
+    from nanovllm_ray.layers.sampler import merge_shard_samples
+
+    torch.manual_seed(3)
+    logits = torch.randn(7, 2001) * 0.1  # flat: the noise decides
+    temps = torch.full((7,), 0.9)
+    temps[2] = 0.0
+    seed = sampling._seed(logits.device)
+    start = seed.clone()
+    whole = sampling.sample_tokens(logits, temps)
+    shards = []
+    for lo, hi in ((0, 333), (333, 998), (998, 2001)):
+        seed.copy_(start)
+        val = torch.empty(7)
+        idx = sampling.sample_tokens(logits[:, lo:hi].contiguous(), temps, col_offset=lo, out_val=val)
+        shards.append(torch.stack([val.double(), idx.double()], -1))
+    assert torch.equal(merge_shard_samples(torch.stack(shards)), whole)
+    assert whole[2] == logits[2].argmax()
+
+
 def test_calls_draw_fresh_noise_and_mixed_rows():
     logits = torch.zeros(64, 50)
     temps = torch.ones(64)

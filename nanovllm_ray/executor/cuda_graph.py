@@ -106,8 +106,8 @@ class DecodeGraphs:
         if self.tp == 1:
             sample_temperature(self.logits[:bs], temps, out=self.tokens[:bs])
         else:
-            sample_temperature_sharded(self.logits[:bs], temps, head.start, head.num_embeddings,
-                                       self.winners[:self.tp * bs], out=self.tokens[:bs])
+            sample_temperature_sharded(self.logits[:bs], temps, head.start, self.winners[:self.tp * bs],
+                                       out=self.tokens[:bs])
 
     def _capture(self) -> None:
         def prepare(bs: int) -> AttentionMetadata:

@@ -19,6 +19,12 @@ MAX_CHUNKS = 256  # one compiled finishing kernel for every batch size (a new sp
 
 
 @triton.jit
+def _keep_better(acc_val, acc_idx, x, cols, mask):
+    better = mask & (x > acc_val)  # strict: the earlier column wins ties
+    return tl.where(better, x, acc_val), tl.where(better, cols, acc_idx)
+
+
+@triton.jit
 def _partial_argmax_kernel(
     logits_ptr,  # [n, vocab]
     stride_row,
@@ -28,7 +34,6 @@ def _partial_argmax_kernel(
     part_idx_ptr,  # [n, num_chunks] int32
     vocab,  # columns of these logits
     col_offset,  # their first column's token id (a tensor-parallel rank's vocabulary slice; else 0)
-    vocab_total,  # the whole vocabulary: the noise of (row, token id) is the same for any split
     chunk_len,  # multiple of BLOCK
     BLOCK: tl.constexpr,
 ):
@@ -36,25 +41,34 @@ def _partial_argmax_kernel(
     chunk = tl.program_id(1)
     num_chunks = tl.num_programs(1)
     t = tl.load(temps_ptr + row).to(tl.float32)
-    inv_t = 1.0 / tl.where(t > 0, t, 1.0)
     seed = tl.load(seed_ptr).to(tl.uint32)
-    # Lane-wise running maxima (strict >: the earlier column wins ties), reduced once at the end.
+    # Lane-wise running maxima, reduced once at the end.
     acc_val = tl.full([BLOCK], float("-inf"), tl.float32)
     acc_idx = tl.zeros([BLOCK], dtype=tl.int32)
     start = chunk * chunk_len
     end = tl.minimum(start + chunk_len, vocab)
     row_ptr = logits_ptr + row.to(tl.int64) * stride_row
-    for base in range(start, end, BLOCK):
-        cols = base + tl.arange(0, BLOCK)
-        mask = cols < end
-        x = tl.load(row_ptr + cols, mask=mask, other=float("-inf")).to(tl.float32)
-        if t > 0:
-            # uniform [0, 1) by token id: u = 0 gives -inf, never chosen
-            u = tl.rand(seed, row * vocab_total + col_offset + cols)
-            x = x * inv_t - tl.log(-tl.log(u))
-        better = mask & (x > acc_val)
-        acc_val = tl.where(better, x, acc_val)
-        acc_idx = tl.where(better, cols, acc_idx)
+    if t > 0:
+        inv_t = 1.0 / t
+        # One Philox call gives the uniforms of four tokens: a group of four ids in a row. Windows start at a multiple
+        # of four in token ids (up to 3 columns early, masked), so a vocabulary slice draws the same noise for a token.
+        first = start - (col_offset + start) % 4
+        for base in range(first, end, BLOCK):
+            cols = base + tl.arange(0, BLOCK)
+            mask = (cols >= start) & (cols < end)
+            x = tl.load(row_ptr + cols, mask=mask, other=float("-inf")).to(tl.float32)
+            group = (col_offset + base) // 4 + tl.arange(0, BLOCK // 4)
+            zero = tl.zeros_like(group)
+            r0, r1, r2, r3 = tl.philox(seed, group, zero + row, zero, zero)
+            bits = tl.reshape(tl.join(tl.join(r0, r1), tl.join(r2, r3)), [BLOCK])
+            u = tl.uint_to_uniform_float(bits)  # [0, 1): u = 0 gives -inf, never chosen
+            acc_val, acc_idx = _keep_better(acc_val, acc_idx, x * inv_t - tl.log(-tl.log(u)), cols, mask)
+    else:  # greedy: a loop of its own (H200, batch 256: 27.0 us; 38.5 inside the noise's loop, 31.7 before)
+        for base in range(start, end, BLOCK):
+            cols = base + tl.arange(0, BLOCK)
+            mask = cols < end
+            x = tl.load(row_ptr + cols, mask=mask, other=float("-inf")).to(tl.float32)
+            acc_val, acc_idx = _keep_better(acc_val, acc_idx, x, cols, mask)
     best_val = tl.max(acc_val, axis=0)
     best_idx = tl.min(tl.where(acc_val == best_val, acc_idx, 2**31 - 1), axis=0)  # first column at the maximum
     out = row * num_chunks + chunk
@@ -93,13 +107,12 @@ def num_chunks_for(num_rows: int, vocab: int, device: torch.device) -> int:
 
 
 def sample_tokens(logits: torch.Tensor, temperatures: torch.Tensor, out: torch.Tensor | None = None,
-                  col_offset: int = 0, vocab_total: int | None = None, out_val: torch.Tensor | None = None
-                  ) -> torch.Tensor:
+                  col_offset: int = 0, out_val: torch.Tensor | None = None) -> torch.Tensor:
     """logits [n, vocab] (unit stride along vocab), temperatures [n] -> token ids [n] (int64 unless `out` says
     otherwise): argmax(logits) where the temperature is 0, else a draw from softmax(logits / T).
 
-    A tensor-parallel rank passes its vocabulary slice: col_offset (its first token id), vocab_total, and out_val
-    [n] for each row's winning score (logits / T + Gumbel noise, or the logit where T = 0); the slices' winners then
+    A tensor-parallel rank passes its vocabulary slice: col_offset (its first token id), and out_val [n] for
+    each row's winning score (logits / T + Gumbel noise, or the logit where T = 0); the slices' winners then
     merge by the highest score (nanovllm_ray.layers.sampler.merge_shard_samples). Each token's noise depends on its
     id, not on the split."""
     n, vocab = logits.shape
@@ -115,7 +128,7 @@ def sample_tokens(logits: torch.Tensor, temperatures: torch.Tensor, out: torch.T
     part_idx = torch.empty((n, chunks), dtype=torch.int32, device=logits.device)
     seed = _seed(logits.device)
     _partial_argmax_kernel[(n, chunks)](logits, logits.stride(0), temperatures, seed, part_val, part_idx, vocab,
-                                        col_offset, vocab_total or vocab, chunk_len, BLOCK=BLOCK, num_warps=4)
+                                        col_offset, chunk_len, BLOCK=BLOCK, num_warps=4)
     _final_argmax_kernel[(n,)](part_val, part_idx, out, part_val if out_val is None else out_val, seed, chunks,
                                BLOCK_C=MAX_CHUNKS, WRITE_VAL=out_val is not None, num_warps=1)
     return out

@@ -87,7 +87,7 @@ def sample_temperature(logits: torch.Tensor, temperatures: torch.Tensor,
     return tokens if out is None else out.copy_(tokens)
 
 
-def sample_temperature_sharded(logits: torch.Tensor, temperatures: torch.Tensor, col_offset: int, vocab_total: int,
+def sample_temperature_sharded(logits: torch.Tensor, temperatures: torch.Tensor, col_offset: int,
                                gathered: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """sample_temperature over a vocabulary split across tensor-parallel ranks, without gathering the logits: each
     rank draws the winner of its slice [n, vocab / tp] (token ids from col_offset), the ranks all-gather the n
@@ -99,7 +99,7 @@ def sample_temperature_sharded(logits: torch.Tensor, temperatures: torch.Tensor,
     mine = torch.empty(n, 2, dtype=torch.float64, device=logits.device)
     idx = torch.empty(n, dtype=torch.int64, device=logits.device)
     val = torch.empty(n, dtype=torch.float32, device=logits.device)
-    sample_tokens(logits, temperatures, out=idx, col_offset=col_offset, vocab_total=vocab_total, out_val=val)
+    sample_tokens(logits, temperatures, out=idx, col_offset=col_offset, out_val=val)
     mine[:, 0], mine[:, 1] = val, idx
     dist.all_gather_into_tensor(gathered, mine)
     return merge_shard_samples(gathered.view(-1, n, 2), out)

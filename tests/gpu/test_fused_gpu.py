@@ -81,7 +81,7 @@ def _slices_merge_to_the_whole_draw(sampling, tp: int) -> None:
     for i, part in enumerate(logits.chunk(tp, -1)):
         seed.copy_(start)  # every rank draws with the same seed
         val = torch.empty(n, device="cuda")
-        idx = sampling.sample_tokens(part, temps, col_offset=i * part.shape[1], vocab_total=vocab, out_val=val)
+        idx = sampling.sample_tokens(part, temps, col_offset=i * part.shape[1], out_val=val)
         shards.append(torch.stack([val.double(), idx.double()], -1))
     assert (idx >= (tp - 1) * vocab // tp).all()
     assert torch.equal(merge_shard_samples(torch.stack(shards)), whole)
