@@ -109,10 +109,10 @@ def bench_decode(args, dtype, decode_config=None):
     return rows
 
 
-def previous_plan(num_seqs: int, num_kv_heads: int, max_seq_len: int) -> tuple[int, dict]:
+def previous_plan(num_seqs: int, num_kv_heads: int, max_seq_len: int, device: torch.device) -> tuple[int, dict]:
     """The split-KV plan before 2026-12-01: ~4 programs a SM in one-tile splits (16 at most), none from 1.5 a SM;
     64-token tiles, 3 stages everywhere."""
-    programs, sms = num_seqs * num_kv_heads, torch.cuda.get_device_properties(0).multi_processor_count
+    programs, sms = num_seqs * num_kv_heads, paged_attention._sm_count(device)
     splits = 1 if 2 * programs >= 3 * sms else min(triton.cdiv(4 * sms, programs), triton.cdiv(max_seq_len, 64), 16)
     return splits, dict(BLOCK_N=64, num_warps=4, num_stages=3)
 
@@ -134,7 +134,7 @@ def bench_plan(args, dtype) -> list[dict]:
         out = torch.empty_like(q)
         kv_bytes = 2 * sum(seq_lens) * args.kv_heads * args.head_dim * q.element_size() * args.layers
         splits = paged_attention.choose_num_splits(len(seq_lens), args.kv_heads, bound, q.device)
-        plans = {"plan": (splits, None), "previous": previous_plan(len(seq_lens), args.kv_heads, bound)}
+        plans = {"plan": (splits, None), "previous": previous_plan(len(seq_lens), args.kv_heads, bound, q.device)}
         for name, (num_splits, config) in plans.items():
             if config is not None:
                 paged_attention.decode_config = lambda *_, c=config: dict(c)

@@ -390,16 +390,14 @@ def _check_cache(k_cache: torch.Tensor, v_cache: torch.Tensor, head_dim: int) ->
     return block_size, num_kv_heads
 
 
-def decode_config(
-    group: int, head_dim: int, dtype: torch.dtype, programs: int | None = None, device: torch.device | None = None
-) -> dict:
+def decode_config(group: int, head_dim: int, dtype: torch.dtype, programs: int, device: torch.device) -> dict:
     """Tile sizes and launch options of _decode_kernel for `programs` (sequence, kv head) pairs: the regimes above
     (benchmarks/kernel_bench.py --sweep times others)."""
     if dtype == torch.float32 or head_dim > 128:  # fp32 "ieee" dots are FMA loops: keep them small
         return dict(BLOCK_N=32, num_warps=4, num_stages=3)
-    if programs is not None and programs <= SMALL_PROGRAMS:
+    if programs <= SMALL_PROGRAMS:
         return dict(BLOCK_N=64, num_warps=4, num_stages=1)
-    if programs is not None and device is not None and programs > 4 * _sm_count(device):
+    if programs > 4 * _sm_count(device):
         return dict(BLOCK_N=128, num_warps=4, num_stages=3)
     return dict(BLOCK_N=64, num_warps=4, num_stages=3)
 
