@@ -112,100 +112,105 @@ def test_decode_matches_reference(num_heads, num_kv_heads, head_dim, block_size,
     lens = torch.tensor(seq_lens, dtype=torch.int32)
     scale = head_dim**-0.5
     expected = reference_attention(q, k_cache, v_cache, cumulative([1] * len(seq_lens)), lens, block_tables, scale)
-    for num_splits in (1, 3, None):
-        out = paged_attention.paged_decode_attention(
-            q, k_cache, v_cache, block_tables, lens, scale, num_splits=num_splits
-        )
-        torch.testing.assert_close(out, expected, atol=ATOL, rtol=ATOL, msg=f"num_splits={num_splits}")
+    for chunk in (10**6, 100, 64, None):  # unsplit, chunks not a multiple of the tile, one-tile chunks, the plan's
+        out = paged_attention.paged_decode_attention(q, k_cache, v_cache, block_tables, lens, scale, chunk=chunk)
+        torch.testing.assert_close(out, expected, atol=ATOL, rtol=ATOL, msg=f"chunk={chunk}")
 
 
-@pytest.mark.parametrize("num_splits", [1, 4])
-def test_decode_padding_rows_and_out_buffer(num_splits):
-    """seq_len 0 rows (CUDA-graph padding, block table all -1) give zeros, not NaN; `out` is written in place."""
+@pytest.mark.parametrize("chunk", [10**6, 64])
+def test_decode_padding_rows_and_out_buffer(chunk):
+    """seq_len 0 rows (block table all -1) give zeros, not NaN; `out` is written in place."""
     torch.manual_seed(2)
     seq_lens = [40, 0, 300, 0]
     k_cache, v_cache, block_tables = make_cache(seq_lens, 16, 2, 16, torch.float32)
     q = torch.randn(4, 4, 16)
     lens = torch.tensor(seq_lens, dtype=torch.int32)
     out = torch.full_like(q, float("nan"))
-    result = paged_attention.paged_decode_attention(
-        q, k_cache, v_cache, block_tables, lens, 0.25, out=out, num_splits=num_splits
-    )
+    result = paged_attention.paged_decode_attention(q, k_cache, v_cache, block_tables, lens, 0.25, out=out, chunk=chunk)
     assert result is out
     expected = reference_attention(q, k_cache, v_cache, cumulative([1] * 4), lens, block_tables, 0.25)
     torch.testing.assert_close(out, expected, atol=ATOL, rtol=ATOL)
 
 
-def test_choose_num_splits():
+def _plan_chunks(plan: np.ndarray, rows: int) -> list[tuple[int, int]]:
+    """(seq, index) of each chunk of a plan, in its order."""
+    capacity = (len(plan) - paged_attention.PLAN_HEADER - rows - 1) // 3
+    base = paged_attention.PLAN_HEADER + rows + 1
+    items = int(plan[1])
+    return list(zip(plan[base:base + items].tolist(), plan[base + capacity:base + capacity + items].tolist()))
+
+
+def test_decode_plan():
     cpu = torch.device("cpu")  # counts as 132 SMs
-    assert paged_attention.choose_num_splits(32, 8, 4096, cpu) == 1  # enough programs already
-    assert paged_attention.choose_num_splits(1, 8, 50, cpu) == 1  # too short to split
-    assert paged_attention.choose_num_splits(1, 8, 512, cpu) == 8  # one 64-token tile per split
-    assert paged_attention.choose_num_splits(8, 8, 4096, cpu) == paged_attention.MAX_SPLITS  # batch 1-8: all
-    assert paged_attention.choose_num_splits(16, 8, 4096, cpu) == 5  # ~4 programs per SM
-    assert paged_attention.choose_num_splits(1, 1, 10**6, cpu) == paged_attention.MAX_SPLITS
+    # Batch 1-8 (<= 64 pairs of 8 kv heads): up to MAX_SPLITS chunks a sequence, one 64-token tile at least.
+    plan = paged_attention.decode_plan([640], 8, cpu)
+    assert plan[0] == 64 and plan[1] == 10 and len(plan) == paged_attention.plan_size(1, 8, cpu)
+    assert paged_attention.decode_plan([3500], 8, cpu)[0] == 256  # 14 chunks, not more than 16
+    assert paged_attention.decode_plan([50], 8, cpu)[1] == 1
+    # Many sequences of even length run unsplit; a long one among them is cut into chunks of about the mean.
+    even = paged_attention.decode_plan([640] * 128, 8, cpu)
+    assert even[0] == 640 and even[1] == 128
+    lens = [100] * 127 + [4000]
+    plan = paged_attention.decode_plan(lens, 8, cpu)
+    chunk = int(plan[0])
+    assert chunk % 128 == 0 and chunk >= sum(lens) / 128  # 128-token tiles from more than 4 pairs a SM
+    chunks = _plan_chunks(plan, 128)
+    assert chunks[: -(-4000 // chunk) - 1] == [(127, i) for i in range(-(-4000 // chunk) - 1)]  # full chunks first
+    assert sorted(chunks) == sorted([(s, 0) for s in range(127)] + [(127, i) for i in range(-(-4000 // chunk))])
+    cu = plan[paged_attention.PLAN_HEADER:paged_attention.PLAN_HEADER + 129]
+    assert cu[0] == 0 and cu[-1] == len(chunks) and (np.diff(cu) >= 1).all()
+    base, capacity = paged_attention.PLAN_HEADER + 129, (len(plan) - paged_attention.PLAN_HEADER - 129) // 3
+    assert plan[base + 2 * capacity:base + 2 * capacity + len(chunks)].tolist() == [lens[s] for s, _ in chunks]
+    # A plan of any lengths fits the size a graph of that batch size holds.
+    rng = np.random.default_rng(0)
+    for rows in (1, 3, 8, 16, 24, 25, 64, 67, 256):
+        for _ in range(20):
+            lens = rng.integers(0, 8192, rows) * rng.integers(0, 2, rows)
+            assert len(paged_attention.decode_plan(lens.tolist(), 8, cpu)) == paged_attention.plan_size(rows, 8, cpu)
+
+
+def test_decode_plan_in_a_buffer():
+    """A graph's plan buffer is reused step after step: a plan written into it reads as a fresh one."""
+    torch.manual_seed(3)
+    cpu = torch.device("cpu")
+    buffer = np.full(paged_attention.plan_size(4, 2, cpu) + 5, -7, dtype=np.int32)
+    for seq_lens in ([700, 3, 1, 129], [1, 1, 1, 1], [60, 2000, 64, 65]):
+        k_cache, v_cache, block_tables = make_cache(seq_lens, 16, 2, 16, torch.float32)
+        lens = torch.tensor(seq_lens, dtype=torch.int32)
+        plan = paged_attention.decode_plan(seq_lens, 2, cpu, out=buffer)
+        q = torch.randn(4, 4, 16)
+        out = paged_attention.paged_decode_attention(
+            q, k_cache, v_cache, block_tables, lens, 0.25, plan=torch.from_numpy(plan)
+        )
+        expected = reference_attention(q, k_cache, v_cache, cumulative([1] * 4), lens, block_tables, 0.25)
+        torch.testing.assert_close(out, expected, atol=ATOL, rtol=ATOL, msg=str(seq_lens))
 
 
 def test_decode_config_regimes():
     cpu, bf16 = torch.device("cpu"), torch.bfloat16
-    assert paged_attention.decode_config(2, 128, bf16, 8, cpu)["num_stages"] == 1  # one-tile splits
+    assert paged_attention.decode_config(2, 128, bf16, 8, cpu)["num_stages"] == 1  # one-tile chunks
     assert paged_attention.decode_config(2, 128, bf16, 128, cpu)["BLOCK_N"] == 64
     assert paged_attention.decode_config(2, 128, bf16, 528, cpu)["BLOCK_N"] == 64  # unsplit, one wave
     assert paged_attention.decode_config(2, 128, bf16, 529, cpu)["BLOCK_N"] == 128
     assert paged_attention.decode_config(2, 128, torch.float32, 1024, cpu)["BLOCK_N"] == 32
 
 
-def _counters_are_zero(device):
-    return not paged_attention._ARRIVALS[torch.device(device)][-1].any()
-
-
-@pytest.mark.parametrize("num_splits", [2, 5, 32])
+@pytest.mark.parametrize("sms", [132, 1])  # 1 SM: merged 16 heads a program, as from 1.5 (sequence, kv head) pairs a SM
+@pytest.mark.parametrize("chunk", [64, 96, 192])
 @pytest.mark.parametrize("num_heads,num_kv_heads,block_size", [(4, 2, 16), (10, 2, 32), (8, 1, 256)])  # groups 2, 5, 8
-def test_decode_fused_reduce(num_splits, num_heads, num_kv_heads, block_size):
-    """Split-KV merged by the last split to arrive (one launch) against the reference and the two-kernel path: a
-    seq_len 0 row, a sequence shorter than one split (written directly), some splits empty, every split used."""
+def test_decode_chunks_merged(chunk, num_heads, num_kv_heads, block_size, sms, monkeypatch):
+    """Partials of up to 16 chunks (one merge loop) and more than 16 (two): a seq_len 0 row, a sequence shorter than one
+    chunk (written directly), non-power-of-two groups."""
+    monkeypatch.setattr(paged_attention, "_sm_count", lambda device: sms)
     torch.manual_seed(8)
-    seq_lens = [0, 5, 40, 300, 1000]
+    seq_lens = [0, 5, 40, 300, 2000]
     k_cache, v_cache, block_tables = make_cache(seq_lens, block_size, num_kv_heads, 16, torch.float32)
     q, _, _ = fused_qkv_views(len(seq_lens), num_heads, num_kv_heads, 16, torch.float32)
     lens = torch.tensor(seq_lens, dtype=torch.int32)
     expected = reference_attention(q, k_cache, v_cache, cumulative([1] * len(seq_lens)), lens, block_tables, 0.25)
-    outs = {}
-    for fused in (True, False):
-        out = torch.full_like(q, float("nan"))
-        paged_attention.paged_decode_attention(
-            q, k_cache, v_cache, block_tables, lens, 0.25, out=out, num_splits=num_splits, fused_reduce=fused
-        )
-        torch.testing.assert_close(out, expected, atol=ATOL, rtol=ATOL, msg=f"fused_reduce={fused}")
-        outs[fused] = out
-    torch.testing.assert_close(outs[True], outs[False], atol=1e-6, rtol=1e-6)
-    assert _counters_are_zero("cpu")
-
-
-def test_decode_fused_reduce_twice_in_a_row():
-    """The merging program resets its counter, so the next launch (a CUDA-graph replay) merges again."""
-    torch.manual_seed(9)
-    seq_lens = [700, 3, 0, 129]
-    k_cache, v_cache, block_tables = make_cache(seq_lens, 16, 2, 16, torch.float32)
-    lens = torch.tensor(seq_lens, dtype=torch.int32)
-    out = torch.empty(4, 4, 16)
-    for step in range(3):
-        q = torch.randn(4, 4, 16)
-        paged_attention.paged_decode_attention(q, k_cache, v_cache, block_tables, lens, 0.25, out=out, num_splits=8)
-        expected = reference_attention(q, k_cache, v_cache, cumulative([1] * 4), lens, block_tables, 0.25)
-        torch.testing.assert_close(out, expected, atol=ATOL, rtol=ATOL, msg=f"call {step}")
-        assert _counters_are_zero("cpu")
-
-
-def test_arrival_counters_allocated_once():
-    """One zeroed buffer per device, reused by every call; a larger need adds one and keeps the old alive (graphs)."""
-    cpu = torch.device("cpu")
-    first = paged_attention._arrival_counters(cpu, 10)
-    assert first.numel() >= 10 and first.dtype == torch.int32 and not first.any()
-    assert paged_attention._arrival_counters(cpu, 10) is first
-    bigger = paged_attention._arrival_counters(cpu, first.numel() + 1)
-    assert bigger.numel() > first.numel() and not bigger.any()
-    assert paged_attention._ARRIVALS[cpu][-2] is first and paged_attention._ARRIVALS[cpu][-1] is bigger
+    out = torch.full_like(q, float("nan"))
+    paged_attention.paged_decode_attention(q, k_cache, v_cache, block_tables, lens, 0.25, out=out, chunk=chunk)
+    torch.testing.assert_close(out, expected, atol=ATOL, rtol=ATOL)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -257,7 +262,7 @@ def test_prefill_non_power_of_two_group():
     out = paged_attention.paged_prefill_attention(q, k_cache, v_cache, qsl, lens, block_tables, 20, 0.25)
     expected = reference_attention(q, k_cache, v_cache, qsl, lens, block_tables, 0.25)
     torch.testing.assert_close(out, expected, atol=ATOL, rtol=ATOL)
-    decode = paged_attention.paged_decode_attention(q[:2], k_cache, v_cache, block_tables, lens, 0.25, num_splits=2)
+    decode = paged_attention.paged_decode_attention(q[:2], k_cache, v_cache, block_tables, lens, 0.25, chunk=64)
     expected = reference_attention(q[:2], k_cache, v_cache, cumulative([1, 1]), lens, block_tables, 0.25)
     torch.testing.assert_close(decode, expected, atol=ATOL, rtol=ATOL)
 
@@ -292,7 +297,7 @@ def test_store_then_chunked_prefill_then_decode():
 
     kv_store.store_kvcache(all_k[-1:], all_v[-1:], k_cache, v_cache, slots(prefix + chunk, prefix + chunk + 1))
     lens = lens + 1
-    out = paged_attention.paged_decode_attention(all_q[-1:], k_cache, v_cache, block_table, lens, 0.3, num_splits=2)
+    out = paged_attention.paged_decode_attention(all_q[-1:], k_cache, v_cache, block_table, lens, 0.3, chunk=64)
     torch.testing.assert_close(out, dense[-1:], atol=ATOL, rtol=ATOL)
 
 
@@ -306,7 +311,7 @@ def test_bf16_decode_and_prefill():
     assert out.dtype == torch.bfloat16
     expected = reference_attention(q, k_cache, v_cache, qsl, lens, block_tables, 32**-0.5)
     torch.testing.assert_close(out.float(), expected, atol=2e-2, rtol=0)
-    out = paged_attention.paged_decode_attention(q[:2], k_cache, v_cache, block_tables, lens, 32**-0.5, num_splits=2)
+    out = paged_attention.paged_decode_attention(q[:2], k_cache, v_cache, block_tables, lens, 32**-0.5, chunk=64)
     expected = reference_attention(q[:2], k_cache, v_cache, cumulative([1, 1]), lens, block_tables, 32**-0.5)
     torch.testing.assert_close(out.float(), expected, atol=2e-2, rtol=0)
 

@@ -23,7 +23,7 @@ import torch
 from nanovllm_ray.config import Config
 from nanovllm_ray.executor.step import StepInput
 from nanovllm_ray.layers import ops
-from nanovllm_ray.layers.attention import AttentionBackend, AttentionMetadata
+from nanovllm_ray.layers.attention import Attention, AttentionBackend, AttentionMetadata
 from nanovllm_ray.layers.parallel import tp_size
 from nanovllm_ray.layers.sampler import sample_temperature, sample_temperature_sharded
 
@@ -80,6 +80,10 @@ class DecodeGraphs:
         head = model.lm_head
         self.logits = torch.zeros(self.max_bs, head.weight.shape[0], dtype=dtype, device=dev)
         self.winners = torch.zeros(self.tp * self.max_bs, 2, dtype=torch.float64, device=dev) if self.tp > 1 else None
+        # The backend's decode plan (which programs attend over which chunk), rewritten by each launch.
+        self.kv_heads = next(m.num_kv_heads for m in model.modules() if isinstance(m, Attention))
+        self.plan_sizes = {bs: backend.decode_plan_size(bs, self.kv_heads, dev) for bs in self.sizes}
+        self.plan = torch.zeros(max(self.plan_sizes.values()), dtype=torch.int32, device=dev)
         self._capture()
 
     def section(self, bs: int, k: int) -> torch.Tensor:
@@ -91,7 +95,8 @@ class DecodeGraphs:
             backend=self.backend, slot_mapping=self.section(bs, SLOTS),
             query_start_loc=self.query_start_loc[:bs + 1], seq_lens=self.section(bs, LENS),
             block_tables=self.block_tables[:bs], max_query_len=1, max_seq_len=max_len, query_lens_cpu=[1] * bs,
-            seq_lens_cpu=[max_len] * bs, is_decode_only=True, no_cached_context=False)
+            seq_lens_cpu=[max_len] * bs, is_decode_only=True, no_cached_context=False,
+            decode_plan=self.plan[:self.plan_sizes[bs]] if self.plan_sizes[bs] else None)
         self.backend.prepare(meta)
         return meta
 
@@ -120,6 +125,16 @@ class DecodeGraphs:
         """Valid inputs for bs empty rows: slot -1, length 1, no pending source, greedy."""
         for k, value in ((IDS, 0), (POS, 0), (SLOTS, -1), (LENS, 1), (SRC, -1), (TEMPS, 0)):
             self.section(bs, k).fill_(value)
+        self._write_plan(bs, [1] * bs)
+
+    def _write_plan(self, bs: int, seq_lens: list[int]) -> None:
+        """The backend's plan for a graph of bs rows (padding rows: length 1), copied to the graphs' buffer."""
+        size = self.plan_sizes[bs]
+        if size:
+            host = torch.empty(size, dtype=torch.int32, pin_memory=True)
+            self.backend.decode_plan(seq_lens + [1] * (bs - len(seq_lens)), self.kv_heads, self.plan.device,
+                                     host.numpy())
+            self.plan[:size].copy_(host, non_blocking=True)
 
     def can_run(self, num_seqs: int) -> bool:
         return num_seqs <= self.max_bs
@@ -154,11 +169,12 @@ class DecodeGraphs:
         self.vec[:SECTIONS * bs].copy_(host, non_blocking=True)
         tables = step.padded_block_tables()
         self.block_tables[:n, :tables.shape[1]].copy_(tables.pin_memory(), non_blocking=True)
+        self._write_plan(bs, step.seq_lens)
         self.graphs[bs].replay()
         return bs
 
     def run(self, input_ids: torch.Tensor, positions: torch.Tensor, slot_mapping: torch.Tensor,
-            seq_lens: torch.Tensor, block_tables: torch.Tensor) -> torch.Tensor:
+            seq_lens: torch.Tensor, block_tables: torch.Tensor, seq_lens_cpu: list[int]) -> torch.Tensor:
         """Replay for device tensors already built by the runner (teacher forcing, several ranks); returns the
         hidden states [n, hidden]."""
         n = input_ids.shape[0]
@@ -169,6 +185,7 @@ class DecodeGraphs:
         self.section(bs, SLOTS)[:n] = slot_mapping
         self.section(bs, LENS)[:n] = seq_lens
         self.block_tables[:n, :block_tables.shape[1]] = block_tables
+        self._write_plan(bs, seq_lens_cpu)
         self.graphs[bs].replay()
         return self.hidden[:n]
 

@@ -270,7 +270,8 @@ class ModelRunner:
 
     def _hidden(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         if self.graphs is not None and meta.is_decode_only and self.graphs.can_run(meta.num_seqs):
-            return self.graphs.run(input_ids, positions, meta.slot_mapping, meta.seq_lens, meta.block_tables)
+            return self.graphs.run(input_ids, positions, meta.slot_mapping, meta.seq_lens, meta.block_tables,
+                                   meta.seq_lens_cpu)
         pg = self.prefill_graphs
         if pg is not None and not meta.is_decode_only and pg.can_run(input_ids.shape[0], meta.num_seqs):
             return pg.run(input_ids, positions, meta)

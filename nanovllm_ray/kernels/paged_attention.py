@@ -10,17 +10,21 @@ Layout (fixed, shared with the engine):
     query_start_loc:  [num_seqs + 1] int32, cumulative query lengths (prefill only)
 The query of a sequence is the last q_len tokens of its context, so the causal mask is bottom-right aligned.
 
-Decode splits long contexts across programs (split-KV, flash-decoding) when there are too few sequences to fill the
-GPU. Each split writes a partial output and its log-sum-exp; a second, reduce kernel merges them (the default), or,
-with `fused_reduce=True`, the last split of a (sequence, kv head) to finish, known from an atomic arrival counter,
-merges them in the same launch. Splits past a sequence's end return at once in either case.
+Decode works through a plan made on the host from the step's lengths (decode_plan): every sequence is cut into
+chunks of one length for the whole step, each chunk is a program (per kv head), and the programs are listed longest
+first, so the GPU, which starts programs in grid order, starts the long ones first. A sequence of one chunk writes its
+output directly; the chunks of a longer one write partial outputs and their log-sum-exp, which a second, reduce kernel
+merges. The chunk length is chosen so that the step's chunks fill the GPU (below), whatever mix of lengths it holds:
+one long sequence among short ones is spread over as many programs as its share of the tokens asks.
 
-Everything is CUDA-graph friendly: no host syncs, scratch buffers are sized from shapes and python ints only, and the
-arrival counters are allocated once per device and left at zero by every launch.
+Everything is CUDA-graph friendly: no host syncs, and a plan's size depends on the batch size only (plan_size), so a
+graph captured for a batch size replays any plan of that size.
 """
 
 import functools
+from collections.abc import Sequence
 
+import numpy as np
 import torch
 import triton
 import triton.language as tl
@@ -28,26 +32,27 @@ import triton.language as tl
 from nanovllm_ray.kernels import pdl
 
 LOG2E = 1.4426950408889634
-# Split-KV choice and tiles, by (sequence, kv head) pairs; measured on an H200, qwen3-0.6b attention, bf16, 28 layers'
-# caches in one CUDA graph (benchmarks/kernel_bench.py --plan, kernel_bench-plan-h200-20261130-161857.json; 640 tokens
-# at batch 1-256, 100-2,048 at random from batch 16):
-# - up to SMALL_PROGRAMS pairs (batch 1-8 of 8 kv heads): MAX_SPLITS splits of one 64-token tile, loaded ahead of
-#   the programmatic wait, and num_stages 1 (a one-tile program has no loop to pipeline; 3 stages cost occupancy):
-#   batch 1 / 8 6.14 / 12.36 -> 5.30 / 11.25 us a layer against 16 / 9 splits and 3 stages.
-# - below 1.5 pairs a SM: splits for about 4 programs a SM, one 64-token tile at least (tuned on H100).
-# - from 1.5 pairs a SM: no split; from more than 4 a SM (one wave of 64-token programs, 128 registers: 4 a SM),
-#   128-token tiles (168 registers: 3 a SM), which double what a lone long sequence has in flight at the end of a
-#   step of mixed lengths: batch 128 / 256 at random lengths 162.6 / 291.5 -> 151.7 / 282.0 us a layer, at even
-#   lengths 83.0 / 162.5 -> 83.6 / 163.9. At batch 64 and even lengths they lost (42.7 -> 49.0: two waves, not one).
-# At most 16 splits: the decode graphs choose for max_model_len, so batch 1 took 32, most of them empty at a 512-640
-# token context (H200, latency.py: batch-1 TPOT 0.852 -> 0.798 ms). Empty splits are not free: each holds a program
-# slot for its sequence-length load (why splits of 512 tokens at least for batch 16-96 were dropped: README).
-MAX_SPLITS = 16  # split-KV partitions per (sequence, kv head) at most
-MIN_SPLIT_LEN = 64  # tokens per split at least
+# The plan's chunks, by (sequence, kv head) pairs (decode_plan, decode_config). Measured on an H200, qwen3-0.6b
+# attention, bf16, 28 layers' caches in one CUDA graph (benchmarks/kernel_bench.py --plan):
+# - up to SMALL_PROGRAMS pairs (batch 1-8 of 8 kv heads): MAX_SPLITS chunks a sequence on average, one 64-token tile
+#   at least, whose tile is loaded ahead of the programmatic wait, with num_stages 1 (a one-tile program has no loop
+#   to pipeline; 3 stages cost occupancy): batch 1 / 8 at 640 tokens 6.14 / 12.36 -> 5.30 / 11.25 us a layer.
+# - below 1.5 pairs a SM: chunks for about 4 programs a SM (tuned on H100).
+# - from 1.5 pairs a SM: chunks of about the mean length, so that sequences of even length run unsplit and longer ones
+#   are cut; from more than 4 pairs a SM (one wave of 64-token programs, 128 registers: 4 a SM), 128-token tiles (168
+#   registers: 3 a SM), which double what a lone long program has in flight at the end of a step (at batch 64 and even
+#   lengths they lost: 42.7 -> 49.0 us a layer, two waves, not one).
+# Against split-KV by an equal share of each sequence (chunks proportional to its length, for max_model_len in the
+# graphs; kernel_bench-plan-h200-20261130-173525.json): lengths at random from 100 to 2,048 at batch 16 / 32 / 48 / 64
+# / 128 / 256 1.10 / 1.19 / 1.33 / 1.18 / 1.05 / 1.03x faster; even lengths 0.95-1.00x from batch 4 (the merge kernel's
+# launch, where nothing is split), 1.03-1.11x at batch 1, 2 and 16.
+MAX_SPLITS = 16  # chunks a sequence at batch 1-8, on average
+MIN_CHUNK = 64  # tokens a chunk at least (one tile)
 SMALL_PROGRAMS = 64
-# fp32 partials the fused split-KV merge loads at once (up to 4 heads x splits x head_dim): this keeps the decode
-# kernel at the registers it needs without the merge (ptxas for sm_90: 8192, or 8 heads, took 160-166 instead of 128).
-MERGE_TILE = 4096
+# plan[0]: chunk length; plan[1]: chunks; then cu_chunks [rows + 1]; then for each chunk (capacity entries each) its
+# sequence, its index in the sequence, the sequence's length
+PLAN_HEADER = 2
+_HEADER = tl.constexpr(PLAN_HEADER)  # the same, for the kernels
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -108,71 +113,22 @@ def _softmax_step(
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-@triton.jit
-def _split_layout(seq_len, num_splits, BLOCK_N: tl.constexpr):
-    """Split-KV partition of one sequence: BLOCK_N-aligned chunks; `used` splits are non-empty (>= 1, even for
-    seq_len 0, so that someone writes the zero row). Every program of the sequence computes the same values."""
-    chunk = tl.maximum(tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N, BLOCK_N)
-    used = tl.maximum(tl.cdiv(seq_len, chunk), 1)
-    return chunk, used
-
-
-@triton.jit
-def _merge_splits(
-    part_out_ptr,  # [num_seqs, num_heads, num_splits, HEAD_DIM] fp32
-    part_lse_ptr,  # [num_seqs, num_heads, num_splits] fp32
-    out_ptr,  # [num_seqs, num_heads, HEAD_DIM]
-    seq,
-    first_head,  # merge heads first_head .. first_head + HEADS - 1 (those < last_head)
-    last_head,
-    num_heads,
-    num_splits,
-    used,  # splits holding a partial (>= 2)
-    stride_os,
-    stride_oh,
-    HEADS: tl.constexpr,
-    BLOCK_S: tl.constexpr,  # num_splits rounded up to a power of two
-    HEAD_DIM: tl.constexpr,
-):
-    h = first_head + tl.arange(0, HEADS)
-    s = tl.arange(0, BLOCK_S)
-    d = tl.arange(0, HEAD_DIM)
-    rows = (seq * num_heads + h).to(tl.int64)[:, None] * num_splits + s[None, :]  # [HEADS, BLOCK_S]
-    mask = (h < last_head)[:, None] & (s < used)[None, :]
-    # Both loads before any reduction, so that their latencies overlap. .cg: read the partials from L2, where the
-    # other programs stored them, never from a stale L1 line.
-    lse = tl.load(part_lse_ptr + rows, mask=mask, other=float("-inf"), cache_modifier=".cg")  # [HEADS, BLOCK_S]
-    o = tl.load(
-        part_out_ptr + rows[:, :, None] * HEAD_DIM + d[None, None, :],
-        mask=mask[:, :, None],
-        other=0.0,
-        cache_modifier=".cg",
-    )  # [HEADS, BLOCK_S, HEAD_DIM]
-    m = tl.max(lse, axis=1)
-    m = tl.where(m == float("-inf"), 0.0, m)  # heads past last_head (a used split always has lse > -inf)
-    w = tl.exp2(lse - m[:, None])
-    denom = tl.sum(w, axis=1)
-    o = tl.sum(w[:, :, None] * o, axis=1) / tl.where(denom > 0, denom, 1.0)[:, None]  # [HEADS, HEAD_DIM]
-    o_ptrs = out_ptr + seq * stride_os + h[:, None] * stride_oh + d[None, :]
-    tl.store(o_ptrs, o.to(out_ptr.dtype.element_ty), mask=(h < last_head)[:, None])
-
-
 # Integer arguments that vary from step to step are not specialised on (Triton compiles a variant for ints equal
 # to 1 or divisible by 16): a block table's width changes with the batch, and each new variant is a JIT compile of
 # ~0.5-1 s in the middle of serving.
-@triton.jit(do_not_specialize=["num_splits", "stride_bt"])
+@triton.jit(do_not_specialize=["num_seqs", "capacity", "stride_bt"])
 def _decode_kernel(
     q_ptr,  # [num_seqs, num_heads, HEAD_DIM]
     k_cache_ptr,
     v_cache_ptr,
     block_tables_ptr,
-    seq_lens_ptr,
+    plan_ptr,  # int32, decode_plan's layout
     out_ptr,  # [num_seqs, num_heads, HEAD_DIM]
-    part_out_ptr,  # [num_seqs, num_heads, num_splits, HEAD_DIM] fp32, normalised partial outputs
-    part_lse_ptr,  # [num_seqs, num_heads, num_splits] fp32, base-2 log-sum-exp of each split
-    arrivals_ptr,  # [>= num_seqs * num_kv_heads] int32, zero between launches (FUSED_REDUCE only)
+    part_out_ptr,  # [capacity, num_heads, HEAD_DIM] fp32, normalised partial outputs, one row a chunk
+    part_lse_ptr,  # [capacity, num_heads] fp32, base-2 log-sum-exp of each chunk
     qk_scale,
-    num_splits,  # runtime, so that every split count shares one compiled kernel
+    num_seqs,  # rows of the plan
+    capacity,  # chunks the plan holds at most
     stride_qs,
     stride_qh,
     stride_os,
@@ -181,53 +137,52 @@ def _decode_kernel(
     stride_co,
     stride_ch,
     block_shift,
+    KV_HEADS: tl.constexpr,
     GROUP: tl.constexpr,  # query heads per kv head
     # GROUP padded to a power of two >= 16 (tl.dot's minimum). The mostly-padding tensor-core tile was measured 2-3x
     # faster on H100 than a broadcast multiply-sum over the bare group (group 2): decode is bound by loads, not MMA.
     BLOCK_G: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     BLOCK_N: tl.constexpr,
-    SPLIT: tl.constexpr,  # num_splits > 1: sequences longer than one chunk go through partials
-    FUSED_REDUCE: tl.constexpr,  # the last split to finish merges the partials (else _decode_reduce_kernel does)
-    BLOCK_S: tl.constexpr,  # num_splits rounded up to a power of two (FUSED_REDUCE only)
-    MERGE_HEADS: tl.constexpr,  # heads merged at once (FUSED_REDUCE only)
     DOT_PRECISION: tl.constexpr,
     PDL: tl.constexpr,  # launched as a programmatic dependent (kernels/pdl.py)
+    PRELOAD: tl.constexpr = False,  # one-tile chunks load their tile before the wait (below)
 ):
-    seq = tl.program_id(0)
-    kv_head = tl.program_id(1)
-    split = tl.program_id(2)
-    num_kv_heads = tl.num_programs(1)
-    num_heads = num_kv_heads * GROUP
-
-    seq_len = tl.load(seq_lens_ptr + seq)  # an input of the step: before the wait (kernels/pdl.py)
-    if SPLIT:
-        # The grid is sized for the longest sequence (or max_model_len under CUDA graphs): the trailing splits of
-        # shorter ones are empty and leave at once. Nothing waits for them: the merge counts `used` splits only.
-        chunk, used = _split_layout(seq_len, num_splits, BLOCK_N)
-        if split >= used:
-            return
-        start = split * chunk
-        end = tl.minimum(start + chunk, seq_len)
-    else:
-        used = 1
-        start = 0
-        end = seq_len
+    # Programs go chunk after chunk in the plan's order (longest first), the kv heads of a chunk side by side.
+    pid = tl.program_id(0)
+    item = pid // KV_HEADS
+    kv_head = pid % KV_HEADS
+    # The plan is an input of the step: read before the wait (kernels/pdl.py), each chunk's sequence, place and
+    # length side by side and beside the chunk count, so that the block table and then the keys are the second and
+    # third loads in a row. Entries past the chunk count are zeros (decode_plan), so they are safe to read.
+    items = tl.load(plan_ptr + 1)
+    chunks = plan_ptr + _HEADER + num_seqs + 1
+    seq = tl.load(chunks + item)
+    index = tl.load(chunks + capacity + item)  # the chunk's place in its sequence
+    seq_len = tl.load(chunks + 2 * capacity + item)
+    chunk = tl.load(plan_ptr)
+    first = tl.load(plan_ptr + _HEADER + seq)  # the sequence's first chunk row (needed at the end only)
+    used = tl.load(plan_ptr + _HEADER + seq + 1) - first
+    start = index * chunk
+    end = tl.minimum(start + chunk, seq_len)
 
     bt_row_ptr = block_tables_ptr + seq.to(tl.int64) * stride_bt
     head_off = kv_head * stride_ch
-    # Split into one-tile chunks (batch 1 and other small batches), a program loads its tile before the wait, but
-    # for the new token's key and value, which the kernel just before (qk_norm_rope) stores: so the tile's HBM
-    # latency overlaps that kernel (qwen3-0.6b batch-1 TPOT 0.865 -> 0.855 ms, H200). Longer chunks leave every tile
-    # to the loop after the wait, whose software pipeline loads the next tiles ahead (a first tile loaded apart from
-    # it made batch 8, two tiles a split, 2% slower, and batch 64, unsplit, 3%).
-    if SPLIT:
-        one_tile = chunk == BLOCK_N
+    # A one-tile chunk (batch 1 and other small batches) loads its tile before the wait, but for the new token's key
+    # and value, which the kernel just before (qk_norm_rope) stores: so the tile's HBM latency overlaps that kernel
+    # (qwen3-0.6b batch-1 TPOT 0.865 -> 0.855 ms, H200). Longer chunks leave every tile to the loop after the wait,
+    # whose software pipeline loads the next tiles ahead (a first tile loaded apart from it made batch 8, two tiles a
+    # chunk, 2% slower, and batch 64, unsplit, 3%). The code is there only where decode_config asks for it: it took
+    # 128-token tiles from 168 registers to 209.
+    if PRELOAD:
+        one_tile = (chunk == BLOCK_N) & (item < items)
         cols0 = start + tl.arange(0, BLOCK_N)
         k, v = _load_kv_tile(
             k_cache_ptr, v_cache_ptr, bt_row_ptr, cols0, (cols0 < tl.minimum(end, seq_len - 1)) & one_tile, head_off,
             stride_co, block_shift, HEAD_DIM,
         )
+    if item >= items:  # the plan has fewer chunks than the grid (sized for its capacity)
+        return
     if PDL:
         pdl.wait()
 
@@ -241,9 +196,9 @@ def _decode_kernel(
     l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
     acc = tl.zeros([BLOCK_G, HEAD_DIM], dtype=tl.float32)
     loop_start = start
-    if SPLIT:
+    if PRELOAD:
         if one_tile:
-            if end == seq_len:  # the last split's tile holds the new token: load it whole, now that it is stored
+            if end == seq_len:  # the last chunk's tile holds the new token: load it whole, now that it is stored
                 k, v = _load_kv_tile(
                     k_cache_ptr, v_cache_ptr, bt_row_ptr, cols0, cols0 < end, head_off, stride_co, block_shift,
                     HEAD_DIM,
@@ -268,116 +223,138 @@ def _decode_kernel(
         o_ptrs = out_ptr + seq * stride_os + head[:, None] * stride_oh + d[None, :]
         tl.store(o_ptrs, o.to(out_ptr.dtype.element_ty), mask=g_mask[:, None])
     else:
-        row = (seq * num_heads + head).to(tl.int64) * num_splits + split  # [BLOCK_G]
+        row = (first + index).to(tl.int64) * (KV_HEADS * GROUP) + head  # [BLOCK_G]
         tl.store(part_out_ptr + row[:, None] * HEAD_DIM + d[None, :], o, mask=g_mask[:, None])
-        tl.store(part_lse_ptr + row, m_i + tl.log2(l_safe), mask=g_mask)  # a used split has l_i > 0
-        if FUSED_REDUCE:
-            # Arrival: the barrier puts every thread's partial stores before the one thread's atomic, whose release
-            # (gpu scope) publishes them; the atomics on one counter form a release sequence, so the program that
-            # reads used - 1 acquires all other splits' partials, and the barrier after hands that to all threads.
-            tl.debug_barrier()
-            counter = arrivals_ptr + seq * num_kv_heads + kv_head
-            arrived = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
-            tl.debug_barrier()
-            if arrived == used - 1:  # the last one: merge the group's heads, and leave the counter 0 for next launch
-                for first in tl.static_range(0, GROUP, MERGE_HEADS):
-                    _merge_splits(
-                        part_out_ptr,
-                        part_lse_ptr,
-                        out_ptr,
-                        seq,
-                        kv_head * GROUP + first,
-                        (kv_head + 1) * GROUP,
-                        num_heads,
-                        num_splits,
-                        used,
-                        stride_os,
-                        stride_oh,
-                        MERGE_HEADS,
-                        BLOCK_S,
-                        HEAD_DIM,
-                    )
-                tl.store(counter, 0)
+        tl.store(part_lse_ptr + row, m_i + tl.log2(l_safe), mask=g_mask)  # a chunk has a token, so l_i > 0
 
 
-@triton.jit(do_not_specialize=["num_splits"])
+@triton.jit
+def _merge_step(m, denom, acc, lse, o, AXIS: tl.constexpr):
+    """Online log-sum-exp merge of a block of chunks along AXIS: lse [..., BLOCK_S], o [..., BLOCK_S, HEAD_DIM]."""
+    m_new = tl.maximum(m, tl.max(lse, axis=AXIS))  # finite: the first block holds two used chunks
+    alpha = tl.exp2(m - m_new)
+    w = tl.exp2(lse - tl.expand_dims(m_new, AXIS))
+    denom = denom * alpha + tl.sum(w, axis=AXIS)
+    acc = acc * tl.expand_dims(alpha, AXIS) + tl.sum(tl.expand_dims(w, AXIS + 1) * o, axis=AXIS)
+    return m_new, denom, acc
+
+
+@triton.jit
 def _decode_reduce_kernel(
-    part_out_ptr,  # [num_seqs, num_heads, num_splits, HEAD_DIM] fp32
-    part_lse_ptr,  # [num_seqs, num_heads, num_splits] fp32
-    seq_lens_ptr,
+    part_out_ptr,  # [capacity, num_heads, HEAD_DIM] fp32
+    part_lse_ptr,  # [capacity, num_heads] fp32
+    plan_ptr,
     out_ptr,  # [num_seqs, num_heads, HEAD_DIM]
     stride_os,
     stride_oh,
-    num_splits,
-    BLOCK_N: tl.constexpr,  # _decode_kernel's, which fixes the split layout
-    BLOCK_S: tl.constexpr,  # num_splits rounded up to a power of two
+    num_heads,
+    HEADS: tl.constexpr,  # heads a program merges (a power of two)
+    BLOCK_S: tl.constexpr,  # chunks merged a loop iteration
     HEAD_DIM: tl.constexpr,
     PDL: tl.constexpr,
 ):
     seq = tl.program_id(0)
-    head = tl.program_id(1)
-    _, used = _split_layout(tl.load(seq_lens_ptr + seq), num_splits, BLOCK_N)  # an input of the step: before the wait
+    first = tl.load(plan_ptr + _HEADER + seq)  # the sequence's chunk rows [first, first + used): an input of the step,
+    used = tl.load(plan_ptr + _HEADER + seq + 1) - first  # read before the wait
     if PDL:
         pdl.wait()
     if used == 1:  # _decode_kernel wrote the output directly
         return
-    num_heads = tl.num_programs(1)
-    _merge_splits(
-        part_out_ptr,
-        part_lse_ptr,
-        out_ptr,
-        seq,
-        head,
-        head + 1,
-        num_heads,
-        num_splits,
-        used,
-        stride_os,
-        stride_oh,
-        1,
-        BLOCK_S,
-        HEAD_DIM,
-    )
-
-
-# One arrival counter per (sequence, kv head) and device, allocated once: CUDA graphs bake the address in, and the
-# fused decode leaves every counter back at 0. Kernels on one stream run in order, so calls may share it; decode
-# attention on two streams of one device at once would not. Replaced buffers stay alive for graphs that hold them.
-_ARRIVALS: dict[torch.device, list[torch.Tensor]] = {}
-_MIN_ARRIVALS = 8192
-
-
-def _arrival_counters(device: torch.device, n: int) -> torch.Tensor:
-    buffers = _ARRIVALS.setdefault(device, [])
-    if not buffers or buffers[-1].numel() < n:
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            raise RuntimeError(
-                f"paged_decode_attention needs {n} arrival counters but has "
-                f"{buffers[-1].numel() if buffers else 0} while a CUDA graph is being captured; run the same shapes "
-                "once outside the capture first (as a warm-up does)"
-            )
-        size = max(_MIN_ARRIVALS, triton.next_power_of_2(n))
-        buffers.append(torch.zeros(size, dtype=torch.int32, device=device))
-    return buffers[-1]
+    d = tl.arange(0, HEAD_DIM)
+    # Both loads of a block before any reduction, so that their latencies overlap. .cg: read the partials from L2,
+    # where the decode kernel stored them, never from a stale L1 line.
+    if HEADS == 1:  # vectors over the chunks (a [1, chunks] tile measured 1.5 us a layer slower at batch 1)
+        head = tl.program_id(1)
+        m = tl.full([], float("-inf"), dtype=tl.float32)
+        denom = tl.zeros([], dtype=tl.float32)
+        acc = tl.zeros([HEAD_DIM], dtype=tl.float32)
+        for s0 in range(0, used, BLOCK_S):
+            s = s0 + tl.arange(0, BLOCK_S)
+            mask = s < used
+            rows = (first + s).to(tl.int64) * num_heads + head  # [BLOCK_S]
+            lse = tl.load(part_lse_ptr + rows, mask=mask, other=float("-inf"), cache_modifier=".cg")
+            o = tl.load(
+                part_out_ptr + rows[:, None] * HEAD_DIM + d[None, :], mask=mask[:, None], other=0.0,
+                cache_modifier=".cg",
+            )  # [BLOCK_S, HEAD_DIM]
+            m, denom, acc = _merge_step(m, denom, acc, lse, o, 0)
+        tl.store(out_ptr + seq * stride_os + head * stride_oh + d, (acc / denom).to(out_ptr.dtype.element_ty))
+    else:
+        h = tl.program_id(1) * HEADS + tl.arange(0, HEADS)  # [HEADS]
+        h_mask = h < num_heads
+        m = tl.full([HEADS], float("-inf"), dtype=tl.float32)
+        denom = tl.zeros([HEADS], dtype=tl.float32)
+        acc = tl.zeros([HEADS, HEAD_DIM], dtype=tl.float32)
+        for s0 in range(0, used, BLOCK_S):
+            s = s0 + tl.arange(0, BLOCK_S)
+            mask = h_mask[:, None] & (s < used)[None, :]  # [HEADS, BLOCK_S]
+            rows = (first + s).to(tl.int64)[None, :] * num_heads + h[:, None]
+            lse = tl.load(part_lse_ptr + rows, mask=mask, other=float("-inf"), cache_modifier=".cg")
+            lse = tl.where(h_mask[:, None], lse, 0.0)  # heads past num_heads: finite, so never NaN (not stored)
+            o = tl.load(
+                part_out_ptr + rows[:, :, None] * HEAD_DIM + d[None, None, :], mask=mask[:, :, None], other=0.0,
+                cache_modifier=".cg",
+            )  # [HEADS, BLOCK_S, HEAD_DIM]
+            m, denom, acc = _merge_step(m, denom, acc, lse, o, 1)
+        o_ptrs = out_ptr + seq * stride_os + h[:, None] * stride_oh + d[None, :]
+        tl.store(o_ptrs, (acc / denom[:, None]).to(out_ptr.dtype.element_ty), mask=h_mask[:, None])
 
 
 @functools.cache
 def _sm_count(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
-    return 132  # the interpreter on CPU: pretend to be an H100 so split choices match
+    return 132  # the interpreter on CPU: pretend to be an H100 so plans match
 
 
-def choose_num_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int, device: torch.device) -> int:
-    """Split-KV partitions per (sequence, kv head), each >= MIN_SPLIT_LEN tokens: the regimes above."""
-    programs, sms = num_seqs * num_kv_heads, _sm_count(device)
-    if programs <= SMALL_PROGRAMS:
-        fill = MAX_SPLITS
-    elif 2 * programs >= 3 * sms:
-        return 1
-    else:
-        fill = triton.cdiv(4 * sms, programs)
-    return max(min(fill, triton.cdiv(max_seq_len, MIN_SPLIT_LEN), MAX_SPLITS), 1)
+def _plan_target(num_seqs: int, num_kv_heads: int, device: torch.device) -> tuple[int, int]:
+    """(chunks a plan aims at, chunk granularity in tokens) for num_seqs rows: the regimes above."""
+    pairs, sms = num_seqs * num_kv_heads, _sm_count(device)
+    if pairs <= SMALL_PROGRAMS:
+        return num_seqs * MAX_SPLITS, MIN_CHUNK
+    if 2 * pairs < 3 * sms:
+        return triton.cdiv(4 * sms, num_kv_heads), MIN_CHUNK
+    return num_seqs, 2 * MIN_CHUNK if pairs > 4 * sms else MIN_CHUNK
+
+
+def plan_size(num_seqs: int, num_kv_heads: int, device: torch.device) -> int:
+    """Ints of a plan for num_seqs rows (decode_plan without `chunk`): what a CUDA graph's plan buffer holds. With the
+    chunk at least total / target tokens, sum(ceil(len / chunk)) <= total / chunk + rows <= target + rows."""
+    capacity = _plan_target(num_seqs, num_kv_heads, device)[0] + num_seqs
+    return PLAN_HEADER + num_seqs + 1 + 3 * capacity
+
+
+def decode_plan(seq_lens: Sequence[int], num_kv_heads: int, device: torch.device, chunk: int | None = None,
+                out: np.ndarray | None = None) -> np.ndarray:
+    """The decode plan of a step (int32): [chunk length, chunks, cu_chunks (rows + 1), then for each chunk (capacity
+    entries each) its sequence, its index in the sequence, the sequence's length], chunks listed longest first. A
+    sequence of length 0 (padding) has one chunk, which writes zeros. chunk: force a chunk length (tests); the plan may
+    then outgrow plan_size."""
+    lens = np.asarray(seq_lens, dtype=np.int64)
+    rows = len(lens)
+    target, grain = _plan_target(rows, num_kv_heads, device)
+    if chunk is None:
+        per_chunk = -(-int(lens.sum()) // target)  # ceil
+        chunk = max(grain, -(-per_chunk // grain) * grain)
+    counts = np.maximum(-(-lens // chunk), 1)
+    cu = np.zeros(rows + 1, dtype=np.int64)
+    np.cumsum(counts, out=cu[1:])
+    items = int(cu[-1])
+    capacity = max(target + rows, items)
+    seq = np.repeat(np.arange(rows), counts)
+    index = np.arange(items) - cu[seq]
+    order = np.argsort(np.maximum(index * chunk - lens[seq], -chunk), kind="stable")  # longest first
+    size = PLAN_HEADER + rows + 1 + 3 * capacity
+    plan = np.zeros(size, dtype=np.int32) if out is None else out[:size]
+    plan[0], plan[1] = chunk, items
+    plan[PLAN_HEADER:PLAN_HEADER + rows + 1] = cu
+    base = PLAN_HEADER + rows + 1
+    plan[base:base + items] = seq[order]
+    plan[base + capacity:base + capacity + items] = index[order]
+    plan[base + 2 * capacity:base + 2 * capacity + items] = lens[seq[order]]
+    for part in range(3):  # past the chunk count: zeros (sequence 0), which the kernel may read
+        plan[base + part * capacity + items:base + (part + 1) * capacity] = 0
+    return plan
 
 
 def _check_cache(k_cache: torch.Tensor, v_cache: torch.Tensor, head_dim: int) -> tuple[int, int]:
@@ -392,14 +369,16 @@ def _check_cache(k_cache: torch.Tensor, v_cache: torch.Tensor, head_dim: int) ->
 
 def decode_config(group: int, head_dim: int, dtype: torch.dtype, programs: int, device: torch.device) -> dict:
     """Tile sizes and launch options of _decode_kernel for `programs` (sequence, kv head) pairs: the regimes above
-    (benchmarks/kernel_bench.py --sweep times others)."""
+    (benchmarks/kernel_bench.py --sweep times others). BLOCK_N divides decode_plan's chunk granularity."""
     if dtype == torch.float32 or head_dim > 128:  # fp32 "ieee" dots are FMA loops: keep them small
         return dict(BLOCK_N=32, num_warps=4, num_stages=3)
     if programs <= SMALL_PROGRAMS:
-        return dict(BLOCK_N=64, num_warps=4, num_stages=1)
+        return dict(BLOCK_N=64, num_warps=4, num_stages=1, PRELOAD=True)
     if programs > 4 * _sm_count(device):
         return dict(BLOCK_N=128, num_warps=4, num_stages=3)
-    return dict(BLOCK_N=64, num_warps=4, num_stages=3)
+    # ptxas gives this one 168 registers unasked (3 programs a SM), 128 without spilling when held to it (4 a SM):
+    # batch 16 at random lengths 29.7 -> 24.9 us a layer, batch 64 at 640 tokens 54.7 -> 45.7.
+    return dict(BLOCK_N=64, num_warps=4, num_stages=3, maxnreg=128)
 
 
 def prefill_config(group: int, head_dim: int, dtype: torch.dtype) -> dict:
@@ -422,12 +401,8 @@ def paged_decode_attention(
     seq_lens: torch.Tensor,  # [num_seqs] int32, >= 1 (0 gives a zero output row)
     scale: float,
     out: torch.Tensor | None = None,  # [num_seqs, num_heads, head_dim]
-    num_splits: int | None = None,
-    max_seq_len: int | None = None,  # upper bound on seq_lens, only used to choose num_splits
-    # Merge split-KV partials in the decode kernel (True) or in a second, reduce kernel (False). H100, bf16, splits
-    # chosen for 4096 at context 640 as in the decode graphs: two kernels 6.2/7.5/8.6 us at batch 1/2/4, fused
-    # 6.5/8.3/9.6 (kernel_bench --cudagraph --contexts 640 --max-seq-len 4096); equal from batch 8.
-    fused_reduce: bool = False,
+    plan: torch.Tensor | None = None,  # decode_plan of seq_lens on q's device; None: made here (reads seq_lens back)
+    chunk: int | None = None,  # without a plan: force its chunk length (tests)
 ) -> torch.Tensor:
     num_seqs, num_heads, head_dim = q.shape
     block_size, num_kv_heads = _check_cache(k_cache, v_cache, head_dim)
@@ -440,38 +415,29 @@ def paged_decode_attention(
     assert out.shape == q.shape and out.stride(2) == 1, (out.shape, out.stride())
     if num_seqs == 0:
         return out
+    if plan is None:
+        host = decode_plan(seq_lens[:num_seqs].tolist(), num_kv_heads, q.device, chunk=chunk)
+        plan = torch.from_numpy(host).to(q.device)
+    assert plan.dtype == torch.int32 and plan.dim() == 1, (plan.dtype, plan.shape)
+    capacity = (plan.numel() - PLAN_HEADER - num_seqs - 1) // 3
 
     group = num_heads // num_kv_heads
-    if num_splits is None:
-        bound = max_seq_len if max_seq_len is not None else block_tables.shape[1] * block_size
-        num_splits = choose_num_splits(num_seqs, num_kv_heads, bound, q.device)
-    assert 1 <= num_splits <= 1024, num_splits
     cfg = decode_config(group, head_dim, k_cache.dtype, num_seqs * num_kv_heads, q.device)
-    block_g = max(triton.next_power_of_2(group), 16)
-
-    split = num_splits > 1
-    fused = split and fused_reduce
-    if split:
-        part_out = torch.empty((num_seqs, num_heads, num_splits, head_dim), dtype=torch.float32, device=q.device)
-        part_lse = torch.empty((num_seqs, num_heads, num_splits), dtype=torch.float32, device=q.device)
-    else:
-        part_out = part_lse = out  # unused
-    block_s = triton.next_power_of_2(num_splits)
-    merge_heads = min(triton.next_power_of_2(group), 4, max(MERGE_TILE // (block_s * head_dim), 1))
-    arrivals = _arrival_counters(q.device, num_seqs * num_kv_heads) if fused else seq_lens  # unused unless fused
+    part_out = torch.empty((capacity, num_heads, head_dim), dtype=torch.float32, device=q.device)
+    part_lse = torch.empty((capacity, num_heads), dtype=torch.float32, device=q.device)
     use_pdl = pdl.use(q)
-    _decode_kernel[(num_seqs, num_kv_heads, num_splits)](
+    _decode_kernel[(capacity * num_kv_heads,)](
         q,
         k_cache,
         v_cache,
         block_tables,
-        seq_lens,
+        plan,
         out,
         part_out,
         part_lse,
-        arrivals,
         scale * LOG2E,
-        num_splits,
+        num_seqs,
+        capacity,
         q.stride(0),
         q.stride(1),
         out.stride(0),
@@ -480,34 +446,35 @@ def paged_decode_attention(
         k_cache.stride(1),
         k_cache.stride(2),
         block_size.bit_length() - 1,
+        KV_HEADS=num_kv_heads,
         GROUP=group,
-        BLOCK_G=block_g,
+        BLOCK_G=max(triton.next_power_of_2(group), 16),
         HEAD_DIM=head_dim,
-        SPLIT=split,
-        FUSED_REDUCE=fused,
-        BLOCK_S=block_s if fused else 1,
-        MERGE_HEADS=merge_heads if fused else 1,
         DOT_PRECISION=_dot_precision(k_cache.dtype),
         PDL=use_pdl,
         launch_pdl=use_pdl,
         **cfg,
     )
-    if split and not fused:
-        _decode_reduce_kernel[(num_seqs, num_heads)](
-            part_out,
-            part_lse,
-            seq_lens,
-            out,
-            out.stride(0),
-            out.stride(1),
-            num_splits,
-            BLOCK_N=cfg["BLOCK_N"],
-            BLOCK_S=triton.next_power_of_2(num_splits),
-            HEAD_DIM=head_dim,
-            PDL=use_pdl,
-            launch_pdl=use_pdl,
-            num_warps=1 if head_dim <= 64 else 2,
-        )
+    # The merge: a program a (sequence, head) while there are few sequences, each of many chunks; from 1.5 pairs a SM,
+    # where most sequences are one chunk and the rest two or three, a program a sequence for 16 heads (a program a
+    # head there, 2,048-4,096 mostly idle ones at batch 128-256, cost 4-5 us a layer).
+    many = 2 * num_seqs * num_kv_heads >= 3 * _sm_count(q.device)
+    heads = min(16, triton.next_power_of_2(num_heads)) if many else 1
+    _decode_reduce_kernel[(num_seqs, triton.cdiv(num_heads, heads))](
+        part_out,
+        part_lse,
+        plan,
+        out,
+        out.stride(0),
+        out.stride(1),
+        num_heads,
+        HEADS=heads,
+        BLOCK_S=4 if many else 16,
+        HEAD_DIM=head_dim,
+        PDL=use_pdl,
+        launch_pdl=use_pdl,
+        num_warps=4 if many else 1 if head_dim <= 64 else 2,
+    )
     return out
 
 

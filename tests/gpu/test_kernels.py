@@ -111,32 +111,32 @@ def test_decode_matches_reference(kernels, num_heads, num_kv_heads, head_dim, bl
     scale = head_dim**-0.5
     expected = reference_attention(q, k_cache, v_cache, cumulative([1] * len(seq_lens)), lens, block_tables, scale)
     tol = TOLERANCE[dtype]
-    for num_splits in (1, 2, 7, 16, None):
-        out = attn.paged_decode_attention(q, k_cache, v_cache, block_tables, lens, scale, num_splits=num_splits)
+    for chunk in (10**6, 64, 100, 128, None):  # unsplit, one-tile chunks, off the tile, 128-token, the plan's
+        out = attn.paged_decode_attention(q, k_cache, v_cache, block_tables, lens, scale, chunk=chunk)
         assert out.dtype == dtype and out.shape == q.shape
-        torch.testing.assert_close(out.float(), expected, atol=tol, rtol=0, msg=f"num_splits={num_splits}")
+        torch.testing.assert_close(out.float(), expected, atol=tol, rtol=0, msg=f"chunk={chunk}")
 
 
-@pytest.mark.parametrize("num_seqs", [1, 3, 64, 300])
-def test_decode_split_kv_on_and_off_agree(kernels, num_seqs):
+@pytest.mark.parametrize("num_seqs", [1, 3, 16, 64, 300])
+def test_decode_chunked_and_unsplit_agree(kernels, num_seqs):
+    """The plan's chunks (each regime: one-tile chunks, ~4 programs a SM, about one chunk a sequence with 64- and
+    128-token tiles) against whole sequences."""
     _, attn = kernels
     torch.manual_seed(2)
     seq_lens = torch.randint(1, 1500, (num_seqs,)).tolist()
     k_cache, v_cache, block_tables = make_cache(seq_lens, 16, 8, 128, torch.bfloat16)
     q = torch.randn(num_seqs, 32, 128, device=DEVICE).to(torch.bfloat16)
     lens = int32(seq_lens)
-    no_split = attn.paged_decode_attention(q, k_cache, v_cache, block_tables, lens, 128**-0.5, num_splits=1)
-    split = attn.paged_decode_attention(q, k_cache, v_cache, block_tables, lens, 128**-0.5, num_splits=8)
-    auto = attn.paged_decode_attention(q, k_cache, v_cache, block_tables, lens, 128**-0.5, max_seq_len=1500)
-    torch.testing.assert_close(split.float(), no_split.float(), atol=1e-2, rtol=0)
-    torch.testing.assert_close(auto.float(), no_split.float(), atol=1e-2, rtol=0)
+    no_split = attn.paged_decode_attention(q, k_cache, v_cache, block_tables, lens, 128**-0.5, chunk=10**6)
+    planned = attn.paged_decode_attention(q, k_cache, v_cache, block_tables, lens, 128**-0.5)
+    torch.testing.assert_close(planned.float(), no_split.float(), atol=1e-2, rtol=0)
     expected = reference_attention(q, k_cache, v_cache, cumulative([1] * num_seqs), lens, block_tables, 128**-0.5)
     torch.testing.assert_close(no_split.float(), expected, atol=2e-2, rtol=0)
 
 
-@pytest.mark.parametrize("num_splits", [1, 4])
-def test_decode_padding_rows_give_zeros(kernels, num_splits):
-    """seq_len 0 rows (CUDA-graph padding, block table all -1) give zeros, not NaN; `out` is written in place."""
+@pytest.mark.parametrize("chunk", [10**6, 64])
+def test_decode_padding_rows_give_zeros(kernels, chunk):
+    """seq_len 0 rows (block table all -1) give zeros, not NaN; `out` is written in place."""
     _, attn = kernels
     torch.manual_seed(3)
     seq_lens = [40, 0, 300, 0]
@@ -144,113 +144,59 @@ def test_decode_padding_rows_give_zeros(kernels, num_splits):
     q = torch.randn(4, 8, 32, device=DEVICE)
     lens = int32(seq_lens)
     out = torch.full_like(q, float("nan"))
-    result = attn.paged_decode_attention(q, k_cache, v_cache, block_tables, lens, 0.2, out=out, num_splits=num_splits)
+    result = attn.paged_decode_attention(q, k_cache, v_cache, block_tables, lens, 0.2, out=out, chunk=chunk)
     assert result is out
     expected = reference_attention(q, k_cache, v_cache, cumulative([1] * 4), lens, block_tables, 0.2)
     torch.testing.assert_close(out, expected, atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize("num_splits", [1, 8])
-def test_decode_cuda_graph_replay(kernels, num_splits):
-    """Captured once, replayed with new lengths and block tables written into the same buffers."""
-    _, attn = kernels
-    torch.manual_seed(4)
-    num_seqs, max_blocks, block_size = 8, 64, 16
-    k_cache, v_cache, _ = make_cache([max_blocks * block_size] * num_seqs, block_size, 4, 64, torch.bfloat16)
-    q = torch.randn(num_seqs, 16, 64, device=DEVICE).to(torch.bfloat16)
-    lens = torch.ones(num_seqs, dtype=torch.int32, device=DEVICE)
-    tables = torch.zeros(num_seqs, max_blocks, dtype=torch.int32, device=DEVICE)
-    out = torch.empty_like(q)
-    run = lambda: attn.paged_decode_attention(  # noqa: E731
-        q, k_cache, v_cache, tables, lens, 0.125, out=out, num_splits=num_splits
-    )
-    graph, _ = capture(run)
-
-    for _ in range(3):
-        new_lens = torch.randint(1, max_blocks * block_size, (num_seqs,), dtype=torch.int32)
-        new_lens[-1] = 0  # a padding row
-        lens.copy_(new_lens)
-        tables.copy_(torch.randperm(k_cache.shape[0])[: num_seqs * max_blocks].view(num_seqs, max_blocks))
-        q.copy_(torch.randn_like(q, dtype=torch.float32))
-        graph.replay()
-        expected = reference_attention(q, k_cache, v_cache, cumulative([1] * num_seqs), lens, tables, 0.125)
-        torch.testing.assert_close(out.float(), expected, atol=2e-2, rtol=0)
-
-
-def counters_are_zero(attn):
-    buffers = attn._ARRIVALS.get(torch.device(DEVICE, torch.cuda.current_device()))
-    return not buffers or not buffers[-1].any()  # none yet: no fused merge has run
-
-
-@pytest.mark.parametrize("num_heads,num_kv_heads", GQA)
-@pytest.mark.parametrize("num_splits", [2, 5, 32])
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_decode_fused_reduce(kernels, num_heads, num_kv_heads, num_splits, dtype):
-    """Split-KV merged by the last split to arrive (one launch) against the reference and the two-kernel path: seq_len
-    0, sequences shorter than one split, around tile edges, some splits empty, every split used."""
-    _, attn = kernels
-    torch.manual_seed(10)
-    seq_lens = [0, 1, 5, 63, 64, 65, 640, 1000, 2049, 4096]
-    k_cache, v_cache, block_tables = make_cache(seq_lens, 16, num_kv_heads, 128, dtype)
-    q, _, _ = fused_qkv_views(len(seq_lens), num_heads, num_kv_heads, 128, dtype)
-    lens = int32(seq_lens)
-    expected = reference_attention(q, k_cache, v_cache, cumulative([1] * len(seq_lens)), lens, block_tables, 128**-0.5)
-    outs = {}
-    for fused in (True, False):
-        out = torch.full_like(q, float("nan"))
-        attn.paged_decode_attention(
-            q, k_cache, v_cache, block_tables, lens, 128**-0.5, out=out, num_splits=num_splits, fused_reduce=fused
-        )
-        torch.testing.assert_close(out.float(), expected, atol=TOLERANCE[dtype], rtol=0, msg=f"fused_reduce={fused}")
-        outs[fused] = out.float()
-    # The same partials merged in another order of additions: fp32 rounding, then at most one bf16 step.
-    bf16 = dtype == torch.bfloat16
-    torch.testing.assert_close(outs[True], outs[False], atol=1e-2 if bf16 else 1e-5, rtol=1e-2 if bf16 else 0)
-    assert counters_are_zero(attn)
-
-
-def test_decode_fused_reduce_no_stale_partials(kernels):
+@pytest.mark.parametrize("num_seqs,chunk", [(4, 64), (64, None), (300, None)])
+def test_decode_no_stale_partials(kernels, num_seqs, chunk):
     """Back-to-back launches on alternating inputs, no syncs: the partial buffers come back from the caching allocator
-    holding the other input's values, so a merge that read them before the other splits' stores were visible would
-    differ. The merge order is fixed by split index, so every result must repeat bit for bit."""
+    holding the other input's values, so a merge that read them before the chunks' stores were visible would differ.
+    The merge order is fixed by chunk index, so every result must repeat bit for bit. One-tile chunks at batch 4, and
+    the plan's at 64 and 300 (64- and 128-token tiles)."""
     _, attn = kernels
     torch.manual_seed(11)
-    seq_lens = torch.randint(1, 4096, (4,)).tolist()
+    seq_lens = torch.randint(1, 4096, (num_seqs,)).tolist()
     k_cache, v_cache, block_tables = make_cache(seq_lens, 16, 8, 128, torch.bfloat16)
     lens = int32(seq_lens)
-    queries = [torch.randn(4, 16, 128, device=DEVICE).to(torch.bfloat16) for _ in range(2)]
+    host = attn.decode_plan(seq_lens, 8, torch.device(DEVICE), chunk=chunk)
+    assert host[1] > num_seqs  # some sequence is split
+    plan = torch.from_numpy(host).to(DEVICE)
+    queries = [torch.randn(num_seqs, 16, 128, device=DEVICE).to(torch.bfloat16) for _ in range(2)]
 
     def run(q):
-        return attn.paged_decode_attention(q, k_cache, v_cache, block_tables, lens, 128**-0.5, num_splits=32)
+        return attn.paged_decode_attention(q, k_cache, v_cache, block_tables, lens, 128**-0.5, plan=plan)
 
     firsts = [run(q) for q in queries]
     for q, first in zip(queries, firsts):
-        expected = reference_attention(q, k_cache, v_cache, cumulative([1] * 4), lens, block_tables, 128**-0.5)
+        qsl = cumulative([1] * num_seqs)
+        expected = reference_attention(q, k_cache, v_cache, qsl, lens, block_tables, 128**-0.5)
         torch.testing.assert_close(first.float(), expected, atol=2e-2, rtol=0)
     outs = [run(queries[i % 2]) for i in range(200)]
     for i, out in enumerate(outs):
         assert torch.equal(out, firsts[i % 2]), f"launch {i}"
-    assert counters_are_zero(attn)
 
 
-@pytest.mark.parametrize("fused", [False, True])
-@pytest.mark.parametrize("num_seqs", [1, 4, 16])
-def test_decode_fused_reduce_cuda_graph(kernels, num_seqs, fused):
-    """As the engine runs it: splits chosen for max_seq_len 4096 (most empty at short contexts), captured once, each
-    input replayed twice; the split-KV merge in a kernel of its own (the engine's) or fused (the counters must be
-    back at 0 after every launch)."""
+@pytest.mark.parametrize("num_seqs", [1, 4, 16, 64, 256])
+def test_decode_plan_cuda_graph(kernels, num_seqs):
+    """As the engine runs it: captured once with a plan buffer of the batch size's plan_size, then replayed with new
+    lengths, block tables and the plan made for them written into the same buffers (each input replayed twice)."""
     _, attn = kernels
     torch.manual_seed(12)
     max_len, block_size = 4096, 16
     max_blocks = max_len // block_size
-    assert attn.choose_num_splits(num_seqs, 8, max_len, torch.device(DEVICE)) > 1
-    k_cache, v_cache, _ = make_cache([max_len] * num_seqs, block_size, 8, 128, torch.bfloat16)
+    device = torch.device(DEVICE)
+    k_cache, v_cache, _ = make_cache([max_len] * min(num_seqs, 16), block_size, 8, 128, torch.bfloat16)
     q = torch.randn(num_seqs, 16, 128, device=DEVICE).to(torch.bfloat16)
     lens = torch.ones(num_seqs, dtype=torch.int32, device=DEVICE)
     tables = torch.zeros(num_seqs, max_blocks, dtype=torch.int32, device=DEVICE)
+    plan = torch.from_numpy(attn.decode_plan([1] * num_seqs, 8, device)).to(DEVICE)
+    assert plan.numel() == attn.plan_size(num_seqs, 8, device)
     out = torch.empty_like(q)
     run = lambda: attn.paged_decode_attention(  # noqa: E731
-        q, k_cache, v_cache, tables, lens, 128**-0.5, out=out, max_seq_len=max_len, fused_reduce=fused
+        q, k_cache, v_cache, tables, lens, 128**-0.5, out=out, plan=plan
     )
     graph, _ = capture(run)
 
@@ -259,7 +205,8 @@ def test_decode_fused_reduce_cuda_graph(kernels, num_seqs, fused):
         new_lens = torch.tensor(choices)[torch.randint(len(choices), (num_seqs,))].to(torch.int32)
         new_lens[0] = 640  # the measured case
         lens.copy_(new_lens)
-        tables.copy_(torch.randperm(k_cache.shape[0])[: num_seqs * max_blocks].view(num_seqs, max_blocks))
+        plan.copy_(torch.from_numpy(attn.decode_plan(new_lens.tolist(), 8, device)))
+        tables.copy_(torch.randint(k_cache.shape[0], (num_seqs, max_blocks), dtype=torch.int32))
         q.copy_(torch.randn_like(q, dtype=torch.float32))
         graph.replay()
         first = out.clone()
@@ -267,7 +214,6 @@ def test_decode_fused_reduce_cuda_graph(kernels, num_seqs, fused):
         assert torch.equal(out, first)
         expected = reference_attention(q, k_cache, v_cache, cumulative([1] * num_seqs), lens, tables, 128**-0.5)
         torch.testing.assert_close(out.float(), expected, atol=2e-2, rtol=0)
-        assert counters_are_zero(attn)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -313,8 +259,8 @@ def test_prefill_and_decode_other_groups(kernels, num_heads, num_kv_heads):
     torch.testing.assert_close(out.float(), expected, atol=2e-2, rtol=0)
     q = q[:3]
     expected = reference_attention(q, k_cache, v_cache, cumulative([1] * 3), lens, block_tables, 128**-0.5)
-    for num_splits in (1, 5):
-        out = attn.paged_decode_attention(q, k_cache, v_cache, block_tables, lens, 128**-0.5, num_splits=num_splits)
+    for chunk in (10**6, 64):
+        out = attn.paged_decode_attention(q, k_cache, v_cache, block_tables, lens, 128**-0.5, chunk=chunk)
         torch.testing.assert_close(out.float(), expected, atol=2e-2, rtol=0)
 
 

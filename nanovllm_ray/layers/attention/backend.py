@@ -9,6 +9,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from typing import ClassVar
 
+import numpy as np
 import torch
 
 from nanovllm_ray.layers.attention.metadata import AttentionMetadata
@@ -23,6 +24,14 @@ class AttentionBackend(ABC):
 
     def prepare(self, meta: AttentionMetadata) -> None:  # noqa: B027 (optional hook)
         """Per-step work shared by all layers (e.g. splitting decisions)."""
+
+    def decode_plan_size(self, num_seqs: int, num_kv_heads: int, device: torch.device) -> int:
+        """Ints of the decode plan a CUDA graph of num_seqs rows holds (0: the backend takes none)."""
+        return 0
+
+    def decode_plan(self, seq_lens: list[int], num_kv_heads: int, device: torch.device, out: np.ndarray) -> None:
+        """Write a decode step's plan, from its context lengths, into out (decode_plan_size ints)."""
+        raise NotImplementedError(f"the {self.name} backend takes no decode plan")
 
     @abstractmethod
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,

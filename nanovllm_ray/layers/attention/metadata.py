@@ -28,6 +28,9 @@ class AttentionMetadata:
     is_decode_only: bool  # every query is one token
     no_cached_context: bool  # every context is exactly its new tokens (a plain prefill)
     state: dict[str, Any] = field(default_factory=dict)  # what the backend's prepare() computed
+    # The backend's decode plan where a CUDA graph holds it (a static buffer the graph's launch rewrites each step);
+    # None: the backend makes its own from seq_lens_cpu.
+    decode_plan: torch.Tensor | None = None
 
     @property
     def num_seqs(self) -> int:
