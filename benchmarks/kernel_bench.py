@@ -3,19 +3,18 @@
     python -m benchmarks.kernel_bench                       # decode, Qwen3-0.6B/1.7B attention shape
     python -m benchmarks.kernel_bench --heads 32 --kv-heads 8 --block-size 256 --prefill
     python -m benchmarks.kernel_bench --sweep               # also try other decode tile configs
-    python -m benchmarks.kernel_bench --cudagraph --contexts 640 --max-seq-len 4096   # splits as in the engine's graphs
-    python -m benchmarks.kernel_bench --plan                # the split-KV plan against the one before it, 28 layers
+    python -m benchmarks.kernel_bench --cudagraph --chunks 0 64 1000000   # the plan's chunks, one-tile, unsplit
+    python -m benchmarks.kernel_bench --plan                # the decode plan as a step runs it, 28 layers
+    python -m benchmarks.kernel_bench --plan --against old_paged_attention.py   # ... against an older kernel module
     python -m benchmarks.kernel_bench --gemm                # skinny GEMM vs cuBLAS, Qwen3-0.6B decode linears
     python -m benchmarks.kernel_bench --gemm --gemm-model 8b --gemm-m 1 16 64
 
-Decode is memory bound: GB/s = K and V bytes read / time (H100 SXM HBM3 peaks near 3,350 GB/s). Where a decode
-splits the KV, it is timed with the split-KV merge fused into the kernel and with the separate reduce kernel
-(--reduce); --max-seq-len chooses the split count for a longer bound than the context, as the engine's CUDA graphs do
-(captured for max_model_len, replayed at whatever the batch's context is).
+Decode is memory bound: GB/s = K and V bytes read / time (H100 SXM HBM3 peaks near 3,350 GB/s). --chunks times
+decode_plan with each forced chunk length (0: the plan's own).
 --plan times decode as a step does (a graph of --layers launches, one per layer's cache, so nothing stays in L2), the
-engine's split-KV plan (choose_num_splits, decode_config) against the plan before 2026-12-01 (previous_plan): at
---plan-contexts for batches 1-256, at lengths drawn from --mixed for batches 16-256, splits chosen for
---max-seq-len (default 4096).
+engine's decode plan, at --plan-contexts for batches 1-256 and at lengths drawn from --mixed for batches 8-256;
+--against FILE times an older copy of kernels/paged_attention.py beside it, called as the engine called it then
+(split-KV chosen for --max-seq-len, default 4096, where it takes that argument).
 Prefill reports causal TFLOP/s (4 * heads * head_dim per visible query-key pair).
 --gemm times y = x @ W^T for each M: F.linear (cuBLAS), skinny_linear with gemm_config's choice and a sweep of tile
 configs, all replayed from CUDA graphs over enough weight copies to miss L2 (as a model's layers do); GB/s = (W + x +
@@ -24,6 +23,8 @@ y bytes) / time. It prints a TUNED table to paste into nanovllm_ray/kernels/skin
 
 import argparse
 import functools
+import importlib.util
+import inspect
 import itertools
 import json
 import os
@@ -69,10 +70,8 @@ def bench_decode(args, dtype, decode_config=None):
     original = paged_attention.decode_config
     if decode_config is not None:
         paged_attention.decode_config = lambda *_: dict(decode_config)
-    reduces = {"fused": [True], "two-kernel": [False], "both": [True, False]}[args.reduce]
     try:
         for context in args.contexts:
-            bound = max(args.max_seq_len or context, context)  # the split choice's max_seq_len
             for batch in args.batches:
                 seq_lens = [context] * batch
                 q, k_cache, v_cache, tables, lens = make_inputs(
@@ -80,52 +79,51 @@ def bench_decode(args, dtype, decode_config=None):
                 )
                 out = torch.empty_like(q)
                 kv_bytes = 2 * sum(seq_lens) * args.kv_heads * args.head_dim * q.element_size()
-                chosen = paged_attention.choose_num_splits(batch, args.kv_heads, bound, q.device)
-                for num_splits in dict.fromkeys(splits or chosen for splits in args.splits):  # 0 = automatic
-                    for fused in reduces if num_splits > 1 else [True]:  # one split: nothing to merge
-                        fn = functools.partial(
-                            paged_attention.paged_decode_attention,
-                            *(q, k_cache, v_cache, tables, lens, args.head_dim**-0.5),
-                            out=out,
-                            num_splits=num_splits,
-                            fused_reduce=fused,
+                for chunk in dict.fromkeys(args.chunks):
+                    host = paged_attention.decode_plan(seq_lens, args.kv_heads, q.device, chunk=chunk or None)
+                    fn = functools.partial(
+                        paged_attention.paged_decode_attention,
+                        *(q, k_cache, v_cache, tables, lens, args.head_dim**-0.5),
+                        out=out,
+                        plan=torch.from_numpy(host).cuda(),
+                    )
+                    ms = timer(args)(fn)
+                    rows.append(
+                        dict(
+                            kernel="decode",
+                            config=decode_config or "default",
+                            batch=batch,
+                            context=context,
+                            chunk=int(host[0]),
+                            chunks=int(host[1]),
+                            us=ms * 1e3,
+                            gb_s=kv_bytes / (ms * 1e-3) / 1e9,
                         )
-                        ms = timer(args)(fn)
-                        rows.append(
-                            dict(
-                                kernel="decode",
-                                config=decode_config or "default",
-                                batch=batch,
-                                context=context,
-                                max_seq_len=bound,
-                                num_splits=num_splits,
-                                reduce=("fused" if fused else "two-kernel") if num_splits > 1 else "-",
-                                us=ms * 1e3,
-                                gb_s=kv_bytes / (ms * 1e-3) / 1e9,
-                            )
-                        )
+                    )
     finally:
         paged_attention.decode_config = original
     return rows
 
 
-def previous_plan(num_seqs: int, num_kv_heads: int, max_seq_len: int, device: torch.device) -> tuple[int, dict]:
-    """The split-KV plan before 2026-12-01: ~4 programs a SM in one-tile splits (16 at most), none from 1.5 a SM;
-    64-token tiles, 3 stages everywhere."""
-    programs, sms = num_seqs * num_kv_heads, paged_attention._sm_count(device)
-    splits = 1 if 2 * programs >= 3 * sms else min(triton.cdiv(4 * sms, programs), triton.cdiv(max_seq_len, 64), 16)
-    return splits, dict(BLOCK_N=64, num_warps=4, num_stages=3)
+def load_module(path: Path):
+    """An older copy of kernels/paged_attention.py (e.g. `git show REV:nanovllm_ray/kernels/paged_attention.py`)."""
+    spec = importlib.util.spec_from_file_location(f"against_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def bench_plan(args, dtype) -> list[dict]:
-    """Decode over --layers layers' caches in one CUDA graph: the engine's plan against previous_plan."""
+    """Decode over --layers layers' caches in one CUDA graph, as a step runs it: the engine's plan (made on the host
+    once, as a graph's launch does), and --against's module the way the engine called it (splits chosen for
+    --max-seq-len where it takes that)."""
     rng = random.Random(0)
     cases = [(f"ctx{c}", [c] * b) for c in args.plan_contexts for b in (1, 2, 4, 8, 16, 64, 128, 256)]
     lo, hi = args.mixed
-    mixed_batches = (16, 24, 32, 48, 64, 96, 128, 192, 256)
+    mixed_batches = (8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
     cases += [(f"mixed{lo}-{hi}", [rng.randint(lo, hi) for _ in range(b)]) for b in mixed_batches]
-    bound = args.max_seq_len or 4096
-    original = paged_attention.decode_config
+    against = load_module(args.against) if args.against else None
+    takes_bound = against is not None and "max_seq_len" in inspect.signature(against.paged_decode_attention).parameters
     rows = []
     for case, seq_lens in cases:
         caches = [make_inputs(seq_lens, args.heads, args.kv_heads, args.head_dim, args.block_size, dtype)
@@ -133,26 +131,20 @@ def bench_plan(args, dtype) -> list[dict]:
         q, lens = caches[0][0], caches[0][4]
         out = torch.empty_like(q)
         kv_bytes = 2 * sum(seq_lens) * args.kv_heads * args.head_dim * q.element_size() * args.layers
-        splits = paged_attention.choose_num_splits(len(seq_lens), args.kv_heads, bound, q.device)
-        plans = {"plan": (splits, None), "previous": previous_plan(len(seq_lens), args.kv_heads, bound, q.device)}
-        for name, (num_splits, config) in plans.items():
-            if config is not None:
-                paged_attention.decode_config = lambda *_, c=config: dict(c)
+        host = paged_attention.decode_plan(seq_lens, args.kv_heads, q.device)
+        plan = torch.from_numpy(host).cuda()
+        variants = {"plan": (paged_attention.paged_decode_attention, dict(plan=plan))}
+        if against is not None:
+            variants["against"] = (against.paged_decode_attention, dict(max_seq_len=args.max_seq_len) if takes_bound
+                                   else {})
+        for name, (fn, kwargs) in variants.items():
             calls = [
-                functools.partial(
-                    paged_attention.paged_decode_attention,
-                    *(q, k_cache, v_cache, tables, lens, args.head_dim**-0.5),
-                    out=out,
-                    num_splits=num_splits,
-                )
+                functools.partial(fn, *(q, k_cache, v_cache, tables, lens, args.head_dim**-0.5), out=out, **kwargs)
                 for _, k_cache, v_cache, tables, _ in caches
             ]
-            try:
-                ms = triton.testing.do_bench_cudagraph(lambda calls=calls: [call() for call in calls], rep=200)
-            finally:
-                paged_attention.decode_config = original
-            rows.append(dict(kernel="plan", case=case, batch=len(seq_lens), plan=name, num_splits=num_splits,
-                             config=config or "engine", us_per_layer=ms * 1e3 / args.layers,
+            ms = triton.testing.do_bench_cudagraph(lambda calls=calls: [call() for call in calls], rep=200)
+            rows.append(dict(kernel="plan", case=case, batch=len(seq_lens), variant=name, chunk=int(host[0]),
+                             chunks=int(host[1]), us_per_layer=ms * 1e3 / args.layers,
                              gb_s=kv_bytes / (ms * 1e-3) / 1e9))
         del caches
         torch.cuda.empty_cache()
@@ -160,33 +152,16 @@ def bench_plan(args, dtype) -> list[dict]:
 
 
 def print_plan(rows: list[dict]) -> None:
-    print(f"{'case':>14} {'batch':>5} {'plan us/layer':>13} {'GB/s':>6} {'previous':>9} {'GB/s':>6} {'speed-up':>8}",
-          " splits")
+    against = any(r["variant"] == "against" for r in rows)
+    print(f"{'case':>14} {'batch':>5} {'plan us/layer':>13} {'GB/s':>6}", f"{'against':>9} {'GB/s':>6} {'speed-up':>8}"
+          if against else "", " chunk  chunks")
     for case_batch in dict.fromkeys((r["case"], r["batch"]) for r in rows):
-        new, old = (next(r for r in rows if (r["case"], r["batch"]) == case_batch and r["plan"] == p)
-                    for p in ("plan", "previous"))
-        print(f"{case_batch[0]:>14} {case_batch[1]:5d} {new['us_per_layer']:13.2f} {new['gb_s']:6.0f} "
-              f"{old['us_per_layer']:9.2f} {old['gb_s']:6.0f} {old['us_per_layer'] / new['us_per_layer']:7.2f}x  "
-              f"{new['num_splits']} (was {old['num_splits']})")
-
-
-def print_decode_reduce(rows: list[dict]) -> None:
-    """Fused split-KV merge against the separate reduce kernel, where both were timed."""
-    decode = [r for r in rows if r["kernel"] == "decode"]
-    key = lambda r: (str(r["config"]), r["batch"], r["context"], r["max_seq_len"], r["num_splits"])  # noqa: E731
-    two_kernel = {key(r): r["us"] for r in decode if r["reduce"] == "two-kernel"}
-    pairs = [(r, two_kernel[key(r)]) for r in decode if r["reduce"] == "fused" and key(r) in two_kernel]
-    if not pairs:
-        return
-    print(
-        f"\n{'config':>60} {'batch':>6} {'ctx':>6} {'bound':>6} {'splits':>6} {'fused us':>9} {'2-kernel us':>11} "
-        f"{'speedup':>7}"
-    )
-    for r, us in pairs:
-        print(
-            f"{str(r['config']):>60} {r['batch']:6d} {r['context']:6d} {r['max_seq_len']:6d} {r['num_splits']:6d} "
-            f"{r['us']:9.1f} {us:11.1f} {us / r['us']:6.2f}x"
-        )
+        new, old = (next((r for r in rows if (r["case"], r["batch"]) == case_batch and r["variant"] == v), None)
+                    for v in ("plan", "against"))
+        line = f"{case_batch[0]:>14} {case_batch[1]:5d} {new['us_per_layer']:13.2f} {new['gb_s']:6.0f} "
+        if old is not None:
+            line += f"{old['us_per_layer']:9.2f} {old['gb_s']:6.0f} {old['us_per_layer'] / new['us_per_layer']:7.2f}x "
+        print(line + f" {new['chunk']:5d} {new['chunks']:6d}")
 
 
 def bench_prefill(args, dtype, prefill_config=None):
@@ -412,16 +387,12 @@ def main() -> None:
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 4, 16, 64, 256])
     parser.add_argument("--contexts", type=int, nargs="+", default=[512, 1024, 4096])
     parser.add_argument(
-        "--splits", type=int, nargs="+", default=[0, 1], help="decode split-KV counts to time; 0 = automatic"
-    )
-    parser.add_argument(
-        "--max-seq-len", type=int, help="choose automatic splits for this bound, not the context (as CUDA graphs do)"
-    )
-    parser.add_argument(
-        "--reduce", choices=["both", "fused", "two-kernel"], default="both", help="split-KV merge(s) to time"
+        "--chunks", type=int, nargs="+", default=[0, 10**6], help="decode chunk lengths to time; 0 = the plan's"
     )
     parser.add_argument("--cudagraph", action="store_true", help="time decode replayed from a CUDA graph")
-    parser.add_argument("--plan", action="store_true", help="time the split-KV plan against the previous one")
+    parser.add_argument("--plan", action="store_true", help="time the decode plan as a step runs it (28 layers)")
+    parser.add_argument("--against", type=Path, help="--plan: also time this older copy of kernels/paged_attention.py")
+    parser.add_argument("--max-seq-len", type=int, default=4096, help="--against's split bound, where it takes one")
     parser.add_argument("--plan-contexts", type=int, nargs="+", default=[640], help="--plan's uniform contexts")
     parser.add_argument("--mixed", type=int, nargs=2, default=[100, 2048], help="--plan's range of random lengths")
     parser.add_argument("--layers", type=int, default=28, help="--plan's layers (caches) a step")
@@ -482,14 +453,13 @@ def main() -> None:
         f"block_size {args.block_size}  {args.dtype}"
     )
     print(
-        f"{'kernel':8} {'config':>60} {'batch':>6} {'ctx':>6} {'bound':>6} {'splits':>6} {'reduce':>10} {'us':>9} "
-        f"{'GB/s':>8}"
+        f"{'kernel':8} {'config':>60} {'batch':>6} {'ctx':>6} {'chunk':>7} {'chunks':>6} {'us':>9} {'GB/s':>8}"
     )
     for r in rows:
         if r["kernel"] == "decode":
             print(
-                f"decode   {str(r['config']):>60} {r['batch']:6d} {r['context']:6d} {r['max_seq_len']:6d} "
-                f"{r['num_splits']:6d} {r['reduce']:>10} {r['us']:9.1f} {r['gb_s']:8.0f}"
+                f"decode   {str(r['config']):>60} {r['batch']:6d} {r['context']:6d} {r['chunk']:7d} "
+                f"{r['chunks']:6d} {r['us']:9.1f} {r['gb_s']:8.0f}"
             )
     for r in rows:
         if r["kernel"] == "prefill":
@@ -497,7 +467,6 @@ def main() -> None:
                 f"prefill  {str(r['config']):>60} q_len {r['q_len']:5d} prefix {r['prefix']:5d} "
                 f"{r['us']:9.1f} us {r['tflop_s']:6.1f} TFLOP/s"
             )
-    print_decode_reduce(rows)
 
     write_json(args, rows, "kernel_bench")
 
