@@ -117,6 +117,7 @@ class DecodeGraphs:
     def _capture(self) -> None:
         def prepare(bs: int) -> AttentionMetadata:
             self._reset_padding(bs)
+            self._write_plan(bs, [])
             return self._meta(bs)
 
         self.graphs: dict[int, torch.cuda.CUDAGraph] = capture_graphs(self.sizes, prepare, self._forward)
@@ -125,7 +126,6 @@ class DecodeGraphs:
         """Valid inputs for bs empty rows: slot -1, length 1, no pending source, greedy."""
         for k, value in ((IDS, 0), (POS, 0), (SLOTS, -1), (LENS, 1), (SRC, -1), (TEMPS, 0)):
             self.section(bs, k).fill_(value)
-        self._write_plan(bs, [1] * bs)
 
     def _write_plan(self, bs: int, seq_lens: list[int]) -> None:
         """The backend's plan for a graph of bs rows (padding rows: length 1), copied to the graphs' buffer."""

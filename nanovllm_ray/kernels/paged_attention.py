@@ -320,8 +320,11 @@ def _plan_target(num_seqs: int, num_kv_heads: int, device: torch.device) -> tupl
 def plan_size(num_seqs: int, num_kv_heads: int, device: torch.device) -> int:
     """Ints of a plan for num_seqs rows (decode_plan without `chunk`): what a CUDA graph's plan buffer holds. With the
     chunk at least total / target tokens, sum(ceil(len / chunk)) <= total / chunk + rows <= target + rows."""
-    capacity = _plan_target(num_seqs, num_kv_heads, device)[0] + num_seqs
-    return PLAN_HEADER + num_seqs + 1 + 3 * capacity
+    return _plan_ints(num_seqs, _plan_target(num_seqs, num_kv_heads, device)[0] + num_seqs)
+
+
+def _plan_ints(rows: int, capacity: int) -> int:
+    return PLAN_HEADER + rows + 1 + 3 * capacity
 
 
 def decode_plan(seq_lens: Sequence[int], num_kv_heads: int, device: torch.device, chunk: int | None = None,
@@ -344,14 +347,15 @@ def decode_plan(seq_lens: Sequence[int], num_kv_heads: int, device: torch.device
     seq = np.repeat(np.arange(rows), counts)
     index = np.arange(items) - cu[seq]
     order = np.argsort(np.maximum(index * chunk - lens[seq], -chunk), kind="stable")  # longest first
-    size = PLAN_HEADER + rows + 1 + 3 * capacity
-    plan = np.zeros(size, dtype=np.int32) if out is None else out[:size]
+    size = _plan_ints(rows, capacity)
+    plan = np.empty(size, dtype=np.int32) if out is None else out[:size]  # every entry is written below
     plan[0], plan[1] = chunk, items
     plan[PLAN_HEADER:PLAN_HEADER + rows + 1] = cu
     base = PLAN_HEADER + rows + 1
-    plan[base:base + items] = seq[order]
+    seq = seq[order]
+    plan[base:base + items] = seq
     plan[base + capacity:base + capacity + items] = index[order]
-    plan[base + 2 * capacity:base + 2 * capacity + items] = lens[seq[order]]
+    plan[base + 2 * capacity:base + 2 * capacity + items] = lens[seq]
     for part in range(3):  # past the chunk count: zeros (sequence 0), which the kernel may read
         plan[base + part * capacity + items:base + (part + 1) * capacity] = 0
     return plan

@@ -10,7 +10,6 @@ import torch
 
 from nanovllm_ray.kernels import paged_attention
 from nanovllm_ray.kernels.kv_store import store_kvcache
-from nanovllm_ray.kernels.paged_attention import paged_decode_attention, paged_prefill_attention
 from nanovllm_ray.layers.attention.backend import AttentionBackend
 from nanovllm_ray.layers.attention.metadata import AttentionMetadata
 
@@ -54,10 +53,11 @@ class TritonBackend(AttentionBackend):
             store_kvcache(k, v, k_cache, v_cache, meta.slot_mapping)
         if meta.is_decode_only:
             plan = self._plan(meta, k_cache.shape[2], q.device)
-            return paged_decode_attention(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, scale, plan=plan)
+            return paged_attention.paged_decode_attention(q, k_cache, v_cache, meta.block_tables, meta.seq_lens,
+                                                          scale, plan=plan)
         if meta.no_cached_context and self.use_varlen and q.dtype != torch.float32:
             cu = meta.query_start_loc
             return varlen_attn(q, k, v, cu, cu, meta.max_query_len, meta.max_query_len, scale=scale,
                                window_size=(-1, 0))
-        return paged_prefill_attention(q, k_cache, v_cache, meta.query_start_loc, meta.seq_lens, meta.block_tables,
-                                       meta.max_query_len, scale)
+        return paged_attention.paged_prefill_attention(q, k_cache, v_cache, meta.query_start_loc, meta.seq_lens,
+                                                       meta.block_tables, meta.max_query_len, scale)
