@@ -383,13 +383,30 @@ def test_gemm_config_and_use_skinny(monkeypatch):
     assert [skinny_gemm.use_skinny(m, 4096, 1024, torch.bfloat16) for m in (1, 2, 16, 17, 64, 65)] == [
         True, False, False, True, True, False,
     ]  # fmt: skip
+    monkeypatch.setitem(skinny_gemm.TUNED, (4096, 1024), {4: None, 64: fast})  # None: cuBLAS
+    assert [skinny_gemm.use_skinny(m, 4096, 1024, torch.bfloat16) for m in (1, 4, 5, 64, 65)] == [
+        False, False, True, True, False,
+    ]  # fmt: skip
+
+
+def test_precompile_jobs_are_the_tuned_entries_in_use(monkeypatch):
+    """Start-up compiles, side by side, the kernels the tuned entries of the model's weight shapes pick."""
+    fast = (16, 32, 256, 1, 4, 4, False, 2.0, 5.0)
+    slow = (16, 64, 128, 2, 8, 3, True, 6.0, 5.0)
+    monkeypatch.setattr(skinny_gemm, "TUNED", {(4096, 1024): {4: None, 8: fast, 16: slow, 32: fast}})
+    shapes = [(4096, 1024), (1024, 2048), (4096, 1024)]  # untuned shapes take cuBLAS: nothing to compile
+    assert skinny_gemm.precompile_jobs(shapes, torch.bfloat16) == [(8, 4096, 1024), (32, 4096, 1024)]
+    assert skinny_gemm.precompile_jobs(shapes, torch.float32) == []
 
 
 def test_tuned_table_is_well_formed():
-    """Entries pasted from benchmarks/kernel_bench.py --gemm: 7 config fields, then skinny and cuBLAS microseconds."""
+    """Entries pasted from benchmarks/gemv_bench.py --skinny or kernel_bench.py --gemm: 7 config fields, then skinny
+    and cuBLAS microseconds; or None (cuBLAS)."""
     for (n, k), buckets in skinny_gemm.TUNED.items():
         assert n > 0 and k > 0
         for m, entry in buckets.items():
+            if entry is None:
+                continue
             assert m > 0 and len(entry) == len(skinny_gemm.TUNED_FIELDS) + 2, ((n, k), m, entry)
             cfg = dict(zip(skinny_gemm.TUNED_FIELDS, entry))
             for name in ("BLOCK_M", "BLOCK_N", "BLOCK_K"):

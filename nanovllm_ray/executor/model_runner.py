@@ -15,6 +15,7 @@ from nanovllm_ray.config import Config
 from nanovllm_ray.executor.step import PendingOutput, StepInput, StepOutput
 from nanovllm_ray.layers import ops
 from nanovllm_ray.layers.attention import Attention, AttentionMetadata, select_backend, triton_supports_head_dim
+from nanovllm_ray.layers.linear import LinearBase
 from nanovllm_ray.layers.parallel import fast_all_reduce_bytes, tp_rank, tp_size
 from nanovllm_ray.layers.sampler import SamplerOutput, SamplingTensors, sample
 from nanovllm_ray.models.loader import load_model
@@ -83,6 +84,9 @@ class ModelRunner:
         load_model(self.model, config.model)
         self.model.eval()
         self.clock.done("weights loaded")
+        if ops.skinny_gemm is not None:  # its tuned kernels, compiled side by side rather than one by one in capture
+            shapes = [tuple(m.weight.shape) for m in self.model.modules() if isinstance(m, LinearBase)]
+            ops.skinny_gemm.precompile(shapes, self.dtype, self.device)
         self.backend = select_backend(config.attention_backend, self.device, self.block_size, self.head_dim,
                                       self.dtype)
         self.attn_layers = [m for m in self.model.modules() if isinstance(m, Attention)]

@@ -53,15 +53,29 @@ LARGE_CONFIG = dict(BLOCK_N=4, BLOCK_K=1024, num_warps=4, num_stages=1, PREFETCH
 
 
 @triton.jit
+def _bulk_prefetch(ptrs, size):
+    """cp.async.bulk.prefetch.L2 of size bytes (a multiple of 16; 0: none) at each of ptrs (int8, 16-byte aligned)."""
+    tl.inline_asm_elementwise(
+        "{ .reg .pred p; setp.ne.s32 p, $2, 0; @p cp.async.bulk.prefetch.L2.global [$1], $2; mov.u32 $0, 0; }",
+        "=r,l,r", [ptrs, size], dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
 def _prefetch_l2(base, nbytes, NUM_THREADS: tl.constexpr):
     """Bring nbytes (a multiple of 16) from base (16-byte aligned) into L2: one bulk prefetch per thread."""
     chunk = tl.cdiv(nbytes, NUM_THREADS * 16) * 16
     offs = tl.arange(0, NUM_THREADS).to(tl.int64) * chunk
     size = tl.minimum(tl.maximum(nbytes - offs, 0), chunk).to(tl.int32)
-    ptrs = base.to(tl.pointer_type(tl.int8)) + offs
-    tl.inline_asm_elementwise(
-        "{ .reg .pred p; setp.ne.s32 p, $2, 0; @p cp.async.bulk.prefetch.L2.global [$1], $2; mov.u32 $0, 0; }",
-        "=r,l,r", [ptrs, size], dtype=tl.int32, is_pure=False, pack=1)
+    _bulk_prefetch(base.to(tl.pointer_type(tl.int8)) + offs, size)
+
+
+@triton.jit
+def prefetch_rows(w_ptr, n0, N, stride, k_lo, k_hi, BLOCK_N: tl.constexpr, ELEM_BYTES: tl.constexpr):
+    """Columns [k_lo, k_hi) of W's rows [n0, n0 + BLOCK_N) below N into L2, a bulk prefetch a row: row starts and
+    lengths in bytes must be multiples of 16 (kernels/skinny_gemm.py's W slice, a K split's part of it)."""
+    rows = n0 + tl.arange(0, BLOCK_N)
+    size = tl.where(rows < N, (k_hi - k_lo) * ELEM_BYTES, 0).to(tl.int32)
+    _bulk_prefetch(w_ptr.to(tl.pointer_type(tl.int8)) + (rows.to(tl.int64) * stride + k_lo) * ELEM_BYTES, size)
 
 
 @triton.jit

@@ -12,68 +12,59 @@ side and the slice comes from HBM once, then from L2. When N / BLOCK_N gives too
     bias and casts. Deterministic, unlike fp32 atomics, and no cheaper: atomics would need a zeroed buffer (a memset)
     and a cast kernel for a bf16 output all the same.
 
-Tile sizes come from `gemm_config`: measured entries of TUNED (benchmarks/kernel_bench.py --gemm prints them ready to
-paste) and a heuristic for shapes not in it. `use_skinny` says where the kernel is worth calling instead of cuBLAS.
+On Hopper both kernels launch as programmatic dependents (kernels/pdl.py): a GEMM program asks for its W slice (its
+split's columns of it) to be brought into L2 before it waits for the kernel before it, so the weight read overlaps
+that kernel, as the decode GEMV does (kernels/gemv.py). That is what makes it faster than cuBLAS at 5-32 rows on an
+H200; from 64 rows a layer of them was slower than cuBLAS's, so those batches stay there.
+
+Tile sizes come from `gemm_config`: measured entries of TUNED (benchmarks/gemv_bench.py --skinny and
+benchmarks/kernel_bench.py --gemm print them ready to paste) and a heuristic for shapes not in it. `use_skinny` says
+where the kernel is worth calling instead of cuBLAS; `precompile` builds the tuned kernels side by side at start-up.
 Everything is CUDA-graph friendly: no host syncs; grid and workspace depend on shapes only.
 """
 
 import functools
+import os
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 import triton
 import triton.language as tl
 
-# Measured with `python -m benchmarks.kernel_bench --gemm` (replayed from CUDA graphs, weights rotated past L2):
-#   (N, K) -> {M bucket: (BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages, SWAP_AB, skinny_us, cublas_us)}
-# An M uses the entry of the smallest bucket >= M; M above the largest bucket goes to cuBLAS (see use_skinny).
-# bf16/fp16 weights only; fp32 always takes the heuristic.
-# H100 80GB HBM3, triton 3.6.0, bf16, 2026-11-25 (benchmarks/results/kernel_bench-gemm-0.6b-h100-*): the kernel beats
-# cuBLAS only on down_proj (N=1024, K=3072) up to M=64, by ~7%; elsewhere each linear sits at a ~6 us latency floor
-# that cuBLAS reaches as well.
-TUNED: dict[tuple[int, int], dict[int, tuple[int, int, int, int, int, int, bool, float, float]]] = {
+from nanovllm_ray.kernels import pdl
+from nanovllm_ray.kernels.gemv import prefetch_rows
+
+# Measured on an H200 with `python -m benchmarks.gemv_bench --skinny 8,16,32,64,128,256` (each projection launched
+# over 28 layers' weights from one CUDA graph, as programmatic dependents, against cuBLAS), for qwen3-0.6b's
+# projections, keeping the kernel only at the batch sizes where a layer of them (the norm and SiLU-and-mul kernels
+# between) was faster with it. (N, K) -> {M bucket: (BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages,
+# SWAP_AB, skinny_us, cublas_us) or None}. An M uses the entry of the smallest bucket >= M; None, a slower entry or an
+# M past the largest bucket take cuBLAS. 1-4 rows are the GEMV's (kernels/gemv.py), or cuBLAS where it does not take
+# them.
+TUNED: dict[tuple[int, int], dict[int, tuple | None]] = {
     (4096, 1024): {
-        1: (16, 32, 128, 1, 4, 4, False, 6.41, 5.80),
-        2: (16, 32, 256, 1, 4, 4, False, 6.47, 5.78),
-        4: (16, 32, 256, 1, 4, 4, False, 6.12, 5.74),
-        8: (16, 32, 128, 1, 4, 4, False, 6.17, 5.80),
-        16: (16, 32, 256, 1, 4, 4, False, 6.48, 5.90),
-        32: (32, 32, 128, 1, 4, 4, False, 7.04, 5.96),
-        64: (64, 32, 128, 1, 4, 4, False, 6.77, 6.09),
-        128: (64, 32, 128, 1, 4, 4, False, 7.75, 6.44),
-        256: (64, 64, 64, 1, 4, 4, False, 8.51, 7.19),
+        4: None,
+        8: (16, 64, 128, 1, 4, 3, True, 4.26, 5.24),
+        16: (16, 64, 128, 1, 4, 3, True, 4.29, 5.3),
+        32: (32, 64, 128, 1, 4, 3, True, 4.47, 5.32),
     },
     (1024, 2048): {
-        1: (16, 32, 128, 4, 4, 4, False, 6.43, 5.89),
-        2: (16, 32, 128, 4, 4, 4, False, 6.44, 5.76),
-        4: (16, 32, 128, 4, 4, 4, False, 6.44, 5.88),
-        8: (16, 32, 128, 4, 4, 4, False, 6.50, 5.85),
-        16: (16, 32, 128, 4, 4, 4, False, 6.55, 5.91),
-        32: (32, 32, 128, 4, 4, 4, False, 6.82, 5.90),
-        64: (64, 32, 128, 4, 4, 4, False, 6.87, 6.03),
-        128: (64, 16, 256, 1, 4, 4, False, 6.93, 6.12),
-        256: (64, 32, 128, 1, 4, 4, False, 7.53, 6.75),
+        4: None,
+        8: (16, 64, 64, 4, 4, 4, True, 4.28, 5.89),
+        16: (16, 64, 128, 4, 4, 3, True, 4.34, 5.92),
+        32: (32, 64, 64, 4, 4, 4, True, 4.53, 5.92),
     },
     (6144, 1024): {
-        1: (16, 32, 128, 1, 4, 4, False, 7.37, 7.16),
-        2: (16, 32, 128, 1, 4, 4, False, 7.34, 7.07),
-        4: (16, 32, 128, 1, 4, 4, False, 7.43, 7.18),
-        8: (16, 32, 128, 1, 4, 4, False, 7.34, 7.20),
-        16: (16, 32, 128, 1, 4, 4, False, 7.47, 7.44),
-        32: (32, 16, 256, 1, 4, 3, False, 8.10, 7.40),
-        64: (64, 32, 128, 1, 4, 4, False, 7.85, 7.74),
-        128: (64, 32, 128, 1, 4, 3, False, 9.04, 7.73),
-        256: (64, 64, 64, 1, 4, 4, False, 10.45, 8.60),
+        4: None,
+        8: (16, 64, 128, 1, 4, 3, True, 5.48, 6.08),
+        16: (16, 64, 128, 1, 4, 3, True, 5.54, 6.16),
+        32: (32, 64, 128, 1, 4, 3, True, 5.77, 6.25),
     },
     (1024, 3072): {
-        1: (16, 32, 128, 4, 4, 4, False, 7.34, 7.89),
-        2: (16, 32, 128, 4, 4, 4, False, 7.34, 7.97),
-        4: (16, 32, 128, 4, 4, 4, False, 7.56, 7.93),
-        8: (16, 32, 128, 4, 4, 4, False, 7.44, 8.07),
-        16: (16, 32, 128, 4, 4, 4, False, 7.43, 8.13),
-        32: (32, 32, 128, 4, 4, 4, False, 7.75, 8.29),
-        64: (64, 32, 128, 4, 4, 4, False, 7.81, 8.52),
-        128: (64, 64, 128, 4, 4, 4, False, 8.49, 7.41),
-        256: (64, 64, 128, 2, 4, 4, False, 9.86, 8.56),
+        4: None,
+        8: (16, 64, 128, 4, 4, 3, True, 5.2, 6.71),
+        16: (16, 64, 128, 4, 4, 3, True, 5.28, 6.94),
+        32: (32, 64, 128, 4, 4, 3, True, 5.49, 7.0),
     },
 }
 TUNED_FIELDS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "SPLIT_K", "num_warps", "num_stages", "SWAP_AB")
@@ -109,10 +100,12 @@ def _skinny_gemm_kernel(
     # Compute (W x^T)^T instead of x W^T: the W slice becomes tl.dot's M side (>= 64 lets Hopper use wgmma, whose
     # M must be a multiple of 64) and the few x rows its N side. Same bytes read; which is faster is measured.
     SWAP_AB: tl.constexpr,
+    PDL: tl.constexpr,  # launched as a programmatic dependent: the W slice goes to L2 before the wait
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    ELEM_BYTES: tl.constexpr,
 ):
     pid = tl.program_id(0)
     num_m_tiles = tl.cdiv(M, BLOCK_M)
@@ -130,6 +123,10 @@ def _skinny_gemm_kernel(
     w_rows = (rn % N).to(tl.int64) * stride_wn  # [BLOCK_N]
     k_lo = pid_k * k_per_split
     k_hi = tl.minimum(k_lo + k_per_split, K)
+    if PDL:
+        if pid_m == 0:  # the slice is the same for every M tile: one program asks for it
+            prefetch_rows(w_ptr, pid_n * BLOCK_N, N, stride_wn, k_lo, k_hi, BLOCK_N, ELEM_BYTES)
+        pdl.wait()  # and the next kernel may launch (letting it launch after the stores instead was slower)
     x_ptrs = x_ptr + x_rows[:, None] + (k_lo + rk)[None, :]  # [BLOCK_M, BLOCK_K]
     w_ptrs = w_ptr + w_rows[:, None] + (k_lo + rk)[None, :]  # [BLOCK_N, BLOCK_K]
 
@@ -173,8 +170,11 @@ def _split_k_reduce_kernel(
     N,
     split_k,
     HAS_BIAS: tl.constexpr,
+    PDL: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
+    if PDL:
+        pdl.wait()
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < MN
     acc = tl.zeros([BLOCK], dtype=tl.float32)
@@ -262,6 +262,25 @@ def use_skinny(M: int, N: int, K: int, dtype: torch.dtype) -> bool:
     return M <= DEFAULT_MAX_M
 
 
+def precompile_jobs(shapes, dtype: torch.dtype) -> list[tuple[int, int, int]]:
+    """(M bucket, N, K) for every TUNED entry use_skinny takes among these weight shapes (N, K)."""
+    return sorted((M, N, K) for N, K in set(shapes) for M, entry in TUNED.get((N, K), {}).items()
+                  if entry is not None and use_skinny(M, N, K, dtype))
+
+
+def precompile(shapes, dtype: torch.dtype, device: torch.device) -> int:
+    """Compile the kernels TUNED picks for these weight shapes on a thread pool (Triton's async compile) before the
+    decode graphs' capture needs them one at a time: about a second each when compiled in turn. Returns how many
+    (M bucket, N, K) it compiled for."""
+    jobs = precompile_jobs(shapes, dtype)
+    if jobs:
+        with ThreadPoolExecutor(min(len(jobs), os.cpu_count() or 1)) as pool, triton.AsyncCompileMode(pool):
+            for M, N, K in jobs:
+                x = torch.empty(M, K, dtype=dtype, device=device)
+                skinny_linear(x, torch.empty(N, K, dtype=dtype, device=device), warmup=True)
+    return len(jobs)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Entry point
 # ---------------------------------------------------------------------------------------------------------------------
@@ -299,6 +318,8 @@ def skinny_linear(
     # Splits cover whole BLOCK_K steps; drop the ones that would be left empty.
     k_per_split = triton.cdiv(triton.cdiv(K, max(cfg["SPLIT_K"], 1)), block_k) * block_k
     split_k = triton.cdiv(K, k_per_split)
+    # Programmatic dependent launch, with the W slice's L2 prefetch: 16-byte aligned rows (sm90+, half precision).
+    use_pdl = pdl.use(x) and K % 8 == 0 and weight.stride(0) % 8 == 0 and x.element_size() == 2
 
     part = out if split_k == 1 else torch.empty((split_k, M, N), dtype=torch.float32, device=x.device)
     has_bias = bias is not None
@@ -324,12 +345,15 @@ def skinny_linear(
         SPLIT=split_k > 1,
         EVEN_K=K % block_k == 0,
         SWAP_AB=bool(cfg["SWAP_AB"]),
+        PDL=use_pdl,
         BLOCK_M=block_m,
         BLOCK_N=block_n,
         BLOCK_K=block_k,
         DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",  # bf16/fp16 ignore it
+        ELEM_BYTES=x.element_size(),
         num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"],
+        launch_pdl=use_pdl,
     )
     if split_k > 1:
         block = 1024
@@ -341,7 +365,9 @@ def skinny_linear(
             N,
             split_k,
             HAS_BIAS=has_bias,
+            PDL=use_pdl,
             BLOCK=block,
             num_warps=4,
+            launch_pdl=use_pdl,
         )
     return out

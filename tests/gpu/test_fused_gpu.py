@@ -230,6 +230,59 @@ def test_gemv_chain_as_programmatic_dependents_in_a_cuda_graph(M):
         pdl.enable(True)
 
 
+SKINNY_GPU_CONFIGS = [
+    dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, SPLIT_K=1, num_warps=4, num_stages=3, SWAP_AB=True),
+    dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=128, SPLIT_K=2, num_warps=4, num_stages=4, SWAP_AB=False),
+    dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, SPLIT_K=4, num_warps=8, num_stages=3, SWAP_AB=False),
+]
+
+
+@pytest.mark.parametrize("M", [5, 64, 200])
+@pytest.mark.parametrize("config", range(len(SKINNY_GPU_CONFIGS)))
+def test_skinny_chain_as_programmatic_dependents(M, config):
+    """qwen3-0.6b's projections through the skinny GEMM (split over K where the config says, then the combine
+    kernel) against cuBLAS; then a chain of them captured as programmatic dependents (each bringing its W slice into
+    L2 before it waits) and replayed: the same bits as plain launches, on fresh inputs at every replay."""
+    pytest.importorskip("triton")
+    from nanovllm_ray.kernels import pdl, skinny_gemm
+
+    torch.manual_seed(0)
+    cfg = SKINNY_GPU_CONFIGS[config]
+    ws = [[(torch.randn(n, k, device="cuda") / k**0.5).bfloat16() for n, k in ((4096, 1024), (1024, 2048),
+                                                                             (6144, 1024), (1024, 3072))]
+          for _ in range(4)]
+    for w in ws[0]:
+        a = torch.randn(M, w.shape[1], device="cuda").bfloat16()
+        torch.testing.assert_close(skinny_gemm.skinny_linear(a, w, config=cfg).float(),
+                                   torch.nn.functional.linear(a, w).float(), atol=0.03, rtol=0.02)
+
+    def chain(x):
+        for qkv, o, gate_up, down in ws:
+            q = skinny_gemm.skinny_linear(x, qkv, config=cfg)
+            a = skinny_gemm.skinny_linear(q[:, :2048].contiguous(), o, config=cfg)
+            h = skinny_gemm.skinny_linear(a, gate_up, config=cfg)
+            x = skinny_gemm.skinny_linear(h[:, :3072].contiguous(), down, config=cfg)
+        return x
+
+    x_in = torch.randn(M, 1024, device="cuda").bfloat16()
+    try:
+        pdl.enable(True)
+        chain(x_in)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = chain(x_in)
+        for _ in range(2):
+            x_in.normal_()
+            graph.replay()
+            pdl.enable(False)
+            ref = chain(x_in)
+            pdl.enable(True)
+            torch.cuda.synchronize()
+            assert torch.equal(out, ref)
+    finally:
+        pdl.enable(True)
+
+
 def _nearly_bitwise(got: torch.Tensor, want: torch.Tensor) -> None:
     """An RMSNorm's output against the plain op's: bit for bit but where the sum of squares, summed in another order
     than PyTorch's reduction, rounds the normalised value the other way (one bf16 ulp, then the weight's product)."""
