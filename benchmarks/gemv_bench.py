@@ -14,8 +14,11 @@ the measured copy bandwidth):
 --rows times the layer at several batch sizes (1 takes the one-row kernel, 2-8 the rows kernel). With --sweep
 M,... it also times each projection alone at M rows (`--layers` launches of it over distinct weights in one graph,
 as programmatic dependents) over tile configs, beside layers/linear.py's cuBLAS or skinny GEMM, and prints the best.
+--skinny M,... (5 rows and up) sweeps kernels/skinny_gemm.py's tiles for each projection the same way against cuBLAS,
+times the unfused layer with each projection's best beside cuBLAS, and prints the entries for skinny_gemm.TUNED.
 
     python -m benchmarks.gemv_bench [--shape 0.6b|8b|8b-tp2] [--layers 28] [--rows 1,2,4,8,16] [--sweep 1,8]
+                                    [--skinny 8,16,32,64,128,256]
 """
 
 from __future__ import annotations
@@ -23,8 +26,12 @@ from __future__ import annotations
 import argparse
 import functools
 import itertools
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
+import triton
 
 from benchmarks.common import device_name, measure_bandwidth, print_table, time_cuda_graph, write_result
 
@@ -115,6 +122,66 @@ def sweep(layers: list[dict], hidden: int, dtype: torch.dtype, gemv, linear, ban
     return rows
 
 
+def skinny_configs(M: int) -> list[dict]:
+    """Tiles of kernels/skinny_gemm.py for M rows: W slices of 32-128 rows, with x's rows as tl.dot's M side or
+    (SWAP_AB) the W slice, K split 1, 2 or 4 ways; 128-row x tiles (8 warps) from 128 rows."""
+    block_m = min(64, max(16, triton.next_power_of_2(M)))
+    shapes = [(block_m, n, k, st, 4) for n, k, st in ((32, 128, 4), (64, 128, 3), (64, 64, 4), (128, 64, 3))]
+    if M >= 128:
+        shapes += [(128, 64, 64, 3, 8), (128, 128, 64, 3, 8)]
+    return [dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=sk, num_warps=nw, num_stages=st, SWAP_AB=swap)
+            for bm, bn, bk, st, nw in shapes for swap in ((False, True) if bn >= 64 and bm < 128 else (False,))
+            for sk in (1, 2, 4)]
+
+
+def skinny_sweep(layers: list[dict], hidden: int, dtype: torch.dtype, bandwidth: float, M: int
+                 ) -> tuple[list[dict], dict]:
+    """Each projection at M rows through the skinny GEMM, as programmatic dependents over the layers' weights, over
+    skinny_configs, against cuBLAS. Returns the table rows and, per projection, (best config, its us, cuBLAS us)."""
+    from nanovllm_ray.kernels import skinny_gemm
+
+    calls = projection_calls(layers[0], hidden, dtype, M)
+    t = time.perf_counter()
+    with ThreadPoolExecutor(os.cpu_count()) as pool, triton.AsyncCompileMode(pool, ignore_errors=True):
+        for x, key, _ in calls.values():
+            for cfg in skinny_configs(M):
+                skinny_gemm.skinny_linear(x, layers[0][key], config=cfg, warmup=True)
+    print(f"  M={M}: compiled {4 * len(skinny_configs(M))} skinny configs in {time.perf_counter() - t:.1f} s")
+    rows, best = [], {}
+    for name, (x, key, _) in calls.items():
+        weights = [p[key] for p in layers]
+        floor_us = weights[0].numel() * weights[0].element_size() / bandwidth * 1e6
+        base = per_call_us(torch.nn.functional.linear, x, weights)
+        results = []
+        for cfg in skinny_configs(M):
+            try:
+                results.append((per_call_us(functools.partial(skinny_gemm.skinny_linear, config=cfg), x, weights),
+                                cfg))
+            except Exception as e:  # a config that does not compile (registers, shared memory)
+                print(f"  {name} M={M} {cfg}: {type(e).__name__}")
+        results.sort(key=lambda r: r[0])
+        best_us, cfg = results[0]
+        best[name] = (cfg, best_us, base)
+        rows.append({"rows": M, "projection": name, "cublas_us": base, "skinny_best_us": best_us,
+                     "floor_us": floor_us, "best": " ".join(f"{k}={int(v)}" for k, v in cfg.items()),
+                     "top3": [(round(us, 2), c) for us, c in results[:3]]})
+    return rows, best
+
+
+def skinny_layer(x, residual, attn, p, best, ops):
+    """The unfused layer with the skinny GEMM for the projections best names a config for, cuBLAS for the others."""
+    from nanovllm_ray.kernels import skinny_gemm
+
+    def linear(x, w):
+        name = next(n for n, key in (("qkv_proj", "qkv"), ("o_proj", "o"), ("gate_up_proj", "gate_up"),
+                                     ("down_proj", "down")) if p[key] is w)
+        if best.get(name) is not None:
+            return skinny_gemm.skinny_linear(x, w, config=best[name])
+        return torch.nn.functional.linear(x, w)
+
+    return unfused_layer(x, residual, attn, p, ops, linear)
+
+
 def per_call_us(fn, x: torch.Tensor, weights: list[torch.Tensor]) -> float:
     """Microseconds per fn(x, w), launched over every weight in turn from one CUDA graph."""
     return time_cuda_graph(lambda: [fn(x, w) for w in weights]) / len(weights)
@@ -127,6 +194,8 @@ def main() -> None:
     ap.add_argument("--rows", default="1", help="batch rows to time the layer at, comma-separated")
     ap.add_argument("--sweep", default="", help="also time other tile configs (gemv+pdl) at these rows, "
                     "comma-separated (1: _gemv_kernel's, 2-16: _gemv_rows_kernel's)")
+    ap.add_argument("--skinny", default="", help="sweep the skinny GEMM's tiles at these rows (5 and up), "
+                    "comma-separated, and time the layer with each projection's best beside the unfused one")
     ap.add_argument("--tag", default="")
     args = ap.parse_args()
 
@@ -170,11 +239,41 @@ def main() -> None:
         sweep_rows += sweep(layers, hidden, dtype, gemv, linear_mod.linear, bandwidth, M)
     if sweep_rows:
         print_table(sweep_rows)
+    skinny_rows, skinny_best = [], {}
+    for M in (int(m) for m in args.skinny.split(",") if m):
+        part, best = skinny_sweep(layers, hidden, dtype, bandwidth, M)
+        skinny_rows += part
+        skinny_best[M] = best
+        x, residual, attn = (torch.randn(M, k, device="cuda", dtype=dtype) for k in (hidden, hidden, q))
+
+        def step(layer_fn, x=x, residual=residual, attn=attn):
+            h, r = x, residual
+            for p in layers:
+                h, r = layer_fn(h, r, attn, p)
+            return h
+
+        won = {name: cfg for name, (cfg, us, base) in best.items() if us < base}
+        for name, use in (("cublas", {}), ("skinny", won), ("cublas", {})):  # cuBLAS twice: the run's noise
+            us = time_cuda_graph(functools.partial(step, functools.partial(skinny_layer, best=use, ops=ops)))
+            rows.append({"rows": M, "variant": name, "us_per_layer": us / args.layers, "floor_us": floor_us,
+                         "of_floor": floor_us * args.layers / us})
+    if skinny_rows:
+        print_table([{k: v for k, v in r.items() if k != "top3"} for r in skinny_rows])
+        print_table([r for r in rows if r["variant"].startswith(("cublas", "skinny"))])
+        print("TUNED entries (N, K) -> {M: (..., skinny_us, cublas_us)}, each projection's best:")
+        for name, key in (("qkv_proj", "qkv"), ("o_proj", "o"), ("gate_up_proj", "gate_up"), ("down_proj", "down")):
+            print(f"    {tuple(layers[0][key].shape)}: {{")
+            for M, best in skinny_best.items():
+                cfg, us, base = best[name]
+                fields = ", ".join(repr(cfg[f]) for f in skinny_gemm.TUNED_FIELDS)
+                print(f"        {M}: ({fields}, {us:.2f}, {base:.2f}),")
+            print("    },")
     print(f"{args.shape}: {layer_bytes / 2**20:.1f} MiB of weights a layer, bandwidth {bandwidth / 1e12:.2f} TB/s, "
           f"{device_name()}")
     write_result("gemv_bench", {"benchmark": "gemv_bench", "device": device_name(), "config": vars(args),
                                 "bandwidth_bytes_per_s": bandwidth, "layer_bytes": layer_bytes, "rows": rows,
-                                "sweep": sweep_rows},
+                                "sweep": sweep_rows, "skinny_sweep": skinny_rows,
+                                "skinny_best": {str(m): b for m, b in skinny_best.items()}},
                  args.tag)
 
 
