@@ -182,6 +182,21 @@ def skinny_layer(x, residual, attn, p, best, ops):
     return unfused_layer(x, residual, attn, p, ops, linear)
 
 
+def time_layers(layers: list[dict], layer_fn, x, residual, attn) -> float:
+    """Microseconds per layer of layer_fn run over every layer in turn, as a step does, from one CUDA graph."""
+    def step():
+        h, r = x, residual
+        for p in layers:
+            h, r = layer_fn(h, r, attn, p)
+        return h
+
+    return time_cuda_graph(step) / len(layers)
+
+
+def layer_row(M: int, variant: str, us: float, floor_us: float) -> dict:
+    return {"rows": M, "variant": variant, "us_per_layer": us, "floor_us": floor_us, "of_floor": floor_us / us}
+
+
 def per_call_us(fn, x: torch.Tensor, weights: list[torch.Tensor]) -> float:
     """Microseconds per fn(x, w), launched over every weight in turn from one CUDA graph."""
     return time_cuda_graph(lambda: [fn(x, w) for w in weights]) / len(weights)
@@ -216,22 +231,13 @@ def main() -> None:
     floor_us = layer_bytes / bandwidth * 1e6
     rows = []
     for M in (int(m) for m in args.rows.split(",")):
-        x, residual, attn = (torch.randn(M, k, device="cuda", dtype=dtype) for k in (hidden, hidden, q))
-
-        def step(layer_fn, x=x, residual=residual, attn=attn):
-            h, r = x, residual
-            for p in layers:
-                h, r = layer_fn(h, r, attn, p)
-            return h
-
+        inputs = [torch.randn(M, k, device="cuda", dtype=dtype) for k in (hidden, hidden, q)]
         variants = {"unfused": (functools.partial(unfused_layer, ops=ops, linear=linear_mod.linear), False),
                     "gemv": (functools.partial(gemv_layer, gemv=gemv, ops=ops, linear=linear_mod.linear), False),
                     "gemv+pdl": (functools.partial(gemv_layer, gemv=gemv, ops=ops, linear=linear_mod.linear), True)}
         for name, (fn, on) in variants.items():
             pdl.enable(on)  # read at each launch, so at capture
-            us = time_cuda_graph(functools.partial(step, fn)) / args.layers
-            rows.append({"rows": M, "variant": name, "us_per_layer": us, "floor_us": floor_us,
-                         "of_floor": floor_us / us})
+            rows.append(layer_row(M, name, time_layers(layers, fn, *inputs), floor_us))
         pdl.enable(True)
     print_table(rows)
     sweep_rows = []
@@ -244,19 +250,11 @@ def main() -> None:
         part, best = skinny_sweep(layers, hidden, dtype, bandwidth, M)
         skinny_rows += part
         skinny_best[M] = best
-        x, residual, attn = (torch.randn(M, k, device="cuda", dtype=dtype) for k in (hidden, hidden, q))
-
-        def step(layer_fn, x=x, residual=residual, attn=attn):
-            h, r = x, residual
-            for p in layers:
-                h, r = layer_fn(h, r, attn, p)
-            return h
-
+        inputs = [torch.randn(M, k, device="cuda", dtype=dtype) for k in (hidden, hidden, q)]
         won = {name: cfg for name, (cfg, us, base) in best.items() if us < base}
         for name, use in (("cublas", {}), ("skinny", won), ("cublas", {})):  # cuBLAS twice: the run's noise
-            us = time_cuda_graph(functools.partial(step, functools.partial(skinny_layer, best=use, ops=ops)))
-            rows.append({"rows": M, "variant": name, "us_per_layer": us / args.layers, "floor_us": floor_us,
-                         "of_floor": floor_us * args.layers / us})
+            us = time_layers(layers, functools.partial(skinny_layer, best=use, ops=ops), *inputs)
+            rows.append(layer_row(M, name, us, floor_us))
     if skinny_rows:
         print_table([{k: v for k, v in r.items() if k != "top3"} for r in skinny_rows])
         print_table([r for r in rows if r["variant"].startswith(("cublas", "skinny"))])

@@ -85,8 +85,7 @@ class ModelRunner:
         self.model.eval()
         self.clock.done("weights loaded")
         if ops.skinny_gemm is not None:  # its tuned kernels, compiled side by side rather than one by one in capture
-            shapes = [tuple(m.weight.shape) for m in self.model.modules() if isinstance(m, LinearBase)]
-            ops.skinny_gemm.precompile(shapes, self.dtype, self.device)
+            ops.skinny_gemm.precompile([m.weight for m in self.model.modules() if isinstance(m, LinearBase)])
         self.backend = select_backend(config.attention_backend, self.device, self.block_size, self.head_dim,
                                       self.dtype)
         self.attn_layers = [m for m in self.model.modules() if isinstance(m, Attention)]

@@ -268,16 +268,17 @@ def precompile_jobs(shapes, dtype: torch.dtype) -> list[tuple[int, int, int]]:
                   if entry is not None and use_skinny(M, N, K, dtype))
 
 
-def precompile(shapes, dtype: torch.dtype, device: torch.device) -> int:
-    """Compile the kernels TUNED picks for these weight shapes on a thread pool (Triton's async compile) before the
-    decode graphs' capture needs them one at a time: about a second each when compiled in turn. Returns how many
-    (M bucket, N, K) it compiled for."""
-    jobs = precompile_jobs(shapes, dtype)
+def precompile(weights: list[torch.Tensor]) -> int:
+    """Compile the kernels TUNED picks for these weights (a model's linears) on a thread pool (Triton's async compile)
+    before the decode graphs' capture needs them one at a time: about a second each when compiled in turn. Returns
+    how many (M bucket, N, K) it compiled for."""
+    by_shape = {tuple(w.shape): w for w in weights}
+    jobs = precompile_jobs(by_shape, weights[0].dtype) if weights else []
     if jobs:
         with ThreadPoolExecutor(min(len(jobs), os.cpu_count() or 1)) as pool, triton.AsyncCompileMode(pool):
             for M, N, K in jobs:
-                x = torch.empty(M, K, dtype=dtype, device=device)
-                skinny_linear(x, torch.empty(N, K, dtype=dtype, device=device), warmup=True)
+                w = by_shape[(N, K)]
+                skinny_linear(torch.empty(M, K, dtype=w.dtype, device=w.device), w, warmup=True)
     return len(jobs)
 
 
