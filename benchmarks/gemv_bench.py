@@ -26,9 +26,7 @@ from __future__ import annotations
 import argparse
 import functools
 import itertools
-import os
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import torch
 import triton
@@ -138,14 +136,14 @@ def skinny_sweep(layers: list[dict], hidden: int, dtype: torch.dtype, bandwidth:
                  ) -> tuple[list[dict], dict]:
     """Each projection at M rows through the skinny GEMM, as programmatic dependents over the layers' weights, over
     skinny_configs, against cuBLAS. Returns the table rows and, per projection, (best config, its us, cuBLAS us)."""
-    from nanovllm_ray.kernels import skinny_gemm
+    from nanovllm_ray.kernels import jit, skinny_gemm
 
     calls = projection_calls(layers[0], hidden, dtype, M)
     t = time.perf_counter()
-    with ThreadPoolExecutor(os.cpu_count()) as pool, triton.AsyncCompileMode(pool, ignore_errors=True):
+    with jit.compile_only(ignore_errors=True):
         for x, key, _ in calls.values():
             for cfg in skinny_configs(M):
-                skinny_gemm.skinny_linear(x, layers[0][key], config=cfg, warmup=True)
+                skinny_gemm.skinny_linear(x, layers[0][key], config=cfg)
     print(f"  M={M}: compiled {4 * len(skinny_configs(M))} skinny configs in {time.perf_counter() - t:.1f} s")
     rows, best = [], {}
     for name, (x, key, _) in calls.items():

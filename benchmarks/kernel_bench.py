@@ -27,10 +27,8 @@ import importlib.util
 import inspect
 import itertools
 import json
-import os
 import random
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -38,7 +36,7 @@ import torch.nn.functional as F
 import triton
 import triton.testing
 
-from nanovllm_ray.kernels import paged_attention, skinny_gemm
+from nanovllm_ray.kernels import jit, paged_attention, skinny_gemm
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -267,9 +265,9 @@ def _precompile(jobs: list[tuple[torch.Tensor, torch.Tensor, dict]]) -> None:
     """Compile every (x, weight, config) variant up front on a thread pool (Triton's async compile)."""
     t = time.perf_counter()
     try:
-        with ThreadPoolExecutor(os.cpu_count()) as pool, triton.AsyncCompileMode(pool, ignore_errors=True):
+        with jit.compile_only(ignore_errors=True):
             for x, weight, config in jobs:
-                skinny_gemm.skinny_linear(x, weight, config=config, warmup=True)
+                skinny_gemm.skinny_linear(x, weight, config=config)
     except Exception as e:  # then each config compiles on first use
         print(f"parallel compile failed ({type(e).__name__}: {e}); compiling serially")
     print(f"  compiled the kernels of {len(jobs)} configs in {time.perf_counter() - t:.1f} s")

@@ -389,16 +389,6 @@ def test_gemm_config_and_use_skinny(monkeypatch):
     ]  # fmt: skip
 
 
-def test_precompile_jobs_are_the_tuned_entries_in_use(monkeypatch):
-    """Start-up compiles, side by side, the kernels the tuned entries of the model's weight shapes pick."""
-    fast = (16, 32, 256, 1, 4, 4, False, 2.0, 5.0)
-    slow = (16, 64, 128, 2, 8, 3, True, 6.0, 5.0)
-    monkeypatch.setattr(skinny_gemm, "TUNED", {(4096, 1024): {4: None, 8: fast, 16: slow, 32: fast}})
-    shapes = [(4096, 1024), (1024, 2048), (4096, 1024)]  # untuned shapes take cuBLAS: nothing to compile
-    assert skinny_gemm.precompile_jobs(shapes, torch.bfloat16) == [(8, 4096, 1024), (32, 4096, 1024)]
-    assert skinny_gemm.precompile_jobs(shapes, torch.float32) == []
-
-
 def test_tuned_table_is_well_formed():
     """Entries pasted from benchmarks/gemv_bench.py --skinny or kernel_bench.py --gemm: 7 config fields, then skinny
     and cuBLAS microseconds; or None (cuBLAS)."""
@@ -412,3 +402,36 @@ def test_tuned_table_is_well_formed():
             for name in ("BLOCK_M", "BLOCK_N", "BLOCK_K"):
                 assert cfg[name] >= 16 and cfg[name] & (cfg[name] - 1) == 0, ((n, k), m, cfg)
             assert cfg["SPLIT_K"] >= 1 and isinstance(cfg["SWAP_AB"], bool), ((n, k), m, cfg)
+
+
+def test_compile_only_launch_submits_each_specialisation_once(monkeypatch):
+    """Inside a compile pass jit.launch compiles rather than launches: one warmup per distinct (tensor dtype and
+    16-byte alignment, other values), so that repeats skip Triton's slow lookup; outside it is kernel[grid]."""
+    from nanovllm_ray.kernels import jit
+
+    class Kernel:
+        def __init__(self):
+            self.warmups, self.launched = [], []
+
+        def warmup(self, *args, grid, **kwargs):
+            self.warmups.append((args, kwargs))
+
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: self.launched.append(grid)
+
+    kernel = Kernel()
+    x = torch.zeros(64, dtype=torch.bfloat16)
+    monkeypatch.setattr(jit, "_compiling", True)
+    for t, n, block in ((x, 128, 128), (x[8:], 128, 128), (x, 128, 128), (x[1:], 128, 128), (x, 256, 128),
+                        (x, 128, 256), (x.float(), 128, 128), (x, 128, True), (x, 128, 1)):
+        jit.launch(kernel, (4,))(t, n, BLOCK=block)
+    # x[8:] is 16 bytes in: aligned like x; x[1:] is not; constexpr 128 and 256 differ, as do True and 1
+    assert [(a[0].data_ptr() % 16, a[0].dtype, a[1], k["BLOCK"]) for a, k in kernel.warmups] == [
+        (0, torch.bfloat16, 128, 128), (2, torch.bfloat16, 128, 128), (0, torch.bfloat16, 256, 128),
+        (0, torch.bfloat16, 128, 256), (0, torch.float32, 128, 128), (0, torch.bfloat16, 128, True),
+        (0, torch.bfloat16, 128, 1),
+    ]  # fmt: skip
+    assert kernel.launched == []
+    monkeypatch.setattr(jit, "_compiling", False)
+    jit.launch(kernel, (4,))(x, 128, BLOCK=128)
+    assert kernel.launched == [(4,)] and len(kernel.warmups) == 7

@@ -39,13 +39,16 @@ def graph_batch_sizes(max_num_seqs: int) -> list[int]:
 
 @torch.inference_mode()
 def capture_graphs(sizes: list[int], prepare: Callable[[int], AttentionMetadata],
-                   forward: Callable[[int, AttentionMetadata], None]) -> dict[int, torch.cuda.CUDAGraph]:
+                   forward: Callable[[int, AttentionMetadata], None], capture: bool = True
+                   ) -> dict[int, torch.cuda.CUDAGraph]:
     """A graph of forward(size, prepare(size)) for each size, largest first, all in one memory pool; each run once
-    eagerly first (Triton JIT compiles)."""
+    eagerly first (Triton JIT compiles). capture=False: only that eager run (the start-up's compile pass)."""
     graphs, pool = {}, None
     for size in reversed(sizes):
         meta = prepare(size)
         forward(size, meta)  # warm-up
+        if not capture:
+            continue
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool):
             forward(size, meta)
@@ -57,8 +60,9 @@ def capture_graphs(sizes: list[int], prepare: Callable[[int], AttentionMetadata]
 
 class DecodeGraphs:
     def __init__(self, model: torch.nn.Module, backend: AttentionBackend, config: Config, device: torch.device,
-                 dtype: torch.dtype) -> None:
-        """model: called as model(ids, positions, meta) -> hidden states, with an `lm_head`; captured at once."""
+                 dtype: torch.dtype, capture: bool = True) -> None:
+        """model: called as model(ids, positions, meta) -> hidden states, with an `lm_head`; captured at once
+        (capture=False: each size's step run once eagerly, nothing captured)."""
         cfg = self.config = config
         self.model, self.backend = model, backend
         self.sizes = graph_batch_sizes(cfg.max_num_seqs)
@@ -84,7 +88,7 @@ class DecodeGraphs:
         self.kv_heads = next(m.num_kv_heads for m in model.modules() if isinstance(m, Attention))
         self.plan_sizes = {bs: backend.decode_plan_size(bs, self.kv_heads, dev) for bs in self.sizes}
         self.plan = torch.zeros(max(self.plan_sizes.values()), dtype=torch.int32, device=dev)
-        self._capture()
+        self._capture(capture)
 
     def section(self, bs: int, k: int) -> torch.Tensor:
         return self.vec[k * bs:(k + 1) * bs]
@@ -114,13 +118,13 @@ class DecodeGraphs:
             sample_temperature_sharded(self.logits[:bs], temps, head.start, self.winners[:self.tp * bs],
                                        out=self.tokens[:bs])
 
-    def _capture(self) -> None:
+    def _capture(self, capture: bool) -> None:
         def prepare(bs: int) -> AttentionMetadata:
             self._reset_padding(bs)
             self._write_plan(bs, [])
             return self._meta(bs)
 
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = capture_graphs(self.sizes, prepare, self._forward)
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = capture_graphs(self.sizes, prepare, self._forward, capture)
 
     def _reset_padding(self, bs: int) -> None:
         """Valid inputs for bs empty rows: slot -1, length 1, no pending source, greedy."""
@@ -207,7 +211,7 @@ class PrefillGraphs:
     runs in the graph; the LM head on the sampled rows and sampling stay outside."""
 
     def __init__(self, model: torch.nn.Module, backend: AttentionBackend, config: Config, device: torch.device,
-                 dtype: torch.dtype, max_tokens: int) -> None:
+                 dtype: torch.dtype, max_tokens: int, capture: bool = True) -> None:
         self.model, self.backend, self.config = model, backend, config
         self.sizes = prefill_graph_sizes(max_tokens)
         t, s = self.sizes[-1], PREFILL_GRAPH_SEQS
@@ -219,7 +223,7 @@ class PrefillGraphs:
         self.seq_lens = torch.zeros(s, dtype=torch.int32, device=device)
         self.block_tables = torch.zeros(s, max_blocks, dtype=torch.int32, device=device)
         self.hidden = torch.zeros(t, config.hf_config["hidden_size"], dtype=dtype, device=device)
-        self._capture()
+        self._capture(capture)
 
     def _meta(self, t: int) -> AttentionMetadata:
         meta = AttentionMetadata(
@@ -233,10 +237,10 @@ class PrefillGraphs:
     def _forward(self, t: int, meta: AttentionMetadata) -> None:
         self.hidden[:t] = self.model(self.ids[:t], self.positions[:t], meta)
 
-    def _capture(self) -> None:
+    def _capture(self, capture: bool) -> None:
         self.query_start_loc.zero_()  # no sequence has a query: capture writes nothing
         self.seq_lens.zero_()
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = capture_graphs(self.sizes, self._meta, self._forward)
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = capture_graphs(self.sizes, self._meta, self._forward, capture)
 
     def can_run(self, num_tokens: int, num_seqs: int) -> bool:
         return num_tokens <= self.sizes[-1] and num_seqs <= PREFILL_GRAPH_SEQS

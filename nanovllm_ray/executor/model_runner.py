@@ -15,7 +15,6 @@ from nanovllm_ray.config import Config
 from nanovllm_ray.executor.step import PendingOutput, StepInput, StepOutput
 from nanovllm_ray.layers import ops
 from nanovllm_ray.layers.attention import Attention, AttentionMetadata, select_backend, triton_supports_head_dim
-from nanovllm_ray.layers.linear import LinearBase
 from nanovllm_ray.layers.parallel import fast_all_reduce_bytes, tp_rank, tp_size
 from nanovllm_ray.layers.sampler import SamplerOutput, SamplingTensors, sample
 from nanovllm_ray.models.loader import load_model
@@ -84,8 +83,6 @@ class ModelRunner:
         load_model(self.model, config.model)
         self.model.eval()
         self.clock.done("weights loaded")
-        if ops.skinny_gemm is not None:  # its tuned kernels, compiled side by side rather than one by one in capture
-            ops.skinny_gemm.precompile([m.weight for m in self.model.modules() if isinstance(m, LinearBase)])
         self.backend = select_backend(config.attention_backend, self.device, self.block_size, self.head_dim,
                                       self.dtype)
         self.attn_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
@@ -94,29 +91,57 @@ class ModelRunner:
         self.prev_sampled = torch.zeros(0, dtype=torch.int64, device=self.device)  # last step's sampled tokens
         self.prev_in_graph = False  # prev_sampled is the decode graphs' own token buffer
         self.prev_rows = 0  # rows the previous step sampled (on every rank)
+        if self.device.type == "cuda" and self.world_size == 1 and importlib.util.find_spec("triton") is not None:
+            self._compile_kernels()  # one rank: with several, the pass's collectives have not run on GPUs yet
         self.num_kv_blocks = self._allocate_kv_cache()
         self.clock.done("KV cache sized", f"{self.num_kv_blocks} blocks")
         if not defer_graphs:
             self.warmup()
             self.capture_cuda_graphs()
 
-    def capture_cuda_graphs(self) -> None:
+    def capture_cuda_graphs(self, capture: bool = True) -> None:
+        """capture=False: run each graph's step once eagerly instead, and keep no graphs (the compile pass)."""
         if self.device.type == "cuda" and not self.config.enforce_eager and self.backend.supports_cuda_graphs:
             from nanovllm_ray.executor.cuda_graph import DecodeGraphs, PrefillGraphs, prefill_graph_sizes
 
-            self.graphs = DecodeGraphs(self.model, self.backend, self.config, self.device, self.dtype)
-            detail = f"decode: {len(self.graphs.sizes)} batch sizes"
+            graphs = DecodeGraphs(self.model, self.backend, self.config, self.device, self.dtype, capture)
+            detail = f"decode: {len(graphs.sizes)} batch sizes"
             max_tokens = min(self.config.prefill_graph_tokens, self.config.max_num_batched_tokens)
             if self.world_size > 1:
                 # Several ranks: a prefill graph's all-reduces stay on the fast path (checked at start-up, and
                 # measured in graphs); NCCL all-reduces of prefill-sized messages inside graphs were not measured.
                 row = self.config.hf_config["hidden_size"] * self.dtype.itemsize
                 max_tokens = min(max_tokens, fast_all_reduce_bytes(self.dtype) // row)
+            prefill_graphs = None
             if self.backend.supports_prefill_graphs and prefill_graph_sizes(max_tokens):
-                self.prefill_graphs = PrefillGraphs(self.model, self.backend, self.config, self.device, self.dtype,
-                                                    max_tokens)
-                detail += f"; prefill: up to {self.prefill_graphs.sizes[-1]} tokens"
-            self.clock.done("CUDA graphs captured", detail)
+                prefill_graphs = PrefillGraphs(self.model, self.backend, self.config, self.device, self.dtype,
+                                               max_tokens, capture)
+                detail += f"; prefill: up to {prefill_graphs.sizes[-1]} tokens"
+            if capture:
+                self.graphs, self.prefill_graphs = graphs, prefill_graphs
+                self.clock.done("CUDA graphs captured", detail)
+
+    def _compile_kernels(self) -> None:
+        """Compile the Triton kernels of the steps start-up runs next (the profile pass, the warm-up steps, each CUDA
+        graph's step) side by side on a thread pool, launching none (kernels/jit.py), so that those steps find them
+        built: compiled one at a time as the steps met them, they took about 15 s of a first start on an H200. The
+        pass's outputs are garbage and dropped; a kernel it missed compiles when first launched, as before."""
+        from nanovllm_ray.kernels import jit
+
+        blocks, step = self._profile_step()
+        self._set_kv_cache(blocks)
+        self.num_kv_blocks = blocks  # what warmup_steps() may write into
+        with jit.compile_only() as mode:
+            # The graphs' steps first: their kernels compile while the prefills after them pay what a first
+            # varlen_attn call costs (Dynamo's imports, 1-3 s).
+            self.capture_cuda_graphs(capture=False)
+            for warm in self.warmup_steps():
+                self.execute(warm)
+            self.execute(step)
+        torch.cuda.synchronize()
+        self._free_kv_cache()
+        self.prev_sampled, self.prev_rows, self.prev_in_graph = self.prev_sampled.new_zeros(0), 0, False
+        self.clock.done("kernels compiled", f"{len(mode.future_kernels)} side by side")
 
     # ---- KV cache ------------------------------------------------------------------------------------------
 
@@ -164,19 +189,26 @@ class ModelRunner:
         for i, layer in enumerate(self.attn_layers):
             layer.k_cache, layer.v_cache = self.kv_cache[0, i], self.kv_cache[1, i]
 
-    def _profile_gpu_blocks(self) -> int:
-        """KV blocks that fit in gpu_memory_utilization of the card after a forward of the largest step."""
+    def _profile_step(self) -> tuple[int, StepInput]:
+        """The largest step (max_num_batched_tokens of prompts) and the KV blocks it writes."""
         cfg = self.config
         tokens = min(cfg.max_num_batched_tokens, cfg.max_num_seqs * cfg.max_model_len)
         seq_len = min(tokens, cfg.max_model_len)
         num_seqs = max(1, tokens // seq_len)
+        blocks_per_seq = math.ceil(seq_len / self.block_size)
+        tables = [list(range(s * blocks_per_seq, (s + 1) * blocks_per_seq)) for s in range(num_seqs)]
+        step = StepInput.forward_only([[0] * seq_len] * num_seqs, [0] * num_seqs, tables, self.block_size,
+                                      temperatures=[1.0] * num_seqs)
+        return num_seqs * blocks_per_seq, step
+
+    def _profile_gpu_blocks(self) -> int:
+        """KV blocks that fit in gpu_memory_utilization of the card after a forward of the largest step."""
+        cfg = self.config
+        blocks, step = self._profile_step()
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-        blocks_per_seq = math.ceil(seq_len / self.block_size)
-        self._set_kv_cache(num_seqs * blocks_per_seq)
-        tables = [list(range(s * blocks_per_seq, (s + 1) * blocks_per_seq)) for s in range(num_seqs)]
-        self.execute(StepInput.forward_only([[0] * seq_len] * num_seqs, [0] * num_seqs, tables, self.block_size,
-                                            temperatures=[1.0] * num_seqs))
+        self._set_kv_cache(blocks)
+        self.execute(step)
         torch.cuda.synchronize()
         self._free_kv_cache()
         free, total = torch.cuda.mem_get_info()

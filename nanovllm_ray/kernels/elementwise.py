@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from nanovllm_ray.kernels import pdl
+from nanovllm_ray.kernels import jit, pdl
 
 if os.environ.get("TRITON_INTERPRET") == "1":
 
@@ -135,7 +135,7 @@ def _rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tens
     block = triton.next_power_of_2(H)
     rows = max(1, 1024 // block)  # narrow rows (per-head norms) several to a program
     use_pdl = pdl.use(x)
-    _rms_norm_kernel[(triton.cdiv(n, rows),)](
+    jit.launch(_rms_norm_kernel, (triton.cdiv(n, rows),))(
         x2, r2, weight.contiguous(), out, res_out if res_out is not None else out, n, x2.stride(0), r2.stride(0), eps,
         H=H, BLOCK=block, ROWS=rows, ADD=residual is not None, PDL=use_pdl,
         num_warps=min(8, max(1, rows * block // 256)), launch_pdl=use_pdl)
@@ -164,7 +164,7 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
         return out
     block = min(1024, triton.next_power_of_2(inter))
     use_pdl = pdl.use(x)
-    _silu_and_mul_kernel[(n, triton.cdiv(inter, block))](
+    jit.launch(_silu_and_mul_kernel, (n, triton.cdiv(inter, block)))(
         x2, out, x2.stride(0), INTER=inter, BLOCK=block, PDL=use_pdl, num_warps=4, launch_pdl=use_pdl)
     return out
 
@@ -178,7 +178,9 @@ def merge_pending(input_ids: torch.Tensor, src: torch.Tensor, tokens: torch.Tens
         return out
     block = 256
     use_pdl = pdl.use(input_ids)
-    _merge_pending_kernel[(triton.cdiv(n, block),)](
+    jit.launch(_merge_pending_kernel, (triton.cdiv(n, block),))(
         input_ids.contiguous(), src.contiguous(), tokens.contiguous(), out, n, BLOCK=block, PDL=use_pdl,
         num_warps=4, launch_pdl=use_pdl)
+    if jit.compiling():  # compiled, not run: hand on valid token ids, which the embedding after it indexes with
+        out.copy_(input_ids)
     return out

@@ -37,7 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
-from nanovllm_ray.kernels import pdl
+from nanovllm_ray.kernels import jit, pdl
 
 DTYPES = (torch.bfloat16, torch.float16)
 # Weights of this size and above stay on cuBLAS, which streams them near bandwidth: with every qwen3-8b projection
@@ -363,12 +363,12 @@ def gemv(
                  ELEM_BYTES=x.element_size(), launch_pdl=use_pdl)
     if M == 1:
         cfg = config(N, K, silu_mul) | (config_override or {})
-        _gemv_kernel[(triton.cdiv(N, cfg["BLOCK_N"]),)](
+        jit.launch(_gemv_kernel, (triton.cdiv(N, cfg["BLOCK_N"]),))(
             *args, N, K, eps, **flags, PREFETCH=cfg["PREFETCH"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
             NUM_THREADS=32 * cfg["num_warps"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     else:
         cfg = {"num_stages": 1} | (rows_config(weight.shape[0], K, M) or {}) | (config_override or {})
-        _gemv_rows_kernel[(triton.cdiv(N, cfg["BLOCK_N"]),)](
+        jit.launch(_gemv_rows_kernel, (triton.cdiv(N, cfg["BLOCK_N"]),))(
             *args, M, N, K, eps, **flags, DOT=cfg["DOT"], BLOCK_M=rows_block(M, cfg["DOT"]), BLOCK_N=cfg["BLOCK_N"],
             BLOCK_K=cfg["BLOCK_K"], NUM_THREADS=32 * cfg["num_warps"], num_warps=cfg["num_warps"],
             num_stages=cfg["num_stages"])

@@ -4,6 +4,8 @@ import torch
 import triton
 import triton.language as tl
 
+from nanovllm_ray.kernels import jit
+
 
 @triton.jit
 def _store_kvcache_kernel(
@@ -52,7 +54,7 @@ def store_kvcache(
     assert head_dim >= 1 and head_dim & (head_dim - 1) == 0, f"head_dim must be a power of two, got {head_dim}"
     if num_tokens == 0:
         return
-    _store_kvcache_kernel[(num_tokens,)](
+    jit.launch(_store_kvcache_kernel, (num_tokens,))(
         k,
         v,
         k_cache,

@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from nanovllm_ray.kernels import pdl
+from nanovllm_ray.kernels import jit, pdl
 
 LOG2E = 1.4426950408889634
 # The plan's chunks, by (sequence, kv head) pairs (decode_plan, decode_config). Measured on an H200, qwen3-0.6b
@@ -430,7 +430,7 @@ def paged_decode_attention(
     part_out = torch.empty((capacity, num_heads, head_dim), dtype=torch.float32, device=q.device)
     part_lse = torch.empty((capacity, num_heads), dtype=torch.float32, device=q.device)
     use_pdl = pdl.use(q)
-    _decode_kernel[(capacity * num_kv_heads,)](
+    jit.launch(_decode_kernel, (capacity * num_kv_heads,))(
         q,
         k_cache,
         v_cache,
@@ -464,7 +464,7 @@ def paged_decode_attention(
     # head there, 2,048-4,096 mostly idle ones at batch 128-256, cost 4-5 us a layer).
     many = 2 * num_seqs * num_kv_heads >= 3 * _sm_count(q.device)
     heads = min(16, triton.next_power_of_2(num_heads)) if many else 1
-    _decode_reduce_kernel[(num_seqs, triton.cdiv(num_heads, heads))](
+    jit.launch(_decode_reduce_kernel, (num_seqs, triton.cdiv(num_heads, heads)))(
         part_out,
         part_lse,
         plan,
@@ -596,7 +596,7 @@ def paged_prefill_attention(
     cfg = prefill_config(group, head_dim, k_cache.dtype)
     tokens = cfg["BLOCK_M"] // group  # non-power-of-two groups (e.g. 5) leave BLOCK_M % group rows idle
     grid = (triton.cdiv(max_query_len, tokens), num_kv_heads, num_seqs)
-    _prefill_kernel[grid](
+    jit.launch(_prefill_kernel, grid)(
         q,
         k_cache,
         v_cache,

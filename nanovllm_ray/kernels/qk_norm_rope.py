@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from nanovllm_ray.kernels import pdl
+from nanovllm_ray.kernels import jit, pdl
 
 
 @triton.jit
@@ -133,7 +133,7 @@ def qk_norm_rope_store(
     if n == 0:
         return q, k
     use_pdl = pdl.use(qkv)
-    _qk_norm_rope_store_kernel[(n,)](
+    jit.launch(_qk_norm_rope_store_kernel, (n,))(
         qkv, qkv.stride(0), q_weight, k_weight, cos_sin_cache, cos_sin_cache.stride(0), positions,
         slot_mapping if store else positions, q, k, k_cache if store else q, v_cache if store else q, eps,
         NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, BLOCK_QH=triton.next_power_of_2(num_heads),

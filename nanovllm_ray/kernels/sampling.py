@@ -13,6 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
+from nanovllm_ray.kernels import jit
+
 _SEEDS: dict[torch.device, torch.Tensor] = {}
 BLOCK = 1024
 MAX_CHUNKS = 256  # one compiled finishing kernel for every batch size (a new specialisation costs ~0.5 s)
@@ -127,8 +129,10 @@ def sample_tokens(logits: torch.Tensor, temperatures: torch.Tensor, out: torch.T
     part_val = torch.empty((n, chunks), dtype=torch.float32, device=logits.device)
     part_idx = torch.empty((n, chunks), dtype=torch.int32, device=logits.device)
     seed = _seed(logits.device)
-    _partial_argmax_kernel[(n, chunks)](logits, logits.stride(0), temperatures, seed, part_val, part_idx, vocab,
-                                        col_offset, chunk_len, BLOCK=BLOCK, num_warps=4)
-    _final_argmax_kernel[(n,)](part_val, part_idx, out, part_val if out_val is None else out_val, seed, chunks,
-                               BLOCK_C=MAX_CHUNKS, WRITE_VAL=out_val is not None, num_warps=1)
+    jit.launch(_partial_argmax_kernel, (n, chunks))(
+        logits, logits.stride(0), temperatures, seed, part_val, part_idx, vocab, col_offset, chunk_len, BLOCK=BLOCK,
+        num_warps=4)
+    jit.launch(_final_argmax_kernel, (n,))(
+        part_val, part_idx, out, part_val if out_val is None else out_val, seed, chunks, BLOCK_C=MAX_CHUNKS,
+        WRITE_VAL=out_val is not None, num_warps=1)
     return out

@@ -19,19 +19,17 @@ H200; from 64 rows a layer of them was slower than cuBLAS's, so those batches st
 
 Tile sizes come from `gemm_config`: measured entries of TUNED (benchmarks/gemv_bench.py --skinny and
 benchmarks/kernel_bench.py --gemm print them ready to paste) and a heuristic for shapes not in it. `use_skinny` says
-where the kernel is worth calling instead of cuBLAS; `precompile` builds the tuned kernels side by side at start-up.
+where the kernel is worth calling instead of cuBLAS.
 Everything is CUDA-graph friendly: no host syncs; grid and workspace depend on shapes only.
 """
 
 import functools
-import os
-from concurrent.futures import ThreadPoolExecutor
 
 import torch
 import triton
 import triton.language as tl
 
-from nanovllm_ray.kernels import pdl
+from nanovllm_ray.kernels import jit, pdl
 from nanovllm_ray.kernels.gemv import prefetch_rows
 
 # Measured on an H200 with `python -m benchmarks.gemv_bench --skinny 8,16,32,64,128,256` (each projection launched
@@ -262,26 +260,6 @@ def use_skinny(M: int, N: int, K: int, dtype: torch.dtype) -> bool:
     return M <= DEFAULT_MAX_M
 
 
-def precompile_jobs(shapes, dtype: torch.dtype) -> list[tuple[int, int, int]]:
-    """(M bucket, N, K) for every TUNED entry use_skinny takes among these weight shapes (N, K)."""
-    return sorted((M, N, K) for N, K in set(shapes) for M, entry in TUNED.get((N, K), {}).items()
-                  if entry is not None and use_skinny(M, N, K, dtype))
-
-
-def precompile(weights: list[torch.Tensor]) -> int:
-    """Compile the kernels TUNED picks for these weights (a model's linears) on a thread pool (Triton's async compile)
-    before the decode graphs' capture needs them one at a time: about a second each when compiled in turn. Returns
-    how many (M bucket, N, K) it compiled for."""
-    by_shape = {tuple(w.shape): w for w in weights}
-    jobs = precompile_jobs(by_shape, weights[0].dtype) if weights else []
-    if jobs:
-        with ThreadPoolExecutor(min(len(jobs), os.cpu_count() or 1)) as pool, triton.AsyncCompileMode(pool):
-            for M, N, K in jobs:
-                w = by_shape[(N, K)]
-                skinny_linear(torch.empty(M, K, dtype=w.dtype, device=w.device), w, warmup=True)
-    return len(jobs)
-
-
 # ---------------------------------------------------------------------------------------------------------------------
 # Entry point
 # ---------------------------------------------------------------------------------------------------------------------
@@ -293,7 +271,6 @@ def skinny_linear(
     bias: torch.Tensor | None = None,  # [N]
     *,
     config: dict | None = None,  # overrides gemm_config's keys (BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, num_warps, ...)
-    warmup: bool = False,  # only compile the kernels (asynchronously inside triton.AsyncCompileMode); launch nothing
 ) -> torch.Tensor:
     """F.linear(x, weight, bias) with fp32 accumulation; returns a new contiguous [M, N] tensor of x.dtype."""
     assert x.dim() == 2 and weight.dim() == 2, (x.shape, weight.shape)
@@ -326,10 +303,7 @@ def skinny_linear(
     has_bias = bias is not None
     grid = (triton.cdiv(M, block_m) * split_k * triton.cdiv(N, block_n),)
 
-    def launch(kernel, grid):
-        return functools.partial(kernel.warmup, grid=grid) if warmup else kernel[grid]
-
-    launch(_skinny_gemm_kernel, grid)(
+    jit.launch(_skinny_gemm_kernel, grid)(
         x,
         weight,
         bias if has_bias else out,
@@ -358,7 +332,7 @@ def skinny_linear(
     )
     if split_k > 1:
         block = 1024
-        launch(_split_k_reduce_kernel, (triton.cdiv(M * N, block),))(
+        jit.launch(_split_k_reduce_kernel, (triton.cdiv(M * N, block),))(
             part,
             bias if has_bias else out,
             out,

@@ -5,6 +5,8 @@ graph's logits), the fused q/k norm + rotary + KV store against the unfused ops,
 (kernels/elementwise.py) against the plain ops, in and out of CUDA graphs, with an engine start that imports no
 Dynamo."""
 
+import os
+
 import pytest
 import torch
 
@@ -415,3 +417,52 @@ def test_engine_compiles_nothing_with_torch_compile(tiny):
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip().splitlines()[-1] == "0", proc.stdout[-2000:]
+
+
+def test_start_up_compiles_its_kernels_in_the_compile_pass(tiny, monkeypatch):
+    """The runner's compile pass (kernels/jit.py) compiles every Triton kernel the start-up's steps launch after it
+    (the profile pass, the warm-up steps, the graphs' capture), launchers built and binaries loaded: none is compiled
+    or loaded one at a time there. In a fresh process
+    with an empty Triton cache, so that nothing was compiled before; its greedy tokens are those of an engine started
+    without the pass (whose garbage outputs must leave no trace)."""
+    import subprocess
+    import sys
+    import tempfile
+
+    from nanovllm_ray.executor.model_runner import ModelRunner
+
+    kwargs = dict(dtype="bfloat16", max_model_len=256, max_num_batched_tokens=512, max_num_seqs=16)
+    prompts = [[11, 22, 33], [5] * 40]
+    code = (
+        "import triton\n"
+        "from nanovllm_ray import LLM, SamplingParams\n"
+        "from nanovllm_ray.executor.model_runner import ModelRunner\n"
+        "passes, late = [], []\n"
+        "compile_pass = ModelRunner._compile_kernels\n"
+        "def wrapped(self):\n"
+        "    compile_pass(self)\n"
+        "    passes.append(1)\n"
+        "ModelRunner._compile_kernels = wrapped\n"
+        "def hook(*, repr, **kwargs):\n"  # before each compile of a kernel not in memory yet
+        "    if passes:\n"
+        "        late.append(repr)\n"
+        "def load_hook(module, function, name, *args):\n"  # a kernel's first launch: its launcher built, loaded
+        "    if passes:\n"
+        "        late.append(name)\n"
+        "triton.knobs.runtime.jit_cache_hook = hook\n"
+        "triton.knobs.runtime.kernel_load_start_hook = load_hook\n"
+        f"llm = LLM({tiny!r}, **{kwargs!r})\n"
+        "assert passes == [1], passes\n"
+        "assert not late, late\n"
+        "params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)\n"
+        f"print([r.token_ids for r in llm.generate({prompts!r}, params, use_tqdm=False)])\n"
+    )
+    with tempfile.TemporaryDirectory() as cache:
+        env = {**os.environ, "NANOVLLM_CACHE_DIR": cache, "TRITON_CACHE_DIR": f"{cache}/triton"}
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    monkeypatch.setattr(ModelRunner, "_compile_kernels", lambda self: None)
+    llm = LLM(tiny, **kwargs)
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    expected = [r.token_ids for r in llm.generate(prompts, params, use_tqdm=False)]
+    assert proc.stdout.strip().splitlines()[-1] == str(expected), proc.stdout[-2000:]
