@@ -8,6 +8,8 @@
 - `skinny_gemm.skinny_linear`: y = x W^T for few rows, used where it measured faster than cuBLAS.
 - `gemv.gemv`: a batch-1 step's projections, with the RMSNorm before and SiLU-and-mul after folded in.
 - `pdl`: programmatic dependent launch of the decode-path kernels (Hopper+): each starts while the one before runs.
+- `jit`: every launch above goes through `jit.launch`, which a start-up's compile pass (`jit.compile_only`) turns into
+  compiles side by side on a thread pool.
 
 Nothing is imported here so that the package stays importable without Triton (CPU-only CI);
 import the submodules directly.

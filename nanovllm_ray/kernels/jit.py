@@ -64,7 +64,8 @@ def compile_only(workers: int | None = None, ignore_errors: bool = False):
     that does not fit) is left out rather than raised."""
     global _compiling
     assert not _compiling, "compile_only() does not nest"
-    with ThreadPoolExecutor(workers or os.cpu_count() or 1) as pool:
+    # Past ~16 threads the compiles mostly wait on each other (the Python parts of Triton's hold the GIL).
+    with ThreadPoolExecutor(workers or min(16, os.cpu_count() or 1)) as pool:
         with triton.AsyncCompileMode(pool, ignore_errors=ignore_errors) as mode:
             _compiling = True
             try:
