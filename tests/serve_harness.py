@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import signal
 import socket
@@ -22,10 +23,26 @@ from deployments.launch import DRAIN_ENV, HAPROXY_ENV, serve_environment
 VENV_BIN = Path(sys.executable).parent
 
 
+_given: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free port between Ray's worker ports (10002-19999) and the kernel's ephemeral range (32768 and up): a port
+    the kernel hands out (bind to 0) can be handed again to one of Ray's own sockets before the test's server binds it
+    (CI once saw HAProxy fail with "Address already in use" that way, and another server answer on the port)."""
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.randrange(20000, 32768)
+        if port in _given:  # several asked for at once (a cluster's ports) must differ
+            continue
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            _given.add(port)
+            return port
+    raise RuntimeError("no free port in 20000-32767")
 
 
 @dataclass
