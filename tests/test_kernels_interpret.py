@@ -435,3 +435,26 @@ def test_compile_only_launch_submits_each_specialisation_once(monkeypatch):
     monkeypatch.setattr(jit, "_compiling", False)
     jit.launch(kernel, (4,))(x, 128, BLOCK=128)
     assert kernel.launched == [(4,)] and len(kernel.warmups) == 7
+
+
+def test_a_compile_that_fails_in_the_pass_raises_and_leaves_no_pass_behind():
+    """Triton's async compile mode stays active when a compile raises on leaving it; compile_only resets it, so the
+    error is the compile's and later compiles in the process do not go to the pass's pool, shut down."""
+    from triton.runtime import _async_compile
+
+    from nanovllm_ray.kernels import jit
+
+    class Failing:
+        def warmup(self, *args, grid, **kwargs):
+            def compile_fn():
+                raise ValueError("this kernel does not compile")
+
+            _async_compile.active_mode.get().submit("key", compile_fn, lambda kernel: kernel)
+
+    with pytest.raises(ValueError, match="does not compile"):
+        with jit.compile_only(workers=1):
+            jit.launch(Failing(), (1,))(torch.zeros(4))
+    assert _async_compile.active_mode.get() is None and not jit.compiling()
+    with jit.compile_only(workers=1) as mode:  # a pass after it starts clean
+        pass
+    assert mode.future_kernels == {}

@@ -23,6 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 import triton
+from triton.runtime import _async_compile
 
 _compiling = False
 _seen: set = set()  # (kernel, argument specialisations) a compile_only() pass has submitted
@@ -66,15 +67,23 @@ def compile_only(workers: int | None = None, ignore_errors: bool = False):
     assert not _compiling, "compile_only() does not nest"
     # Past ~16 threads the compiles mostly wait on each other (the Python parts of Triton's hold the GIL).
     with ThreadPoolExecutor(workers or min(16, os.cpu_count() or 1)) as pool:
-        with triton.AsyncCompileMode(pool, ignore_errors=ignore_errors) as mode:
-            _compiling = True
-            try:
-                yield mode
-            finally:
-                _compiling = False
-                _seen.clear()
-        device = torch.cuda.current_device()
-        loads = [pool.submit(_load, f.kernel, device) for f in mode.future_kernels.values() if f.kernel is not None]
+        mode = triton.AsyncCompileMode(pool, ignore_errors=ignore_errors)
+        try:
+            with mode:
+                _compiling = True
+                try:
+                    yield mode
+                finally:
+                    _compiling = False
+                    _seen.clear()
+        finally:
+            # Triton's mode stays active when a compile raises on leaving it: every later compile in the process
+            # would then go to this pool, shut down ("cannot schedule new futures after shutdown").
+            if _async_compile.active_mode.get() is mode:
+                _async_compile.active_mode.set(None)
+        compiled = [f.kernel for f in mode.future_kernels.values() if f.kernel is not None]
+        device = torch.cuda.current_device() if compiled else None
+        loads = [pool.submit(_load, kernel, device) for kernel in compiled]
         for load in loads:
             try:
                 load.result()
