@@ -77,6 +77,18 @@ def test_calls_draw_fresh_noise_and_mixed_rows():
     assert sampling.sample_tokens(logits, temps, out=out) is out and (out >= 0).all()
 
 
+def test_tokens_also_go_to_the_ring_slot_the_header_names():
+    """The decode graphs' host ring: the finishing kernel writes each row's token, and the launch number, into the
+    slot; the other slots stay as they were."""
+    torch.manual_seed(0)
+    logits = torch.randn(5, 3000)
+    temps = torch.tensor([0.0, 0.7, 0.0, 1.0, 0.0])
+    ring = torch.full((4, 9), -1, dtype=torch.int64)
+    tokens = sampling.sample_tokens(logits, temps, ring=(torch.tensor([0, 0, 3, 42]), ring))
+    assert ring[3, 0] == 42 and ring[3, 1:6].tolist() == tokens.tolist() and ring[3, 6:].tolist() == [-1] * 3
+    assert bool((ring[:3] == -1).all()) and tokens[0] == logits[0].argmax()
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("num_heads,num_kv_heads,head_dim", [(4, 2, 32), (6, 3, 16), (16, 8, 128)])
 def test_qk_norm_rope_store_matches_unfused_ops(dtype, num_heads, num_kv_heads, head_dim):
@@ -250,20 +262,59 @@ def test_merge_pending_matches_plain_op(n, src_dtype):
     assert out.dtype == ref.dtype and torch.equal(out, ref)
 
 
+@pytest.mark.parametrize("bs, n, width", [(1, 1, 3), (8, 5, 40), (16, 0, 0), (4, 4, 300)])  # 300: two column blocks
+def test_decode_inputs_unpacks_the_step_and_matches_plain_op(bs, n, width):
+    """A decode graph's first kernel: the merged ids, and rows < n of the block tables from the compact rows; rows past
+    n and columns past the width keep what they held."""
+    torch.manual_seed(0)
+    input_ids = torch.randint(0, 1000, (bs,))
+    tokens = torch.randint(1000, 2000, (bs + 3,))
+    src = torch.randint(-1, tokens.shape[0], (bs,))
+    src[::2] = -1
+    header = torch.tensor([n, width, 2, 7])
+    step_tables = torch.randint(0, 10_000, (n, width), dtype=torch.int32)
+    compact = torch.full((bs * 320,), -5, dtype=torch.int32)
+    compact[:n * width] = step_tables.flatten()
+    before = torch.randint(0, 10_000, (bs + 2, 320), dtype=torch.int32)
+    embed = torch.randn(2000, 48).bfloat16()
+    outs = []
+    for fn in (elementwise.decode_inputs, ops._PLAIN["decode_inputs"]):
+        tables = before.clone()
+        outs.append((*fn(input_ids, src, tokens, header, compact, tables, embed), tables))
+        assert fn(input_ids, src, tokens, header, compact, tables.clone())[1] is None  # no embedding asked
+    (ids, hidden, tables), (ref_ids, ref_hidden, ref_tables) = outs
+    assert torch.equal(ids, ref_ids) and torch.equal(ids, ops._PLAIN["merge_pending"](input_ids, src, tokens))
+    assert torch.equal(hidden, ref_hidden) and torch.equal(hidden, embed[ids])
+    assert torch.equal(tables, ref_tables)
+    assert torch.equal(tables[:n, :width], step_tables)
+    assert torch.equal(tables[n:], before[n:]) and torch.equal(tables[:, width:], before[:, width:])
+
+
+def test_store_tokens_writes_the_slot_and_launch_number():
+    tokens = torch.arange(300) * 3
+    ring = torch.full((4, 301), -1, dtype=torch.int64)
+    elementwise.store_tokens(tokens[:300], torch.tensor([5, 9, 2, 14]), ring)
+    assert ring[2, 0] == 14 and torch.equal(ring[2, 1:301], tokens)
+    assert bool((ring[[0, 1, 3]] == -1).all())
+    elementwise.store_tokens(tokens[:3], torch.tensor([3, 0, 1, 15]), ring)
+    assert ring[1].tolist()[:5] == [15, 0, 3, 6, -1]
+
+
 def test_enable_triton_ops_swaps_the_elementwise_ops_and_back():
-    names = ("rms_norm", "add_rms_norm", "silu_and_mul", "merge_pending")
+    names = ("rms_norm", "add_rms_norm", "silu_and_mul", "merge_pending", "decode_inputs")
     x, w = torch.randn(3, 64), torch.ones(64)
     try:
         ops.enable_triton_ops(True, fused_gemv=False, head_dim_supported=False)
         assert all(getattr(ops, name) is not ops._PLAIN[name] for name in names)
         assert ops.qk_norm_rope_store is None and ops.skinny_gemm is None and ops.gemv is None
+        assert ops.store_tokens is elementwise.store_tokens
         assert torch.equal(ops.rms_norm(x, w, 1e-6), ops._PLAIN["rms_norm"](x, w, 1e-6))  # CPU tensors: plain
         ops.enable_triton_ops(True)
         assert ops.qk_norm_rope_store is not None and ops.skinny_gemm is not None and ops.gemv is not None
     finally:
         ops.enable_triton_ops(False)
     assert all(getattr(ops, name) is ops._PLAIN[name] for name in names)
-    assert ops.qk_norm_rope_store is None and ops.skinny_gemm is None and ops.gemv is None
+    assert ops.qk_norm_rope_store is None and ops.skinny_gemm is None and ops.gemv is None and ops.store_tokens is None
 
 
 # ---------------------------------------------------------------------------------------------------------------------

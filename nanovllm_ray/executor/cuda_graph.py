@@ -7,9 +7,12 @@ The graph holds the whole step: the tokens the previous step sampled are gathere
 the LM head and the sampler (temperature + Gumbel-max, or argmax) run, and the new tokens land in `tokens`, where
 the next step's graph reads them. With tensor parallelism every rank does so: each samples its vocabulary slice and
 the ranks merge the slices' winners (layers/sampler.py, sample_temperature_sharded). The driver's per-step work is
-then one copy of a packed int64 vector (ids, positions, slots, lengths, pending sources, temperatures) and one of the
-block tables, then replay. Requests that need more (top-k/p, min-p, seeds, logprobs) sample from the logits outside
-the graph, on rank 0.
+then one host-to-device copy and the replay: the copy holds the packed int64 inputs (ids, positions, slots, lengths,
+pending sources, temperatures), a header, the attention backend's decode plan and the step's block tables row after
+row, which the graph's first kernel unpacks (ops.decode_inputs). Its last kernel writes the sampled tokens into a slot
+of a ring in pinned host memory (ops.store_tokens), so no device-to-host copy follows the replay on the stream either:
+each operation between two replays costs the stream 3-10 us at batch 1 (about 2% of a step), idle. Requests that need
+more (top-k/p, min-p, seeds, logprobs) sample from the logits outside the graph, on rank 0.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import numpy as np
 import torch
 
 from nanovllm_ray.config import Config
-from nanovllm_ray.executor.step import StepInput
+from nanovllm_ray.executor.step import PendingOutput, StepInput, StepOutput
 from nanovllm_ray.layers import ops
 from nanovllm_ray.layers.attention import Attention, AttentionBackend, AttentionMetadata
 from nanovllm_ray.layers.parallel import tp_size
@@ -30,6 +33,15 @@ from nanovllm_ray.layers.sampler import sample_temperature, sample_temperature_s
 # Sections of the packed per-step vector, each `bs` long for a graph of bs rows.
 IDS, POS, SLOTS, LENS, SRC, TEMPS = range(6)
 SECTIONS = 6
+# int64 words after the sections: the step's rows, its block tables' width, the ring slot and the launch's number.
+HEADER = 4
+# Slots of the host ring the graphs write sampled tokens into: a rank has at most two steps in flight (it launches
+# step t + 1, then reads step t), and a slot is checked before it is read.
+RING = 4
+
+
+def _even(words: int) -> int:
+    return words + (words & 1)  # int32 views start 16-byte aligned, as Triton's kernels like them
 
 
 def graph_batch_sizes(max_num_seqs: int) -> list[int]:
@@ -73,25 +85,50 @@ class DecodeGraphs:
         # winners alike, so every rank's `tokens` holds the step's tokens for the next step's graph (no logits
         # gathered to rank 0, no broadcast).
         self.tp = tp_size()
-        # Static inputs and outputs that every graph reads and writes.
-        self.vec = torch.zeros(SECTIONS * self.max_bs, dtype=torch.int64, device=dev)
+        # The backend's decode plan (which programs attend over which chunk), rewritten by each launch.
+        self.kv_heads = next(m.num_kv_heads for m in model.modules() if isinstance(m, Attention))
+        self.plan_sizes = {bs: backend.decode_plan_size(bs, self.kv_heads, dev) for bs in self.sizes}
+        # Static inputs that every graph reads, one buffer a launch copies into at once; a graph of bs rows reads
+        # [sections (SECTIONS x bs) | header | plan | block tables (bs x max_blocks int32 at most, row after row)].
+        self.max_blocks = max_blocks
+        self.layout = {bs: self._layout(bs) for bs in self.sizes}
+        self.staging = torch.zeros(max(end for _, _, end in self.layout.values()), dtype=torch.int64, device=dev)
         self.block_tables = torch.zeros(self.max_bs, max_blocks, dtype=torch.int32, device=dev)
         self.query_start_loc = torch.arange(self.max_bs + 1, dtype=torch.int32, device=dev)
-        self.hidden = torch.zeros(self.max_bs, cfg.hf_config["hidden_size"], dtype=dtype, device=dev)
+        self.hidden: dict[int, torch.Tensor] = {}  # each graph's hidden states [bs, hidden], its own output
         # Sampled tokens, rows of the last step (its sampled rows may be more than max_bs after a mixed step).
         self.tokens = torch.zeros(max(cfg.max_num_seqs, self.max_bs), dtype=torch.int64, device=dev)
         # Logits of this rank's vocabulary slice (all of it with one rank); the slices' winners, all-gathered.
         head = model.lm_head
         self.logits = torch.zeros(self.max_bs, head.weight.shape[0], dtype=dtype, device=dev)
         self.winners = torch.zeros(self.tp * self.max_bs, 2, dtype=torch.float64, device=dev) if self.tp > 1 else None
-        # The backend's decode plan (which programs attend over which chunk), rewritten by each launch.
-        self.kv_heads = next(m.num_kv_heads for m in model.modules() if isinstance(m, Attention))
-        self.plan_sizes = {bs: backend.decode_plan_size(bs, self.kv_heads, dev) for bs in self.sizes}
-        self.plan = torch.zeros(max(self.plan_sizes.values()), dtype=torch.int32, device=dev)
+        # Each launch's tokens, read by the host: [launch number, tokens] a slot (Triton writes it; else a copy).
+        self.ring = None
+        if ops.store_tokens is not None and dev.type == "cuda":
+            self.ring = torch.full((RING, 1 + self.max_bs), -1, dtype=torch.int64, pin_memory=True)
+        self.launches = 0
         self._capture(capture)
 
+    def _layout(self, bs: int) -> tuple[int, int, int]:
+        """Where a graph of bs rows finds its plan and its block tables in the staging buffer, and where its part
+        ends (int64 words)."""
+        plan = _even(SECTIONS * bs + HEADER)
+        tables = plan + _even(-(-self.plan_sizes[bs] // 2))
+        return plan, tables, tables + _even(-(-bs * self.max_blocks // 2))
+
     def section(self, bs: int, k: int) -> torch.Tensor:
-        return self.vec[k * bs:(k + 1) * bs]
+        return self.staging[k * bs:(k + 1) * bs]
+
+    def header(self, bs: int) -> torch.Tensor:
+        return self.staging[SECTIONS * bs:SECTIONS * bs + HEADER]
+
+    def plan(self, bs: int) -> torch.Tensor | None:
+        start, end, _ = self.layout[bs]
+        return self.staging[start:end].view(torch.int32)[:self.plan_sizes[bs]] if self.plan_sizes[bs] else None
+
+    def compact_tables(self, bs: int) -> torch.Tensor:
+        _, start, end = self.layout[bs]
+        return self.staging[start:end].view(torch.int32)
 
     def _meta(self, bs: int) -> AttentionMetadata:
         max_len = self.config.max_model_len
@@ -100,45 +137,70 @@ class DecodeGraphs:
             query_start_loc=self.query_start_loc[:bs + 1], seq_lens=self.section(bs, LENS),
             block_tables=self.block_tables[:bs], max_query_len=1, max_seq_len=max_len, query_lens_cpu=[1] * bs,
             seq_lens_cpu=[max_len] * bs, is_decode_only=True, no_cached_context=False,
-            decode_plan=self.plan[:self.plan_sizes[bs]] if self.plan_sizes[bs] else None)
+            decode_plan=self.plan(bs))
         self.backend.prepare(meta)
         return meta
 
     def _forward(self, bs: int, meta: AttentionMetadata) -> None:
-        """The captured work: gather pending tokens, model, LM head and temperature sampling."""
+        """The captured work: gather pending tokens (and, at one rank, their embeddings), model, LM head and
+        temperature sampling, whose tokens go to the host ring too."""
         model = self.model
-        ids = ops.merge_pending(self.section(bs, IDS), self.section(bs, SRC), self.tokens)
-        hidden = model(ids, self.section(bs, POS), meta)
-        self.hidden[:bs] = hidden
+        embed = model.model.embed_tokens.weight if self.tp == 1 else None
+        ids, embeds = ops.decode_inputs(self.section(bs, IDS), self.section(bs, SRC), self.tokens, self.header(bs),
+                                        self.compact_tables(bs), self.block_tables, embed)
+        # The graph's own output: its memory stays the graph's while this holds it (no copy into a static buffer).
+        self.hidden[bs] = hidden = model(ids, self.section(bs, POS), meta, embeds)
         head, temps = model.lm_head, self.section(bs, TEMPS).view(torch.float64)
         torch.mm(hidden, head.weight.t(), out=self.logits[:bs])
+        ring = (self.header(bs), self.ring) if self.ring is not None else None
         if self.tp == 1:
-            sample_temperature(self.logits[:bs], temps, out=self.tokens[:bs])
+            sample_temperature(self.logits[:bs], temps, out=self.tokens[:bs], ring=ring)
         else:
             sample_temperature_sharded(self.logits[:bs], temps, head.start, self.winners[:self.tp * bs],
                                        out=self.tokens[:bs])
+            if ring is not None:
+                ops.store_tokens(self.tokens[:bs], *ring)
 
     def _capture(self, capture: bool) -> None:
         def prepare(bs: int) -> AttentionMetadata:
             self._reset_padding(bs)
-            self._write_plan(bs, [])
             return self._meta(bs)
 
         self.graphs: dict[int, torch.cuda.CUDAGraph] = capture_graphs(self.sizes, prepare, self._forward, capture)
 
     def _reset_padding(self, bs: int) -> None:
-        """Valid inputs for bs empty rows: slot -1, length 1, no pending source, greedy."""
-        for k, value in ((IDS, 0), (POS, 0), (SLOTS, -1), (LENS, 1), (SRC, -1), (TEMPS, 0)):
-            self.section(bs, k).fill_(value)
+        """Valid inputs for bs empty rows: slot -1, length 1, no pending source, greedy; no block tables."""
+        self._upload(bs, [], [], [], [], np.zeros((0, 0), dtype=np.int32), launch=-1)
 
-    def _write_plan(self, bs: int, seq_lens: list[int]) -> None:
-        """The backend's plan for a graph of bs rows (padding rows: length 1), copied to the graphs' buffer."""
-        size = self.plan_sizes[bs]
-        if size:
-            host = torch.empty(size, dtype=torch.int32, pin_memory=True)
-            self.backend.decode_plan(seq_lens + [1] * (bs - len(seq_lens)), self.kv_heads, self.plan.device,
-                                     host.numpy())
-            self.plan[:size].copy_(host, non_blocking=True)
+    def _upload(self, bs: int, input_ids, positions, slot_mapping, seq_lens, tables: np.ndarray,
+                pending_dst=(), pending_src=(), temperatures=None, launch: int = -1) -> None:
+        """The inputs of a graph of bs rows for a step of n = len(seq_lens) rows, in one host-to-device copy: the
+        sections (padding rows past n), the header, the backend's plan and the block tables [n, width] (int32). The
+        graph writes its tokens into ring slot launch % RING, marked with launch."""
+        n, (rows, width) = len(seq_lens), tables.shape
+        assert rows in (0, n), (tables.shape, n)
+        plan_at, tables_at, _ = self.layout[bs]
+        words = tables_at + -(-tables.size // 2)
+        host = torch.empty(words, dtype=torch.int64, pin_memory=True)
+        buf = host.numpy()
+        a = buf[:SECTIONS * bs].reshape(SECTIONS, bs)
+        for k, values, pad in ((IDS, input_ids, 0), (POS, positions, 0), (SLOTS, slot_mapping, -1),
+                               (LENS, seq_lens, 1)):
+            a[k, :n] = values
+            a[k, n:] = pad
+        a[SRC] = -1
+        if len(pending_dst):
+            a[SRC, pending_dst] = pending_src
+        temps = a[TEMPS].view(np.float64)
+        temps[:] = 0.0
+        if temperatures is not None:
+            temps[:n] = temperatures
+        buf[SECTIONS * bs:SECTIONS * bs + HEADER] = (rows, width, launch % RING, launch)
+        if self.plan_sizes[bs]:
+            self.backend.decode_plan(list(seq_lens) + [1] * (bs - n), self.kv_heads, self.staging.device,
+                                     buf[plan_at:tables_at].view(np.int32))
+        buf[tables_at:].view(np.int32)[:tables.size] = tables.ravel()
+        self.staging[:words].copy_(host, non_blocking=True)
 
     def can_run(self, num_seqs: int) -> bool:
         return num_seqs <= self.max_bs
@@ -147,35 +209,39 @@ class DecodeGraphs:
         return next(s for s in self.sizes if s >= n)
 
     def launch(self, step: StepInput, prev_tokens: torch.Tensor | None) -> int:
-        """Replay the graph for a decode step from the driver's lists: one host-to-device copy of the packed
-        vector and one of the block tables. prev_tokens: the previous step's sampled tokens when they are not
-        already in self.tokens. Returns the padded batch size."""
+        """Replay the graph for a decode step from the driver's lists: one host-to-device copy of its inputs, then
+        the replay. prev_tokens: the previous step's sampled tokens when they are not already in self.tokens. Returns
+        the padded batch size."""
         n = len(step.seq_lens)
         bs = self.padded(n)
-        host = torch.empty(SECTIONS * bs, dtype=torch.int64, pin_memory=True)
-        a = host.numpy().reshape(SECTIONS, bs)
-        for k, values, pad in ((IDS, step.input_ids, 0), (POS, step.positions, 0), (SLOTS, step.slot_mapping, -1),
-                               (LENS, step.seq_lens, 1)):
-            a[k, :n] = values
-            a[k, n:] = pad
-        a[SRC] = -1
-        if step.pending_dst:
-            a[SRC, step.pending_dst] = step.pending_src
-        temps = a[TEMPS].view(np.float64)
-        temps[n:] = 0.0
         if len(step.temperatures) == n:
-            temps[:n] = step.temperatures
+            temps = step.temperatures
         else:  # not every row samples (a one-token prefill chunk): those rows' tokens are ignored
-            temps[:n] = 0.0
+            temps = np.zeros(n)
             temps[step.sample_rows] = step.temperatures
         if prev_tokens is not None:
             self.tokens[:prev_tokens.shape[0]].copy_(prev_tokens)
-        self.vec[:SECTIONS * bs].copy_(host, non_blocking=True)
-        tables = step.padded_block_tables()
-        self.block_tables[:n, :tables.shape[1]].copy_(tables.pin_memory(), non_blocking=True)
-        self._write_plan(bs, step.seq_lens)
+        self.launches += 1
+        self._upload(bs, step.input_ids, step.positions, step.slot_mapping, step.seq_lens,
+                     step.padded_block_tables().numpy(), step.pending_dst, step.pending_src, temps, self.launches)
         self.graphs[bs].replay()
         return bs
+
+    def pending(self, n: int) -> PendingOutput:
+        """The tokens of the last launch's n rows, read from the host ring once the replay is done (ring set up)."""
+        launch, ring = self.launches, self.ring.numpy()
+        slot = launch % RING
+        done = torch.cuda.Event()
+        done.record()
+
+        def fetch() -> StepOutput:
+            done.synchronize()
+            tokens = ring[slot, 1:1 + n].tolist()
+            if ring[slot, 0] != launch:  # a later launch wrote the slot: more steps in flight than RING - 1
+                raise RuntimeError(f"decode step {launch}: its ring slot {slot} holds step {ring[slot, 0]}'s tokens")
+            return StepOutput(tokens)
+
+        return PendingOutput(fetch=fetch)
 
     def run(self, input_ids: torch.Tensor, positions: torch.Tensor, slot_mapping: torch.Tensor,
             seq_lens: torch.Tensor, block_tables: torch.Tensor, seq_lens_cpu: list[int]) -> torch.Tensor:
@@ -183,15 +249,10 @@ class DecodeGraphs:
         hidden states [n, hidden]."""
         n = input_ids.shape[0]
         bs = self.padded(n)
-        self._reset_padding(bs)
-        self.section(bs, IDS)[:n] = input_ids
-        self.section(bs, POS)[:n] = positions
-        self.section(bs, SLOTS)[:n] = slot_mapping
-        self.section(bs, LENS)[:n] = seq_lens
-        self.block_tables[:n, :block_tables.shape[1]] = block_tables
-        self._write_plan(bs, seq_lens_cpu)
+        self._upload(bs, input_ids.cpu().numpy(), positions.cpu().numpy(), slot_mapping.cpu().numpy(), seq_lens_cpu,
+                     block_tables.to(torch.int32).cpu().numpy())
         self.graphs[bs].replay()
-        return self.hidden[:n]
+        return self.hidden[bs][:n]
 
 
 PREFILL_GRAPH_TOKENS = (64, 128, 256, 512, 768, 1024, 1536, 2048, 3072, 4096, 6144, 8192)

@@ -334,7 +334,10 @@ class ModelRunner:
         g = self.graphs
         if g is not None and step.is_decode_only and g.can_run(len(step.seq_lens)):
             out = self._execute_graph(step)
-            return self._finish(out) if out is not None else None
+            if out is None:
+                return None
+            # Sampled in the graph: its last kernel put the tokens in the host ring, no copy needed.
+            return g.pending(len(step.seq_lens)) if self.prev_in_graph and g.ring is not None else self._finish(out)
         input_ids, positions, meta = self.prepare(step)
         self.prev_rows = len(step.sample_rows)  # for the next step's _prev_tokens()
         self.prev_in_graph = False  # on every rank: the next step's ranks must agree on broadcasting
@@ -354,12 +357,12 @@ class ModelRunner:
         g, n = self.graphs, len(step.seq_lens)
         prev = None if self.prev_in_graph or not step.pending_dst else self._prev_tokens()
         self.prev_rows = len(step.sample_rows)
-        g.launch(step, prev)
+        bs = g.launch(step, prev)
         every_row = len(step.sample_rows) == n
         self.prev_in_graph = every_row and _temperature_only(step)  # alike on every rank: the step says
         if not self.prev_in_graph:  # with several ranks, gathering the logits is collective
             rows = slice(n) if every_row else torch.tensor(step.sample_rows, device=self.device)
-            logits = g.logits[rows] if self.world_size == 1 else self.model.compute_logits(g.hidden[rows])
+            logits = g.logits[rows] if self.world_size == 1 else self.model.compute_logits(g.hidden[bs][rows])
         if self.rank != 0:
             return None
         out = SamplerOutput(g.tokens[:n]) if self.prev_in_graph else sample(logits, self.sampling_tensors(step))

@@ -1,6 +1,7 @@
 """The small element-wise ops of a decoder layer (layers/ops.py) as Triton kernels, one launch each: RMSNorm with or
 without the residual add before it, SiLU-and-mul, and the merge of the tokens sampled on the device into the next
-step's input ids. On CUDA they replace torch.compile'd versions of the plain ops, which brought Dynamo and Inductor
+step's input ids; and a decode graph's first and last kernels (decode_inputs, store_tokens: executor/cuda_graph.py).
+On CUDA they replace torch.compile'd versions of the plain ops, which brought Dynamo and Inductor
 into every start (their imports, Inductor's code generation and compile workers) and a guard check into every call.
 
 Rounding follows the plain ops under eager PyTorch: x + residual is rounded to the model dtype; the norm is taken in
@@ -114,6 +115,70 @@ def _merge_pending_kernel(
     tl.store(out_ptr + offs, tl.where(pending, tok.to(out_ty), ids.to(out_ty)), mask=mask)
 
 
+@triton.jit
+def _decode_inputs_kernel(
+    ids_ptr,  # [bs]
+    src_ptr,  # [bs]: row of tokens to take, or -1
+    tokens_ptr,  # [>= max(src) + 1]
+    out_ptr,  # [bs]
+    header_ptr,  # int64 [rows n, table width w, ...]
+    compact_ptr,  # int32 [n * w]: the step's block tables, row after row
+    tables_ptr,  # int32 [>= n, stride]
+    stride,
+    embed_ptr,  # [vocab, H] (EMBED)
+    hidden_ptr,  # [bs, H] (EMBED): the embeddings of the merged ids
+    H: tl.constexpr,
+    BLOCK: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    EMBED: tl.constexpr,
+    PDL: tl.constexpr,
+):
+    if PDL:
+        pdl.wait()
+    r = tl.program_id(0)
+    src = tl.load(src_ptr + r)
+    tok = tl.load(tokens_ptr + tl.maximum(src, 0))
+    ids = tl.load(ids_ptr + r)
+    out_ty = out_ptr.dtype.element_ty
+    merged = tl.where(src >= 0, tok.to(out_ty), ids.to(out_ty))
+    tl.store(out_ptr + r, merged)
+    if EMBED:
+        for h0 in tl.static_range(0, H, BLOCK_H):
+            h = h0 + tl.arange(0, BLOCK_H)
+            vec = tl.load(embed_ptr + merged.to(tl.int64) * H + h, mask=h < H)
+            tl.store(hidden_ptr + r.to(tl.int64) * H + h, vec, mask=h < H)
+    n = tl.load(header_ptr)
+    w = tl.load(header_ptr + 1)
+    if r < n:
+        row = r.to(tl.int64)
+        for start in range(0, w, BLOCK):
+            cols = start + tl.arange(0, BLOCK)
+            mask = cols < w
+            blocks = tl.load(compact_ptr + row * w + cols, mask=mask)
+            tl.store(tables_ptr + row * stride + cols, blocks, mask=mask)
+
+
+@triton.jit
+def _store_tokens_kernel(
+    tokens_ptr,  # [bs]
+    header_ptr,  # int64 [.., .., ring slot, launch number]
+    ring_ptr,  # int64 [slots, width], pinned host memory
+    bs,
+    width,
+    BLOCK: tl.constexpr,
+    PDL: tl.constexpr,
+):
+    if PDL:
+        pdl.wait()
+    slot = tl.load(header_ptr + 2)
+    row = ring_ptr + slot * width
+    tl.store(row, tl.load(header_ptr + 3))
+    for start in range(0, bs, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        mask = offs < bs
+        tl.store(row + 1 + offs, tl.load(tokens_ptr + offs, mask=mask).to(tl.int64), mask=mask)
+
+
 def _rows(t: torch.Tensor, width: int) -> torch.Tensor:
     """t as [rows, width] with unit stride on width: a view where one exists (rows may be strided), else a copy."""
     t = t.reshape(-1, width)
@@ -184,3 +249,39 @@ def merge_pending(input_ids: torch.Tensor, src: torch.Tensor, tokens: torch.Tens
     if jit.compiling():  # compiled, not run: hand on valid token ids, which the embedding after it indexes with
         out.copy_(input_ids)
     return out
+
+
+def decode_inputs(input_ids: torch.Tensor, src: torch.Tensor, tokens: torch.Tensor, header: torch.Tensor,
+                  compact: torch.Tensor, block_tables: torch.Tensor, embed: torch.Tensor | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A decode graph's first kernel: merge_pending's ids (input_ids [bs], row i replaced by tokens[src[i]] where
+    src[i] >= 0), and the step's block tables unpacked from compact (int32, header[0] rows of header[1] entries, row
+    after row) into the first rows of block_tables ([max_rows, max_blocks] int32). Returns the ids and, with embed
+    ([vocab, H], the embedding table), their embeddings [bs, H] (else None)."""
+    bs = input_ids.shape[0]
+    assert src.shape == (bs,) and block_tables.stride(1) == 1 and compact.dtype == block_tables.dtype
+    out = torch.empty(bs, dtype=torch.promote_types(input_ids.dtype, tokens.dtype), device=input_ids.device)
+    hidden = None if embed is None else torch.empty(bs, embed.shape[1], dtype=embed.dtype, device=embed.device)
+    if bs == 0:
+        return out, hidden
+    assert embed is None or embed.is_contiguous()
+    H = 1 if embed is None else embed.shape[1]
+    use_pdl = pdl.use(input_ids)
+    jit.launch(_decode_inputs_kernel, (bs,))(
+        input_ids, src, tokens, out, header, compact, block_tables, block_tables.stride(0),
+        out if embed is None else embed, out if hidden is None else hidden, H=H, BLOCK=256,
+        BLOCK_H=min(1024, triton.next_power_of_2(H)), EMBED=embed is not None, PDL=use_pdl, num_warps=4,
+        launch_pdl=use_pdl)
+    if jit.compiling():  # compiled, not run: hand on valid token ids, which the embedding after it indexes with
+        out.copy_(input_ids)
+    return out, hidden
+
+
+def store_tokens(tokens: torch.Tensor, header: torch.Tensor, ring: torch.Tensor) -> None:
+    """A decode graph's last kernel: ring[header[2]] = [header[3], *tokens] (int64; ring in pinned host memory, which
+    the device writes directly, so the host reads the step's tokens without a copy of its own on the stream)."""
+    bs = tokens.shape[0]
+    assert ring.dim() == 2 and ring.dtype == torch.int64 and ring.shape[1] > bs and ring.is_contiguous()
+    use_pdl = pdl.use(tokens)
+    jit.launch(_store_tokens_kernel, (1,))(tokens, header, ring, bs, ring.shape[1], BLOCK=256, PDL=use_pdl,
+                                           num_warps=4, launch_pdl=use_pdl)

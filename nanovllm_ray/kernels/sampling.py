@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from nanovllm_ray.kernels import jit
+from nanovllm_ray.kernels import jit, pdl
 
 _SEEDS: dict[torch.device, torch.Tensor] = {}
 BLOCK = 1024
@@ -38,7 +38,10 @@ def _partial_argmax_kernel(
     col_offset,  # their first column's token id (a tensor-parallel rank's vocabulary slice; else 0)
     chunk_len,  # multiple of BLOCK
     BLOCK: tl.constexpr,
+    PDL: tl.constexpr,  # launched as a programmatic dependent (kernels/pdl.py)
 ):
+    if PDL:
+        pdl.wait()
     row = tl.program_id(0)
     chunk = tl.program_id(1)
     num_chunks = tl.num_programs(1)
@@ -80,7 +83,12 @@ def _partial_argmax_kernel(
 
 @triton.jit(do_not_specialize=["num_chunks"])
 def _final_argmax_kernel(part_val_ptr, part_idx_ptr, out_ptr, out_val_ptr, seed_ptr, num_chunks,
-                         BLOCK_C: tl.constexpr, WRITE_VAL: tl.constexpr):
+                         header_ptr,  # int64 [.., .., ring slot, launch number] (RING)
+                         ring_ptr,  # int64 [slots, ring_width] (RING): pinned host memory
+                         ring_width,
+                         BLOCK_C: tl.constexpr, WRITE_VAL: tl.constexpr, RING: tl.constexpr, PDL: tl.constexpr):
+    if PDL:
+        pdl.wait()
     row = tl.program_id(0)
     c = tl.arange(0, BLOCK_C)
     mask = c < num_chunks
@@ -88,6 +96,11 @@ def _final_argmax_kernel(part_val_ptr, part_idx_ptr, out_ptr, out_val_ptr, seed_
     best = tl.argmax(val, axis=0)  # first chunk among equal maxima
     idx = tl.load(part_idx_ptr + row * num_chunks + best)
     tl.store(out_ptr + row, idx.to(out_ptr.dtype.element_ty))
+    if RING:  # the token straight into the host's ring slot too (elementwise.store_tokens, fused)
+        slot_row = ring_ptr + tl.load(header_ptr + 2) * ring_width
+        tl.store(slot_row + 1 + row, idx.to(tl.int64))
+        if row == 0:
+            tl.store(slot_row, tl.load(header_ptr + 3))
     if WRITE_VAL:  # the winning score, for a merge across vocabulary slices
         tl.store(out_val_ptr + row, tl.max(val, axis=0).to(out_val_ptr.dtype.element_ty))
     if row == 0:  # every program of the first kernel has read the seed by now (stream order)
@@ -109,14 +122,15 @@ def num_chunks_for(num_rows: int, vocab: int, device: torch.device) -> int:
 
 
 def sample_tokens(logits: torch.Tensor, temperatures: torch.Tensor, out: torch.Tensor | None = None,
-                  col_offset: int = 0, out_val: torch.Tensor | None = None) -> torch.Tensor:
+                  col_offset: int = 0, out_val: torch.Tensor | None = None,
+                  ring: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """logits [n, vocab] (unit stride along vocab), temperatures [n] -> token ids [n] (int64 unless `out` says
     otherwise): argmax(logits) where the temperature is 0, else a draw from softmax(logits / T).
 
     A tensor-parallel rank passes its vocabulary slice: col_offset (its first token id), and out_val [n] for
     each row's winning score (logits / T + Gumbel noise, or the logit where T = 0); the slices' winners then
     merge by the highest score (nanovllm_ray.layers.sampler.merge_shard_samples). Each token's noise depends on its
-    id, not on the split."""
+    id, not on the split. ring (header, ring): also write the tokens as elementwise.store_tokens does."""
     n, vocab = logits.shape
     assert logits.stride(1) == 1 and temperatures.shape == (n,), (logits.stride(), temperatures.shape)
     if out is None:
@@ -129,10 +143,14 @@ def sample_tokens(logits: torch.Tensor, temperatures: torch.Tensor, out: torch.T
     part_val = torch.empty((n, chunks), dtype=torch.float32, device=logits.device)
     part_idx = torch.empty((n, chunks), dtype=torch.int32, device=logits.device)
     seed = _seed(logits.device)
+    use_pdl = pdl.use(logits)
     jit.launch(_partial_argmax_kernel, (n, chunks))(
         logits, logits.stride(0), temperatures, seed, part_val, part_idx, vocab, col_offset, chunk_len, BLOCK=BLOCK,
-        num_warps=4)
+        PDL=use_pdl, num_warps=4, launch_pdl=use_pdl)
+    header, ring_buf = ring if ring is not None else (seed, seed.view(1, 1))
+    assert ring is None or (ring_buf.dtype == torch.int64 and ring_buf.shape[1] > n and ring_buf.is_contiguous())
     jit.launch(_final_argmax_kernel, (n,))(
-        part_val, part_idx, out, part_val if out_val is None else out_val, seed, chunks, BLOCK_C=MAX_CHUNKS,
-        WRITE_VAL=out_val is not None, num_warps=1)
+        part_val, part_idx, out, part_val if out_val is None else out_val, seed, chunks, header, ring_buf,
+        ring_buf.shape[1], BLOCK_C=MAX_CHUNKS, WRITE_VAL=out_val is not None, RING=ring is not None, PDL=use_pdl,
+        num_warps=1, launch_pdl=use_pdl)
     return out

@@ -51,16 +51,36 @@ def merge_pending(input_ids: torch.Tensor, src: torch.Tensor, tokens: torch.Tens
     return torch.where(src >= 0, tokens[src.clamp(min=0)], input_ids)
 
 
+def decode_inputs(input_ids: torch.Tensor, src: torch.Tensor, tokens: torch.Tensor, header: torch.Tensor,
+                  compact: torch.Tensor, block_tables: torch.Tensor, embed: torch.Tensor | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """merge_pending's ids, and the step's block tables unpacked from compact (header[0] rows of header[1] entries,
+    row after row) into block_tables' first rows; with embed, also the ids' embeddings (else None). Static shapes
+    only (a CUDA graph holds it): every entry of block_tables is rewritten, with itself outside the step's rows and
+    width."""
+    rows, width = block_tables.shape
+    n, w = header[0], header[1]
+    r = torch.arange(rows, device=block_tables.device)[:, None]
+    c = torch.arange(width, device=block_tables.device)[None, :]
+    inside = (r < n) & (c < w)
+    at = torch.where(inside, r * w + c, 0).clamp(max=compact.numel() - 1)
+    block_tables.copy_(torch.where(inside, compact[at], block_tables))
+    ids = merge_pending(input_ids, src, tokens)
+    return ids, None if embed is None else F.embedding(ids, embed)
+
+
 # The ops enable_triton_ops swaps for kernels/elementwise.py's; qk_norm_rope (the fallback attention path) calls
 # rms_norm through this module's globals, so it takes the kernel too. exponential_race (the sampler's filtered path,
 # outside the graphs) stays plain.
-_PLAIN = {name: globals()[name] for name in ("rms_norm", "add_rms_norm", "silu_and_mul", "merge_pending")}
+_PLAIN = {name: globals()[name] for name in ("rms_norm", "add_rms_norm", "silu_and_mul", "merge_pending",
+                                             "decode_inputs")}
 
 
 # Triton kernels that replace small ops on CUDA, set by enable_triton_ops():
 qk_norm_rope_store = None  # q/k RMSNorm + rotary + KV-cache store of a layer in one kernel
 skinny_gemm = None  # nanovllm_ray.kernels.skinny_gemm: decode-sized matmuls where it measured faster than cuBLAS
 gemv = None  # nanovllm_ray.kernels.gemv: small decode batches, with the norm before and SiLU-and-mul after folded in
+store_tokens = None  # a decode graph's sampled tokens written straight into pinned host memory (no plain form)
 
 
 def _on_cuda(kernel, plain):
@@ -76,16 +96,17 @@ def enable_triton_ops(enabled: bool = True, fused_gemv: bool = True, head_dim_su
     """Swap the Triton kernels in (CUDA, with Triton) or back to the plain ops. The element-wise ops take them for
     any shape; the fused q/k norm + rotary + KV store, the skinny GEMM and (fused_gemv) the decode GEMV only where
     the attention kernels tile the model's head_dim (head_dim_supported)."""
-    global qk_norm_rope_store, skinny_gemm, gemv
-    fused = skinny = small = None
+    global qk_norm_rope_store, skinny_gemm, gemv, store_tokens
+    fused = skinny = small = store = None
     globals().update(_PLAIN)
     if enabled:
         from nanovllm_ray.kernels import elementwise
 
         globals().update({name: _on_cuda(getattr(elementwise, name), plain) for name, plain in _PLAIN.items()})
+        store = elementwise.store_tokens
         if head_dim_supported:
             from nanovllm_ray.kernels import skinny_gemm as skinny
             from nanovllm_ray.kernels.qk_norm_rope import qk_norm_rope_store as fused
             if fused_gemv:
                 from nanovllm_ray.kernels import gemv as small
-    qk_norm_rope_store, skinny_gemm, gemv = fused, skinny, small
+    qk_norm_rope_store, skinny_gemm, gemv, store_tokens = fused, skinny, small, store

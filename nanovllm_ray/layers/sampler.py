@@ -72,14 +72,17 @@ def apply_filters(logits: torch.Tensor, t: SamplingTensors) -> torch.Tensor:
     return logits
 
 
-def sample_temperature(logits: torch.Tensor, temperatures: torch.Tensor,
-                       out: torch.Tensor | None = None) -> torch.Tensor:
+def sample_temperature(logits: torch.Tensor, temperatures: torch.Tensor, out: torch.Tensor | None = None,
+                       ring: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """Temperature-only sampling, no CPU sync (safe inside a CUDA graph): argmax where the temperature is 0, else a
-    draw from softmax(logits / T). On CUDA with Triton one kernel reads the logits once; elsewhere torch does it."""
+    draw from softmax(logits / T). On CUDA with Triton one kernel reads the logits once; elsewhere torch does it.
+    ring (header, host ring; CUDA with Triton only): the tokens also go to the ring slot the header names
+    (kernels/elementwise.py, store_tokens)."""
     if logits.is_cuda and HAS_TRITON:
         from nanovllm_ray.kernels.sampling import sample_tokens
 
-        return sample_tokens(logits, temperatures, out=out)
+        return sample_tokens(logits, temperatures, out=out, ring=ring)
+    assert ring is None, "the host ring takes Triton's sampler"
     logits = logits.float()
     temps = temperatures.float()
     drawn = ops.exponential_race(logits, torch.where(temps > 0, temps, 1.0), torch.empty_like(logits).exponential_())

@@ -466,3 +466,47 @@ def test_start_up_compiles_its_kernels_in_the_compile_pass(tiny, monkeypatch):
     params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
     expected = [r.token_ids for r in llm.generate(prompts, params, use_tqdm=False)]
     assert proc.stdout.strip().splitlines()[-1] == str(expected), proc.stdout[-2000:]
+
+
+def test_decode_graph_inputs_and_tokens_ring_in_a_cuda_graph():
+    """A decode graph's first and last kernels, captured and replayed with new inputs copied in: decode_inputs
+    unpacks each replay's block tables (its rows and width from the header) as the plain op does, and store_tokens
+    writes the tokens into the pinned host ring's slot that the header names, readable once the replay is done."""
+    pytest.importorskip("triton")
+    from nanovllm_ray.kernels import elementwise
+    from nanovllm_ray.layers.ops import _PLAIN as plain
+
+    torch.manual_seed(0)
+    bs, max_blocks = 16, 64
+    ids = torch.zeros(bs, dtype=torch.int64, device="cuda")
+    src = torch.full((bs,), -1, dtype=torch.int64, device="cuda")
+    tokens = torch.zeros(bs, dtype=torch.int64, device="cuda")
+    header = torch.zeros(4, dtype=torch.int64, device="cuda")
+    compact = torch.zeros(bs * max_blocks, dtype=torch.int32, device="cuda")
+    tables = torch.zeros(bs, max_blocks, dtype=torch.int32, device="cuda")
+    ring = torch.full((4, 1 + bs), -1, dtype=torch.int64, pin_memory=True)
+
+    def step():
+        merged, _ = elementwise.decode_inputs(ids, src, tokens, header, compact, tables)
+        tokens.copy_(merged * 2)  # stands in for the model and the sampler
+        elementwise.store_tokens(tokens, header, ring)
+
+    step()  # JIT compile outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    for launch, (n, width) in enumerate([(3, 5), (16, 64), (1, 1), (9, 40)], start=1):
+        new_ids = torch.randint(0, 1000, (bs,), device="cuda")
+        new_src = torch.randint(-1, bs, (bs,), device="cuda")
+        step_tables = torch.randint(0, 50_000, (n, width), dtype=torch.int32, device="cuda")
+        want_tables = tables.clone()
+        want_ids, _ = plain["decode_inputs"](new_ids, new_src, tokens, torch.tensor([n, width], device="cuda"),
+                                             step_tables.flatten(), want_tables)
+        ids.copy_(new_ids)
+        src.copy_(new_src)
+        header.copy_(torch.tensor([n, width, launch % 4, launch]))
+        compact[:n * width] = step_tables.flatten()
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(tables, want_tables)
+        assert ring[launch % 4, 0] == launch and ring[launch % 4, 1:].tolist() == (want_ids * 2).tolist()
