@@ -93,7 +93,12 @@ def run_tp(path: str, tp: int, args: argparse.Namespace, prompts: list[list[int]
         if tp > 1:
             allreduce = {b: executor.measure_allreduce(b, 2 * layers + 1) * 1e3 for b in (1, batch)}
         stats = engine.stats()
-        row = {"tp": tp, "output_tokens": generated, "seconds": round(seconds, 3),
+        path_taken = None
+        if tp > 1:
+            import ray
+
+            path_taken = ray.get(executor.workers[0].__ray_call__.remote(lambda w: w.all_reduce_path))
+        row = {"tp": tp, "all_reduce_path": path_taken, "output_tokens": generated, "seconds": round(seconds, 3),
                "tokens_per_s": round(generated / seconds, 1),
                "tpot_b1_ms": round(tpot * 1e3, 3), "graph_b1_ms": round(graph_b1 * 1e3, 3),
                "allreduce_b1_ms": round(allreduce[1], 3),
