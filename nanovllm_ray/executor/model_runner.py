@@ -91,8 +91,10 @@ class ModelRunner:
         self.prev_sampled = torch.zeros(0, dtype=torch.int64, device=self.device)  # last step's sampled tokens
         self.prev_in_graph = False  # prev_sampled is the decode graphs' own token buffer
         self.prev_rows = 0  # rows the previous step sampled (on every rank)
-        if self.device.type == "cuda" and self.world_size == 1 and importlib.util.find_spec("triton") is not None:
-            self._compile_kernels()  # one rank: with several, the pass's collectives have not run on GPUs yet
+        if self.device.type == "cuda" and importlib.util.find_spec("triton") is not None:
+            # With several ranks every rank walks the same steps, so the collectives in them (NCCL, and the sentinel
+            # all-reduce, which launches for real in the pass) meet in the same order.
+            self._compile_kernels()
         self.num_kv_blocks = self._allocate_kv_cache()
         self.clock.done("KV cache sized", f"{self.num_kv_blocks} blocks")
         if not defer_graphs:
