@@ -10,8 +10,8 @@ those steps once compiling only, then runs them for real, and each kernel is fou
 
 A step run under compile_only() computes garbage: the outputs of the kernels it skipped are left as allocated. Code
 that feeds a kernel's output to an indexing op asks compiling() and hands on something valid instead (see
-elementwise.merge_pending). Kernels whose skipping would break state across calls (the Lamport all-reduce's
-buffers) launch with their plain `kernel[grid]`, so they run (compiled in turn) in that pass too.
+elementwise.merge_pending and decode_inputs). Kernels whose skipping would break state across calls (the Lamport
+all-reduce's buffers) launch with their plain `kernel[grid]`, so they run (compiled in turn) in that pass too.
 """
 
 from __future__ import annotations
