@@ -107,12 +107,29 @@ def _merge_pending_kernel(
         pdl.wait()
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
+    tl.store(out_ptr + offs, _merged_ids(ids_ptr, src_ptr, tokens_ptr, offs, mask, out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _merged_ids(ids_ptr, src_ptr, tokens_ptr, offs, mask, out_ty: tl.constexpr):
+    """ids[offs], or tokens[src[offs]] where src[offs] >= 0 (the tokens sampled on the device), as out_ty."""
     src = tl.load(src_ptr + offs, mask=mask, other=-1)
     pending = src >= 0
     tok = tl.load(tokens_ptr + tl.maximum(src, 0), mask=mask & pending, other=0)
     ids = tl.load(ids_ptr + offs, mask=mask & ~pending, other=0)
-    out_ty = out_ptr.dtype.element_ty
-    tl.store(out_ptr + offs, tl.where(pending, tok.to(out_ty), ids.to(out_ty)), mask=mask)
+    return tl.where(pending, tok.to(out_ty), ids.to(out_ty))
+
+
+@triton.jit
+def ring_slot(ring_ptr, header_ptr, width):
+    """Where a decode graph's tokens go in the host ring ([slots, width] int64): the row of the slot its header
+    ([rows, table width, slot, launch number]) names; its first entry takes the launch number, the tokens follow."""
+    return ring_ptr + tl.load(header_ptr + 2) * width
+
+
+@triton.jit
+def ring_launch(header_ptr):
+    return tl.load(header_ptr + 3)
 
 
 @triton.jit
@@ -136,11 +153,7 @@ def _decode_inputs_kernel(
     if PDL:
         pdl.wait()
     r = tl.program_id(0)
-    src = tl.load(src_ptr + r)
-    tok = tl.load(tokens_ptr + tl.maximum(src, 0))
-    ids = tl.load(ids_ptr + r)
-    out_ty = out_ptr.dtype.element_ty
-    merged = tl.where(src >= 0, tok.to(out_ty), ids.to(out_ty))
+    merged = _merged_ids(ids_ptr, src_ptr, tokens_ptr, r, r >= 0, out_ptr.dtype.element_ty)
     tl.store(out_ptr + r, merged)
     if EMBED:
         for h0 in tl.static_range(0, H, BLOCK_H):
@@ -170,9 +183,8 @@ def _store_tokens_kernel(
 ):
     if PDL:
         pdl.wait()
-    slot = tl.load(header_ptr + 2)
-    row = ring_ptr + slot * width
-    tl.store(row, tl.load(header_ptr + 3))
+    row = ring_slot(ring_ptr, header_ptr, width)
+    tl.store(row, ring_launch(header_ptr))
     for start in range(0, bs, BLOCK):
         offs = start + tl.arange(0, BLOCK)
         mask = offs < bs

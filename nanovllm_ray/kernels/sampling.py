@@ -14,6 +14,7 @@ import triton
 import triton.language as tl
 
 from nanovllm_ray.kernels import jit, pdl
+from nanovllm_ray.kernels.elementwise import ring_launch, ring_slot
 
 _SEEDS: dict[torch.device, torch.Tensor] = {}
 BLOCK = 1024
@@ -97,10 +98,10 @@ def _final_argmax_kernel(part_val_ptr, part_idx_ptr, out_ptr, out_val_ptr, seed_
     idx = tl.load(part_idx_ptr + row * num_chunks + best)
     tl.store(out_ptr + row, idx.to(out_ptr.dtype.element_ty))
     if RING:  # the token straight into the host's ring slot too (elementwise.store_tokens, fused)
-        slot_row = ring_ptr + tl.load(header_ptr + 2) * ring_width
+        slot_row = ring_slot(ring_ptr, header_ptr, ring_width)
         tl.store(slot_row + 1 + row, idx.to(tl.int64))
         if row == 0:
-            tl.store(slot_row, tl.load(header_ptr + 3))
+            tl.store(slot_row, ring_launch(header_ptr))
     if WRITE_VAL:  # the winning score, for a merge across vocabulary slices
         tl.store(out_val_ptr + row, tl.max(val, axis=0).to(out_val_ptr.dtype.element_ty))
     if row == 0:  # every program of the first kernel has read the seed by now (stream order)
