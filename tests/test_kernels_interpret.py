@@ -147,6 +147,10 @@ def test_decode_plan():
     assert plan[0] == 64 and plan[1] == 10 and len(plan) == paged_attention.plan_size(1, 8, cpu)
     assert paged_attention.decode_plan([3500], 8, cpu)[0] == 256  # 14 chunks, not more than 16
     assert paged_attention.decode_plan([50], 8, cpu)[1] == 1
+    # and no more than ~4 programs a SM (132 SMs on the CPU): batch 8 of 640 tokens, 66 chunks a kv head at most
+    eight = paged_attention.decode_plan([640] * 8, 8, cpu)
+    assert eight[0] == 128 and eight[1] == 40
+    assert paged_attention.decode_plan([640] * 4, 8, cpu)[0] == 64  # batch 4 keeps one-tile chunks
     # Many sequences of even length run unsplit; a long one among them is cut into chunks of about the mean.
     even = paged_attention.decode_plan([640] * 128, 8, cpu)
     assert even[0] == 640 and even[1] == 128

@@ -36,7 +36,9 @@ LOG2E = 1.4426950408889634
 # attention, bf16, 28 layers' caches in one CUDA graph (benchmarks/kernel_bench.py --plan):
 # - up to SMALL_PROGRAMS pairs (batch 1-8 of 8 kv heads): MAX_SPLITS chunks a sequence on average, one 64-token tile
 #   at least, whose tile is loaded ahead of the programmatic wait, with num_stages 1 (a one-tile program has no loop
-#   to pipeline; 3 stages cost occupancy): batch 1 / 8 at 640 tokens 6.14 / 12.36 -> 5.30 / 11.25 us a layer.
+#   to pipeline; 3 stages cost occupancy): batch 1 / 8 at 640 tokens 6.14 / 12.36 -> 5.30 / 11.25 us a layer. No
+#   more chunks than for about 4 programs a SM, as below: batch 8 at ~600 tokens took 80 one-tile chunks a kv head
+#   and now 40 of two tiles (TPOT 1.287 -> 1.200 ms; 8 chunks a sequence at batch 1-4 lost: 0.750 -> 0.826 at batch 1).
 # - below 1.5 pairs a SM: chunks for about 4 programs a SM (tuned on H100).
 # - from 1.5 pairs a SM: chunks of about the mean length, so that sequences of even length run unsplit and longer ones
 #   are cut; from more than 4 pairs a SM (one wave of 64-token programs, 128 registers: 4 a SM), 128-token tiles (168
@@ -311,7 +313,7 @@ def _plan_target(num_seqs: int, num_kv_heads: int, device: torch.device) -> tupl
     """(chunks a plan aims at, chunk granularity in tokens) for num_seqs rows: the regimes above."""
     pairs, sms = num_seqs * num_kv_heads, _sm_count(device)
     if pairs <= SMALL_PROGRAMS:
-        return num_seqs * MAX_SPLITS, MIN_CHUNK
+        return min(num_seqs * MAX_SPLITS, triton.cdiv(4 * sms, num_kv_heads)), MIN_CHUNK
     if 2 * pairs < 3 * sms:
         return triton.cdiv(4 * sms, num_kv_heads), MIN_CHUNK
     return num_seqs, 2 * MIN_CHUNK if pairs > 4 * sms else MIN_CHUNK
