@@ -312,10 +312,11 @@ def _sm_count(device: torch.device) -> int:
 def _plan_target(num_seqs: int, num_kv_heads: int, device: torch.device) -> tuple[int, int]:
     """(chunks a plan aims at, chunk granularity in tokens) for num_seqs rows: the regimes above."""
     pairs, sms = num_seqs * num_kv_heads, _sm_count(device)
+    spread = triton.cdiv(4 * sms, num_kv_heads)  # chunks a kv head for about 4 programs a SM
     if pairs <= SMALL_PROGRAMS:
-        return min(num_seqs * MAX_SPLITS, triton.cdiv(4 * sms, num_kv_heads)), MIN_CHUNK
+        return min(num_seqs * MAX_SPLITS, spread), MIN_CHUNK
     if 2 * pairs < 3 * sms:
-        return triton.cdiv(4 * sms, num_kv_heads), MIN_CHUNK
+        return spread, MIN_CHUNK
     return num_seqs, 2 * MIN_CHUNK if pairs > 4 * sms else MIN_CHUNK
 
 
