@@ -180,6 +180,10 @@ def test_gemv_takes_small_batches_of_small_half_precision_weights():
     assert gemv.supports(1, 3072, 4096, torch.bfloat16) and gemv.supports(1, 4096, 2048, torch.bfloat16)
     assert gemv.config(3072, 4096) == gemv.config(4096, 2048) == gemv.LARGE_CONFIG
     assert gemv.config(4096, 1024) != gemv.LARGE_CONFIG  # qwen3-0.6b's QKV (8 MiB): the tuned small tiles
+    # its o_proj, gate/up and down: each program's whole W slice in one tile; past MAX_ONE_TILE_K, tiles of K
+    assert [gemv.config(*shape)["BLOCK_K"] for shape in ((1024, 2048), (3072, 1024, True), (1024, 3072))] == [
+        2048, 1024, 4096]
+    assert gemv.config(2048, 6144)["BLOCK_K"] == 1024
 
 
 # The element-wise kernels (kernels/elementwise.py) against the plain ops. fp32 matches up to the order of the sum of

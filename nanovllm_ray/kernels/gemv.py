@@ -50,6 +50,7 @@ LARGE_WEIGHT_BYTES = 16 * 2**20  # and above: LARGE_CONFIG
 MAX_ROWS = 4  # rows a call takes at most (more: cuBLAS / the skinny GEMM); see ROWS_TUNED
 MAX_ROWS_WEIGHT_BYTES = 16 * 2**20  # weights of this size and above take cuBLAS at more than one row
 LARGE_CONFIG = dict(BLOCK_N=4, BLOCK_K=1024, num_warps=4, num_stages=1, PREFETCH=False)  # the sweep's best for each
+MAX_ONE_TILE_K = 4096  # config: a 4-row W slice of up to this many columns in one tile (8 warps: 114 registers)
 
 
 @triton.jit
@@ -274,16 +275,21 @@ def _gemv_rows_kernel(
 
 
 def config(N: int, K: int, silu_mul: bool = False) -> dict:
-    """Tile sizes, from benchmarks/gemv_bench.py --sweep on an H200 (qwen3-0.6b's projections, 2026-11-30): thin W
-    slices (4-8 rows: 256-768 programs for N = 1024-3072) over K tiles of up to 1024 columns, so that each program
-    has its whole slice, or much of it, in flight at once; the bulk L2 prefetch pays where K takes several tiles.
-    QKV 3.8 us, o_proj 2.6, gate/up 5.1, down 3.6, against cuBLAS's 5.2, 12.7, 5.9, 6.7 (graph-replayed over 28
-    distinct weights, as programmatic dependents)."""
-    if silu_mul:  # two W tiles at once
-        return dict(BLOCK_N=4, BLOCK_K=min(256, triton.next_power_of_2(K)), num_warps=2, num_stages=1, PREFETCH=True)
-    if N * K * 2 >= LARGE_WEIGHT_BYTES and K >= 1024:
+    """Tile sizes: thin W slices (4-8 rows: 256-768 programs for N = 1024-3072), each program's whole slice in one
+    tile up to K = MAX_ONE_TILE_K, so that all of it is loaded before the programmatic wait and a program makes one
+    pass after it. Timed in the decode step (latency.py, qwen3-0.6b batch 1, H200, 2026-12-01): o_proj, gate/up and
+    down as one 8-warp tile each took TPOT from 0.753 to 0.723 ms, against the tiles benchmarks/gemv_bench.py --sweep
+    found fastest for each projection alone (K tiles of 256-1024 with an L2 prefetch: 0.753). Each of the three alone
+    in one tile, or any two, measured 0.746-0.883 ms: the tiles interact through the programs that wait on the SMs.
+    The QKV projection keeps the sweep's tile (8 rows, its K of 1024 in one tile, 2 warps)."""
+    if N * K * 2 >= LARGE_WEIGHT_BYTES and K >= 1024 and not silu_mul:
         return dict(LARGE_CONFIG)
-    block_k = min(1024, triton.next_power_of_2(K))
+    block_k = triton.next_power_of_2(K)
+    if block_k <= MAX_ONE_TILE_K and (silu_mul or K > 1024):
+        return dict(BLOCK_N=4, BLOCK_K=block_k, num_warps=8, num_stages=1, PREFETCH=False)
+    if silu_mul:  # two W tiles at once
+        return dict(BLOCK_N=4, BLOCK_K=min(256, block_k), num_warps=2, num_stages=1, PREFETCH=True)
+    block_k = min(1024, block_k)
     return dict(BLOCK_N=8 if N >= 3072 else 4, BLOCK_K=block_k, num_warps=2 if K <= 1024 else 4, num_stages=1,
                 PREFETCH=K > block_k)
 
