@@ -13,12 +13,12 @@ four projections are four launches of one kernel and nothing else runs between t
 - No split-K: one program a BLOCK_N slice of W's rows over all of K (fp32 FMAs, so slices as thin as 4 rows and
   256 programs even for N = 1024), so no combine kernel.
 - PDL (Hopper and later, programmatic dependent launch): the kernel is launched as a dependent of the kernel before
-  it and starts while that one runs; before it waits for that kernel's end (gdc_wait) it asks for its whole W slice
-  to be brought into L2 (one bulk prefetch per thread) and loads its first W tile, so the weight read from HBM
-  overlaps the previous kernel. Once past its wait, a program lets the next kernel launch
-  (gdc_launch_dependents): so at most one kernel ahead prefetches (triggered at the start, a chain of them filled
-  the SMs and L2 with prefetches: 50 us a layer instead of 31). Each PDL kernel waits before it reads x or writes
-  anything, so the results follow the stream's order.
+  it and starts while that one runs; before it waits for that kernel's end (gdc_wait) it loads its first W tile
+  (config gives most projections their whole slice in that one tile) or asks for the slice to be brought into L2
+  (one bulk prefetch per thread), so the weight read from HBM overlaps the previous kernel. Once past its wait, a
+  program lets the next kernel launch (gdc_launch_dependents): so at most one kernel ahead loads (triggered at the
+  start, a chain of them filled the SMs and L2 with prefetches: 50 us a layer instead of 31). Each PDL kernel waits
+  before it reads x or writes anything, so the results follow the stream's order.
 
 Rounding follows the unfused ops (ops.add_rms_norm, ops.silu_and_mul): the residual sum is rounded to the model dtype,
 so are the normalised value before the weight multiplies it, the product, the gate and up values and silu(gate).
