@@ -41,15 +41,10 @@ def time_added(events: list[tuple[float, float, str]]) -> tuple[dict[str, float]
     return dict(added), idle
 
 
-def time_added_rows(run, reps: int = 5, rows: int = 12) -> list[dict]:
-    """time_added over `reps` calls of `run` (torch.profiler's CUDA events), per call, costliest first."""
-    import torch
+def time_added_rows(prof, reps: int, rows: int = 12) -> list[dict]:
+    """time_added of a torch.profiler record of `reps` calls (its CUDA events), per call, costliest first."""
     from torch.autograd import DeviceType
 
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        for _ in range(reps):
-            run()
-        torch.cuda.synchronize()
     events = [(e.time_range.start, e.time_range.end, e.name) for e in prof.events() if e.device_type == DeviceType.CUDA]
     added, idle = time_added(events)
     counts: dict[str, int] = defaultdict(int)
@@ -96,7 +91,7 @@ def main() -> None:
     import torch
 
     from nanovllm_ray import LLM, SamplingParams
-    from nanovllm_ray.executor.model_runner import cuda_kernel_table
+    from nanovllm_ray.executor.model_runner import cuda_kernel_table, profile_cuda
 
     kernel_kwargs = apply_kernel_flags(args)  # the engine runs in this process on one GPU
     llm = LLM(demo_checkpoint(args.shape, args.model), max_model_len=4096, async_scheduling=not args.sync,
@@ -134,9 +129,10 @@ def main() -> None:
         row.update({f"{k}_ms": v / args.steps * 1e3 for k, v in acc.items()})
         rows.append(row)
         if cuda:
-            table = cuda_kernel_table(engine.step, rows=12)
+            prof = profile_cuda(engine.step, reps=5)  # one record for both tables
+            table = cuda_kernel_table(prof, rows=12)
             print(f"\n--- batch {bs}: top kernels over 5 steps ---\n{table}")
-            added = time_added_rows(engine.step)
+            added = time_added_rows(prof, reps=5)
             print(f"\n--- batch {bs}: time each kernel adds to a step (us) ---")
             print_table(added)
             kernels[bs] = {"table": table, "time_added": added}

@@ -43,12 +43,17 @@ def resolve_dtype(config: Config, device: torch.device) -> torch.dtype:
     return torch.float32 if device.type == "cpu" else dtype
 
 
-def cuda_kernel_table(run, reps: int = 5, rows: int = 25) -> str:
-    """torch.profiler's table of the CUDA kernels that `reps` calls of `run` launch, costliest first."""
+def profile_cuda(run, reps: int = 5) -> torch.profiler.profile:
+    """torch.profiler's record of the CUDA work that `reps` calls of `run` launch."""
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         for _ in range(reps):
             run()
         torch.cuda.synchronize()
+    return prof
+
+
+def cuda_kernel_table(prof: torch.profiler.profile, rows: int = 25) -> str:
+    """The table of a profile_cuda record's kernels, costliest first."""
     return prof.key_averages().table(sort_by="cuda_time_total", row_limit=rows)
 
 
@@ -416,7 +421,7 @@ class ModelRunner:
             graph.replay()
         torch.cuda.synchronize()
         seconds = (time.perf_counter() - t) / iters
-        table = cuda_kernel_table(graph.replay) if profile else ""
+        table = cuda_kernel_table(profile_cuda(graph.replay)) if profile else ""
         self.prev_in_graph = False
         return seconds, table
 
