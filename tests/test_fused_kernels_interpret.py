@@ -43,6 +43,32 @@ def test_draws_follow_softmax_of_scaled_logits():
     assert torch.allclose(freq, probs, atol=0.02), freq
 
 
+def test_gumbel_noise_keeps_its_precision_in_the_winning_tail():
+    """_gumbel(bits) is -log(-log(1 - v)), v = (bits + 1/2) / 2^32, against float64 over the whole range of bits:
+    the largest draws (v near 0, where the sampled token comes from) through the series, the rest through the log.
+    (The interpreter's log is exact where CUDA's lg2.approx is not; tests/gpu/test_fused_gpu.py checks the draws.)"""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def noise(bits_ptr, out_ptr, BLOCK: tl.constexpr):
+        i = tl.arange(0, BLOCK)
+        tl.store(out_ptr + i, sampling._gumbel(tl.load(bits_ptr + i)))
+
+    small = [0, 1, 7, 2**10, 2**16, 2**20, 2**24, 2**25 - 1, 2**25, 2**25 + 1]  # v = 2^-7 is 2^25
+    big = [2**31, 3 * 2**30, 2**32 - 2**20, 2**32 - 256, 2**32 - 1]
+    bits = small + big + torch.randint(0, 2**32, (128 - len(small) - len(big),), dtype=torch.int64).tolist()
+    out = torch.empty(128)
+    noise[(1,)](torch.tensor(bits, dtype=torch.int64).to(torch.uint32), out, BLOCK=128)
+    v = (torch.tensor(bits, dtype=torch.float64) + 0.5) / 2**32
+    ref = -torch.log(-torch.log1p(-v))
+    # 1 - v loses its precision in float32 where v nears 1: E above 4.5, draws that lose (1 in 90), or -inf at the end
+    upper = ref > -1.5
+    assert torch.allclose(out[upper].double(), ref[upper], rtol=0, atol=1e-5), (out - ref)[upper].abs().max()
+    assert ((out[~upper] < -1.4) & ((out[~upper] - ref[~upper]).abs() < 1e-3) | (out[~upper] == float("-inf"))).all()
+    assert out.max() > 22  # bits 0: E = 2^-33, finer than a float uniform's 2^-24 steps
+
+
 def test_vocabulary_slices_at_any_offset_draw_the_whole_vocabulary_token():
     """A token's noise is keyed by its row and id (Philox's four numbers go to an aligned group of four ids), so
     slices cut anywhere, not at multiples of four, merge to the whole vocabulary's draw."""

@@ -43,6 +43,18 @@ def test_draws_follow_softmax(sampling):
     assert torch.allclose(freq, probs, atol=0.015), freq.tolist()
 
 
+def test_equal_logits_draw_every_token_alike(sampling):
+    """With the whole vocabulary at one logit, the winner is the token of the largest noise draw of 151,936: the tail
+    of _gumbel. Its id must be uniform over the vocabulary and over the four Philox lanes."""
+    rows, vocab = 20000, 151936
+    tokens = sampling.sample_tokens(torch.zeros(rows, vocab, device="cuda", dtype=torch.bfloat16),
+                                    torch.full((rows,), 0.8, device="cuda"))
+    quarters = torch.bincount(tokens * 4 // vocab, minlength=4).float() / rows
+    lanes = torch.bincount(tokens % 4, minlength=4).float() / rows
+    assert torch.allclose(quarters, torch.full((4,), 0.25, device="cuda"), atol=0.015), quarters
+    assert torch.allclose(lanes, torch.full((4,), 0.25, device="cuda"), atol=0.015), lanes
+
+
 def test_replays_in_a_cuda_graph_with_fresh_noise(sampling):
     logits = torch.zeros(64, 151936, device="cuda", dtype=torch.bfloat16)
     temps = torch.ones(64, device="cuda", dtype=torch.float64)
