@@ -7,7 +7,7 @@ the measured copy bandwidth):
 - unfused: the Triton add + RMSNorm (kernels/elementwise.py), cuBLAS or the skinny GEMM (layers/linear.py's
   choice), the Triton SiLU-and-mul: the engine's path for batches the fused GEMV does not take;
 - gemv: the engine's choice: the fused kernel where gemv.supports the projection at the batch's rows (every
-  projection at 1 row; at 2-8 rows those of ROWS_TUNED), else the unfused ops; plain launches;
+  projection at 1 row; at 2-8 rows those whose slices fit one tile), else the unfused ops; plain launches;
 - gemv+pdl: the same as programmatic dependents (Hopper+), each prefetching its weights into L2 while the kernel
   before it finishes.
 
@@ -37,12 +37,12 @@ from benchmarks.common import device_name, measure_bandwidth, print_table, time_
 SHAPES = {"0.6b": (1024, 2048, 1024, 3072), "8b": (4096, 4096, 1024, 12288), "8b-tp2": (4096, 2048, 512, 6144)}
 SWEEP = [dict(BLOCK_N=n, BLOCK_K=k, num_warps=w, num_stages=1, PREFETCH=p)
          for n, k, w, p in itertools.product((4, 8, 16), (256, 512, 1024), (2, 4), (True, False))]
-# 2-16 rows (_gemv_rows_kernel): fp32 FMAs over thin slices, and tensor cores over slices of 16 and 32 rows
-ROWS_SWEEP = ([dict(DOT=False, BLOCK_N=n, BLOCK_K=k, num_warps=w, num_stages=1)
-               for n, k, w in itertools.product((2, 4, 8), (64, 128, 256), (2, 4))]
-              + [dict(DOT=True, BLOCK_N=n, BLOCK_K=k, num_warps=4, num_stages=1) for n, k in ((16, 256), (16, 512),
-                                                                                               (32, 256))])
-FMA_ACC_PER_THREAD = 64  # the FMA configs' [BLOCK_N, BLOCK_M, BLOCK_K] accumulator, fp32 a thread: more spills
+
+
+def rows_sweep(K: int) -> list[dict]:
+    """2-8 rows (_gemv_rows_kernel): W slices of 2-16 rows, each whole in one tile, over 2-8 warps."""
+    return [dict(BLOCK_N=n, BLOCK_K=triton.next_power_of_2(K), num_warps=w, num_stages=1)
+            for n, w in itertools.product((2, 4, 8, 16), (2, 4, 8))]
 
 
 def make_layers(hidden: int, q: int, kv: int, inter: int, layers: int, dtype: torch.dtype) -> list[dict]:
@@ -99,9 +99,7 @@ def sweep(layers: list[dict], hidden: int, dtype: torch.dtype, gemv, linear, ban
         base = per_call_us(linear, x, weights)
         results = []
         silu = kwargs.get("silu_mul", False)
-        configs = SWEEP if M == 1 else [
-            c for c in ROWS_SWEEP if c["DOT"] or (c["BLOCK_N"] * gemv.rows_block(M, False) * c["BLOCK_K"]
-                                                  * (2 if silu else 1) <= FMA_ACC_PER_THREAD * 32 * c["num_warps"])]
+        configs = SWEEP if M == 1 else rows_sweep(x.shape[1])
         for cfg in configs:
             try:
                 us = per_call_us(functools.partial(gemv.gemv, config_override=cfg, **kwargs), x, weights)
@@ -110,8 +108,8 @@ def sweep(layers: list[dict], hidden: int, dtype: torch.dtype, gemv, linear, ban
                 continue
             results.append((us, cfg))
         results.sort(key=lambda r: r[0])
-        rows, K = weights[0].shape
-        default = gemv.config(rows // (2 if silu else 1), K, silu) if M == 1 else gemv.rows_config(rows, K, M)
+        w_rows, K = weights[0].shape
+        default = (gemv.config if M == 1 else gemv.rows_config)(w_rows // (2 if silu else 1), K, silu)
         default_us = next((us for us, cfg in results if cfg == default), float("nan"))
         best_us, best = results[0]
         rows.append({"rows": M, "projection": name, "linear_us": base, "gemv_default_us": default_us,
@@ -206,7 +204,7 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=28)
     ap.add_argument("--rows", default="1", help="batch rows to time the layer at, comma-separated")
     ap.add_argument("--sweep", default="", help="also time other tile configs (gemv+pdl) at these rows, "
-                    "comma-separated (1: _gemv_kernel's, 2-16: _gemv_rows_kernel's)")
+                    "comma-separated (1: _gemv_kernel's, 2-8: _gemv_rows_kernel's)")
     ap.add_argument("--skinny", default="", help="sweep the skinny GEMM's tiles at these rows (5 and up), "
                     "comma-separated, and time the layer with each projection's best beside the unfused one")
     ap.add_argument("--tag", default="")
@@ -223,7 +221,7 @@ def main() -> None:
     layers = make_layers(hidden, q, kv, inter, args.layers, dtype)
     # The kernel on every projection, whatever size the engine's cap (gemv.MAX_WEIGHT_BYTES) leaves to cuBLAS.
     cap = max(t.numel() * t.element_size() for t in layers[0].values()) + 1
-    gemv.MAX_WEIGHT_BYTES = gemv.MAX_ROWS_WEIGHT_BYTES = cap  # still only where ROWS_TUNED says, at 2-8 rows
+    gemv.MAX_WEIGHT_BYTES = gemv.MAX_ROWS_WEIGHT_BYTES = cap  # still only one-tile slices at 2-8 rows
     layer_bytes = sum(t.numel() * t.element_size() for k, t in layers[0].items() if not k.startswith("n"))
     bandwidth = measure_bandwidth()
     floor_us = layer_bytes / bandwidth * 1e6

@@ -23,12 +23,14 @@ four projections are four launches of one kernel and nothing else runs between t
 Rounding follows the unfused ops (ops.add_rms_norm, ops.silu_and_mul): the residual sum is rounded to the model dtype,
 so are the normalised value before the weight multiplies it, the product, the gate and up values and silu(gate).
 
-2-4 rows (_gemv_rows_kernel): the same slices, fusions, prefetch and roundings, with each W tile used for every row:
-fp32 FMAs into a [BLOCK_N, rows, BLOCK_K] accumulator summed over K once at the end (thin slices), or tl.dot with W
-as the left operand and the rows padded to 16 (slices of 16-32 rows). Per projection and row count ROWS_TUNED says
-which, or cuBLAS where that measured faster. At 2 rows the step is 20% shorter (qwen3-0.6b, H200: TPOT 1.430 ->
-1.148 ms), at 4 12% (1.410 -> 1.247); at 5-8 rows cuBLAS with the separate kernels stayed faster (a layer's
-projections 30.9 against 28.8 us at 8), and 5 rows and up take layers/linear.py's GEMMs.
+2-4 rows (_gemv_rows_kernel): the one-row kernel's tiles where they hold a program's whole W slice (every qwen3-0.6b
+projection), the slice loaded before the wait as there, then used from registers for one row after another, each
+with the one-row kernel's norm, product and roundings. Timed in the step (latency.py, qwen3-0.6b, H200, 2026-12-01):
+batch-2 TPOT 1.086 -> 0.843-0.846 ms, batch 4 1.214 -> 1.180-1.197, against the kernel before (K tiles of 256 with a
+[slice, rows, K tile] FMA accumulator, or tl.dot over 16-32 row slices). A row costs about 1.5 us a projection after
+the wait (its reductions and the layout change of x, one row after another): 8 rows took 1.91 ms against 1.20 for
+the skinny GEMM with the separate norm and SiLU kernels, and all rows at once as a [slice, rows, K] product 1.96-2.39
+ms, so 5 rows and up take layers/linear.py's GEMMs.
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ DTYPES = (torch.bfloat16, torch.float16)
 # MiB) 14.4 against 16.3 and gate/up 29.2 against 27.1 stay on cuBLAS, as does every tp=1 projection.
 MAX_WEIGHT_BYTES = 32 * 2**20
 LARGE_WEIGHT_BYTES = 16 * 2**20  # and above: LARGE_CONFIG
-MAX_ROWS = 4  # rows a call takes at most (more: cuBLAS / the skinny GEMM); see ROWS_TUNED
+MAX_ROWS = 4  # rows a call takes at most (more: cuBLAS / the skinny GEMM)
 MAX_ROWS_WEIGHT_BYTES = 16 * 2**20  # weights of this size and above take cuBLAS at more than one row
 LARGE_CONFIG = dict(BLOCK_N=4, BLOCK_K=1024, num_warps=4, num_stages=1, PREFETCH=False)  # the sweep's best for each
 MAX_ONE_TILE_K = 4096  # config: a W slice of up to this many columns in one tile (8 warps: 114-128 registers)
@@ -107,9 +109,14 @@ def _input(x_ptr, res_ptr, nw_ptr, offs, k, kmask, mask, rstd, NORM: tl.constexp
         h = (h.to(tl.float32) + tl.load(res_ptr + offs, mask=mask, other=0.0).to(tl.float32)).to(dtype)
     x = h
     if NORM:
-        nw = tl.load(nw_ptr + k, mask=kmask, other=0.0).to(tl.float32)
-        x = ((h.to(tl.float32) * rstd).to(dtype).to(tl.float32) * nw).to(dtype)
+        x = _normed(h, rstd, tl.load(nw_ptr + k, mask=kmask, other=0.0), dtype)
     return x, h
+
+
+@triton.jit
+def _normed(h, rstd, nw, dtype: tl.constexpr):
+    """RMSNorm of the row h (model dtype) from its 1 / rms and the norm weight, rounded as ops.rms_norm rounds."""
+    return ((h.to(tl.float32) * rstd).to(dtype).to(tl.float32) * nw.to(tl.float32)).to(dtype)
 
 
 @triton.jit
@@ -198,80 +205,42 @@ def _gemv_rows_kernel(
     NORM: tl.constexpr,
     ADD: tl.constexpr,
     SILU_MUL: tl.constexpr,
-    PDL: tl.constexpr,  # launched as a programmatic dependent, bringing its W slice into L2 before the wait
-    DOT: tl.constexpr,  # tensor cores (tl.dot); else fp32 FMAs
-    BLOCK_M: tl.constexpr,  # M padded to a power of two (DOT: to tl.dot's 16)
+    PDL: tl.constexpr,
+    ROWS: tl.constexpr,  # M rounded up to a power of two: the rows loop is unrolled
     BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    NUM_THREADS: tl.constexpr,
-    ELEM_BYTES: tl.constexpr,
+    BLOCK_K: tl.constexpr,  # >= K: the program's whole W slice is one tile
 ):
-    """_gemv_kernel for a few rows (2-4 in the engine): the same slices, fusions and roundings, each W tile used for
-    every row: fp32 FMAs into acc3 [BLOCK_N, BLOCK_M, BLOCK_K], summed over K once after the loop, or (DOT) tensor
-    cores with W as the left operand (W slice [BLOCK_N, BLOCK_K] x x^T [BLOCK_K, BLOCK_M]), so that the batch pads
-    only the small side."""
+    """_gemv_kernel for a few rows (2-4 in the engine) with its tiles, when they hold the whole W slice: loaded before
+    the programmatic wait, then used from registers for each row in turn; per row the same norm, product, reductions
+    and roundings as _gemv_kernel's one tile, so every row's result equals that kernel's on the row alone."""
     pid = tl.program_id(0)
     dtype = w_ptr.dtype.element_ty
-    n0 = pid * BLOCK_N
-    rn = n0 + tl.arange(0, BLOCK_N)
-    rm = tl.arange(0, BLOCK_M)[:, None]  # [BLOCK_M, 1]
-    rk = tl.arange(0, BLOCK_K)[None, :]  # [1, BLOCK_K]
-    w_rows = w_ptr + (rn % N).to(tl.int64)[:, None] * K  # W rows past N read a valid row, never stored
-    u_rows = w_ptr + (rn % N + N).to(tl.int64)[:, None] * K
-    if PDL:
-        _prefetch_slice(w_ptr, n0, N, K, BLOCK_N, SILU_MUL, NUM_THREADS, ELEM_BYTES)
-    # The first W tile before the wait; each later one is loaded a tile ahead of its product.
-    w = tl.load(w_rows + rk, mask=rk < K, other=0.0)
+    rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    kmask = rk < K
+    w = tl.load(w_ptr + (rn % N).to(tl.int64)[:, None] * K + rk[None, :], mask=kmask[None, :], other=0.0)
     u = w
     if SILU_MUL:
-        u = tl.load(u_rows + rk, mask=rk < K, other=0.0)
+        u = tl.load(w_ptr + (rn % N + N).to(tl.int64)[:, None] * K + rk[None, :], mask=kmask[None, :], other=0.0)
     if PDL:
         pdl.wait()
-
-    rstd = tl.zeros([BLOCK_M, 1], dtype=tl.float32)
-    if NORM:  # every row's sum of squares first
-        ss = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
-        for k in range(0, K, BLOCK_K):
-            cols = k + rk
-            _, h = _input(x_ptr, res_ptr, nw_ptr, rm * K + cols, cols, cols < K, (rm < M) & (cols < K), rstd, False,
-                          ADD)
-            h = h.to(tl.float32)
-            ss += h * h
-        rstd = tl.rsqrt(tl.sum(ss, axis=1) / K + eps)[:, None]
-
-    acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
-    acc_up = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
-    acc3 = tl.zeros([BLOCK_N, BLOCK_M, BLOCK_K if not DOT else 1], dtype=tl.float32)  # FMAs: reduced at the end
-    up3 = tl.zeros([BLOCK_N, BLOCK_M, BLOCK_K if not DOT else 1], dtype=tl.float32)
-    for k in range(0, K, BLOCK_K):
-        cols = k + rk
-        w_next = tl.load(w_rows + cols + BLOCK_K, mask=cols + BLOCK_K < K, other=0.0)  # past K: no traffic
-        u_next = w_next
-        if SILU_MUL:
-            u_next = tl.load(u_rows + cols + BLOCK_K, mask=cols + BLOCK_K < K, other=0.0)
-        mask = (rm < M) & (cols < K)
-        x, h = _input(x_ptr, res_ptr, nw_ptr, rm * K + cols, cols, cols < K, mask, rstd, NORM, ADD)
+    nw = tl.load(nw_ptr + rk, mask=kmask, other=0.0) if NORM else None
+    for m in tl.static_range(ROWS):
+        mask = kmask & (m < M)
+        h = tl.load(x_ptr + m * K + rk, mask=mask, other=0.0)
         if ADD:
-            tl.store(res_out_ptr + rm * K + cols, h, mask=mask & (pid == 0))
-        if DOT:
-            xt = tl.trans(x)
-            acc = tl.dot(w, xt, acc)
-            if SILU_MUL:
-                acc_up = tl.dot(u, xt, acc_up)
-        else:
-            xf = x.to(tl.float32)[None, :, :]
-            acc3 += w.to(tl.float32)[:, None, :] * xf
-            if SILU_MUL:
-                up3 += u.to(tl.float32)[:, None, :] * xf
-        w, u = w_next, u_next
-    if not DOT:
-        acc = tl.sum(acc3, axis=2)
-        acc_up = tl.sum(up3, axis=2)
-
-    if SILU_MUL:
-        acc = _silu_mul(acc, acc_up, dtype)
-    rows = tl.arange(0, BLOCK_M)[None, :]
-    tl.store(out_ptr + rows * N + rn[:, None], acc.to(out_ptr.dtype.element_ty), mask=(rn < N)[:, None] & (rows < M))
+            h = (h.to(tl.float32) + tl.load(res_ptr + m * K + rk, mask=mask, other=0.0).to(tl.float32)).to(dtype)
+            tl.store(res_out_ptr + m * K + rk, h, mask=mask & (pid == 0))
+        x = h
+        if NORM:
+            hf = h.to(tl.float32)
+            rstd = tl.rsqrt(tl.sum(hf * hf, axis=0) / K + eps)
+            x = _normed(h, rstd, nw, dtype)
+        xf = x.to(tl.float32)[None, :]
+        acc = tl.sum(w.to(tl.float32) * xf, axis=1)
+        if SILU_MUL:
+            acc = _silu_mul(acc, tl.sum(u.to(tl.float32) * xf, axis=1), dtype)
+        tl.store(out_ptr + m * N + rn, acc.to(out_ptr.dtype.element_ty), mask=(rn < N) & (m < M))
 
 
 def config(N: int, K: int, silu_mul: bool = False) -> dict:
@@ -294,39 +263,11 @@ def config(N: int, K: int, silu_mul: bool = False) -> dict:
                 PREFETCH=K > block_k)
 
 
-def _fma(block_n: int, block_k: int, num_warps: int) -> dict:
-    return dict(DOT=False, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps, num_stages=1)
-
-
-# _gemv_rows_kernel's tiles by W's shape (rows, K) and batch rows (the entry of the smallest bucket >= M); None where
-# cuBLAS with the separate norm and SiLU-and-mul kernels measured faster. `gemv_bench --sweep 2,4,8` on an H200
-# (2026-11-30, gemv_bench-NVIDIA_H200-20261130-143432.json), each projection alone against layers/linear.py's GEMM,
-# us at 2 / 4 / 8 rows (the GEMM's times leave out the 1.4 us RMSNorm and SiLU-and-mul kernels the fused ones save):
-# QKV 5.7 / 6.4 / 6.4 against 5.3; o_proj 4.0 / 4.4 / 5.7 against 12.8 / 8.4 / 5.9; gate/up 7.2 / 10.8 / 13.1 against
-# 6.0-6.1; down 5.3 / 6.0 / 7.6 against 6.7-6.8. A layer's four in one graph (`--rows`, ...-143722.json), us against
-# the unfused path: 2 rows 29.6 / 35.8, 3 rows 29.3 / 33.2, 4 rows 29.7 / 33.4; with the 8-row tiles below each
-# projection where it was faster alone, 8 rows 30.9 / 28.8: so 5 rows and more take cuBLAS. Other shapes take the
-# kernel at 2 rows only.
-ROWS_TUNED: dict[tuple[int, int], dict[int, dict | None]] = {
-    (4096, 1024): {2: _fma(8, 256, 4), 4: dict(DOT=True, BLOCK_N=32, BLOCK_K=256, num_warps=4, num_stages=1)},
-    (1024, 2048): {2: _fma(2, 256, 4), 4: _fma(4, 256, 2)},
-    (6144, 1024): {2: _fma(4, 256, 2), 4: None},
-    (1024, 3072): {2: _fma(2, 256, 4), 4: _fma(4, 256, 2)},
-}
-ROWS_DEFAULT: dict[int, dict | None] = {2: _fma(4, 256, 4), 4: None}
-
-
-def rows_config(rows: int, K: int, M: int) -> dict | None:
-    """Tiles of _gemv_rows_kernel for M (2 to MAX_ROWS) rows and W [rows, K] (gate and up rows together), or None
-    where cuBLAS measured faster."""
-    table = ROWS_TUNED.get((rows, K), ROWS_DEFAULT)
-    bucket = min((b for b in table if b >= M), default=None)
-    return None if bucket is None else table[bucket]
-
-
-def rows_block(M: int, dot: bool) -> int:
-    """BLOCK_M of _gemv_rows_kernel: M padded to a power of two, and to 16 for tl.dot."""
-    return max(16 if dot else 1, triton.next_power_of_2(M))
+def rows_config(N: int, K: int, silu_mul: bool = False) -> dict | None:
+    """Tiles of _gemv_rows_kernel (2 to MAX_ROWS rows): config's, where it holds each program's whole W slice in one
+    tile; else None (cuBLAS or the skinny GEMM take the shape)."""
+    cfg = config(N, K, silu_mul)
+    return cfg if cfg["BLOCK_K"] >= K else None
 
 
 def supports(M: int, rows: int, K: int, dtype: torch.dtype) -> bool:
@@ -337,7 +278,7 @@ def supports(M: int, rows: int, K: int, dtype: torch.dtype) -> bool:
         return False
     if M == 1:
         return rows * K * 2 < MAX_WEIGHT_BYTES
-    return 2 <= M <= MAX_ROWS and rows * K * 2 < MAX_ROWS_WEIGHT_BYTES and rows_config(rows, K, M) is not None
+    return 2 <= M <= MAX_ROWS and rows * K * 2 < MAX_ROWS_WEIGHT_BYTES and rows_config(rows, K) is not None
 
 
 def gemv(
@@ -373,9 +314,10 @@ def gemv(
             *args, N, K, eps, **flags, PREFETCH=cfg["PREFETCH"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
             NUM_THREADS=32 * cfg["num_warps"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     else:
-        cfg = {"num_stages": 1} | (rows_config(weight.shape[0], K, M) or {}) | (config_override or {})
+        cfg = (rows_config(N, K, silu_mul) or {}) | (config_override or {})
+        assert cfg["BLOCK_K"] >= K, cfg
         jit.launch(_gemv_rows_kernel, (triton.cdiv(N, cfg["BLOCK_N"]),))(
-            *args, M, N, K, eps, **flags, DOT=cfg["DOT"], BLOCK_M=rows_block(M, cfg["DOT"]), BLOCK_N=cfg["BLOCK_N"],
-            BLOCK_K=cfg["BLOCK_K"], NUM_THREADS=32 * cfg["num_warps"], num_warps=cfg["num_warps"],
-            num_stages=cfg["num_stages"])
+            *args, M, N, K, eps, NORM=flags["NORM"], ADD=flags["ADD"], SILU_MUL=silu_mul, PDL=use_pdl,
+            ROWS=triton.next_power_of_2(M), BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
+            num_warps=cfg["num_warps"], num_stages=1, launch_pdl=use_pdl)
     return out, res_out

@@ -179,7 +179,7 @@ def _gemv_reference(x, weight, residual, norm_weight, silu_mul):
                                              ("down_proj", 1024, 3072, "plain"), ("layer 0 qkv", 4096, 1024, "norm"),
                                              ("8b tp=2 qkv", 3072, 4096, "plain"),
                                              ("8b tp=2 o_proj", 4096, 2048, "plain")])
-@pytest.mark.parametrize("M", [1, 2, 3, 4])  # one row, and the rows kernel (FMAs or tensor cores, by ROWS_TUNED)
+@pytest.mark.parametrize("M", [1, 2, 3, 4])  # one row, and the rows kernel
 def test_gemv_on_model_shapes(name, N, K, fusion, M):
     pytest.importorskip("triton")
     from nanovllm_ray.kernels import gemv
@@ -197,9 +197,14 @@ def test_gemv_on_model_shapes(name, N, K, fusion, M):
     torch.testing.assert_close(y.float(), ref.float(), atol=0.03, rtol=0.02)
     if residual is not None:
         assert torch.equal(res_out, ref_res)
+    if M > 1:  # each row as the one-row kernel gives it alone (same slice, product and reduction)
+        for m in range(M):
+            alone, _ = gemv.gemv(x[m:m + 1], weight, residual=None if residual is None else residual[m:m + 1],
+                                 norm_weight=norm_weight, silu_mul=silu)
+            assert torch.equal(y[m:m + 1], alone), (m, (y[m] - alone[0]).abs().max())
 
 
-@pytest.mark.parametrize("M", [1, 2])
+@pytest.mark.parametrize("M", [1, 2, 4])
 def test_gemv_chain_as_programmatic_dependents_in_a_cuda_graph(M):
     """Layers of fused GEMVs launched as programmatic dependents (each prefetches its weights before it waits for the
     kernel before it), captured and replayed: the same bits as plain launches, on fresh inputs at every replay."""
