@@ -7,7 +7,9 @@ decode phase, then times --steps engine steps: wall time per step, and inside it
 the launch, the wait for the device, and applying the tokens. A torch.profiler pass over a few steps prints the
 kernels with the most device time, and the time each kernel adds to the step (time_added): with programmatic
 dependent launch the decode kernels overlap, so their durations overstate what each costs (at batch 1 they summed to
-1.25 ms a step of 0.72). Prints tables and writes JSON.
+1.25 ms a step of 0.72). Its "(idle)" row is mostly the profiler's own: under it a decode graph's launch waits 80-140
+us after the step's input copy, which unprofiled it does not (benchmarks/graph_replay.py: the host's share of a step).
+Prints tables and writes JSON.
 """
 
 from __future__ import annotations
