@@ -14,6 +14,16 @@ import torch
 from benchmarks.common import demo_checkpoint
 from nanovllm_ray import LLM, SamplingParams
 
+
+def seconds_per_call(fn, reps: int = 40) -> float:
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t) / reps
+
+
 llm = LLM(demo_checkpoint("qwen3-0.6b", None), max_model_len=4096)
 engine, rng = llm.engine, Random(0)
 runner = engine.executor.runner
@@ -23,21 +33,10 @@ for bs in [int(b) for b in sys.argv[1].split(",")]:
         engine.add_request(f"p{bs}-{i}", [rng.randrange(0, 10000) for _ in range(512)], sp)
     for _ in range(12):
         engine.step()
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(40):
-        engine.step()
-    torch.cuda.synchronize()
-    step = (time.perf_counter() - t) / 40
-    g = runner.graphs
-    graph = g.graphs[g.padded(bs)]
-    graph.replay()
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(40):
-        graph.replay()
-    torch.cuda.synchronize()
-    rep = (time.perf_counter() - t) / 40
+    step = seconds_per_call(engine.step)
+    graph = runner.graphs.graphs[runner.graphs.padded(bs)]
+    graph.replay()  # once before the clock
+    rep = seconds_per_call(graph.replay)
     print(f"batch {bs}: engine step {step * 1e3:.3f} ms, graph replayed back to back {rep * 1e3:.3f} ms, "
           f"host-bound share {(step - rep) * 1e3:.3f} ms", flush=True)
     for rid in list(engine.requests):

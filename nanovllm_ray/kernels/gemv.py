@@ -307,17 +307,17 @@ def gemv(
     args = (x, residual if residual is not None else x, norm_weight if norm_weight is not None else x,
             res_out if res_out is not None else out, weight, out)
     flags = dict(NORM=norm_weight is not None, ADD=residual is not None, SILU_MUL=silu_mul, PDL=use_pdl,
-                 ELEM_BYTES=x.element_size(), launch_pdl=use_pdl)
+                 launch_pdl=use_pdl)
     if M == 1:
         cfg = config(N, K, silu_mul) | (config_override or {})
         jit.launch(_gemv_kernel, (triton.cdiv(N, cfg["BLOCK_N"]),))(
             *args, N, K, eps, **flags, PREFETCH=cfg["PREFETCH"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
-            NUM_THREADS=32 * cfg["num_warps"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+            NUM_THREADS=32 * cfg["num_warps"], ELEM_BYTES=x.element_size(), num_warps=cfg["num_warps"],
+            num_stages=cfg["num_stages"])
     else:
         cfg = (rows_config(N, K, silu_mul) or {}) | (config_override or {})
         assert cfg["BLOCK_K"] >= K, cfg
         jit.launch(_gemv_rows_kernel, (triton.cdiv(N, cfg["BLOCK_N"]),))(
-            *args, M, N, K, eps, NORM=flags["NORM"], ADD=flags["ADD"], SILU_MUL=silu_mul, PDL=use_pdl,
-            ROWS=triton.next_power_of_2(M), BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
-            num_warps=cfg["num_warps"], num_stages=1, launch_pdl=use_pdl)
+            *args, M, N, K, eps, **flags, ROWS=triton.next_power_of_2(M), BLOCK_N=cfg["BLOCK_N"],
+            BLOCK_K=cfg["BLOCK_K"], num_warps=cfg["num_warps"], num_stages=1)
     return out, res_out
