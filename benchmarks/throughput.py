@@ -6,7 +6,8 @@ sum of max_tokens / wall time.
 
 Floor: each decode step reads the weights once and every running sequence's whole KV cache, so the workload
 must move sum_i(M_i * P_i + M_i (M_i - 1) / 2) * kv_bytes_per_token + max_i(M_i) * weight_bytes at least; divided
-by the copy bandwidth measured on this card in this run.
+by the copy bandwidth measured on this card in this run. The table of phases puts each kind of decode step (by batch
+size) against the same floor for its own steps, and says how long a step spends above it.
 
     python benchmarks/throughput.py [--model DIR] [--enforce-eager] [--scheduling-policy mixed|prefill_first]
 """
@@ -39,34 +40,52 @@ def floor_seconds(prompts: list[list[int]], max_tokens: list[int], shape: dict, 
     return (kv_tokens * shape["kv_bytes_per_token"] + max(max_tokens) * shape["weight_bytes"]) / bandwidth
 
 
-def trace_steps(scheduler) -> list[tuple[float, int, int]]:
-    """Record (start time, sequences, tokens) of every scheduled step."""
-    trace: list[tuple[float, int, int]] = []
+def trace_steps(scheduler) -> list[tuple[float, int, int, int]]:
+    """Record (start time, sequences, tokens, KV tokens read) of every scheduled step; KV tokens: the sequences'
+    whole contexts as the scheduler sees them (with async scheduling a sequence may not yet hold the token the step
+    before it sampled: one token short)."""
+    trace: list[tuple[float, int, int, int]] = []
     schedule = scheduler.schedule
 
     def traced():
         batch = schedule()
         if batch.seqs:
-            trace.append((time.perf_counter(), len(batch.seqs), batch.num_tokens))
+            trace.append((time.perf_counter(), len(batch.seqs), batch.num_tokens, sum(map(len, batch.seqs))))
         return batch
 
     scheduler.schedule = traced
     return trace
 
 
-def summarize_trace(trace: list[tuple[float, int, int]], end: float) -> list[dict]:
+def summarize_trace(trace: list[tuple[float, int, int, int]], end: float, shape: dict | None = None,
+                    bandwidth: float = float("nan")) -> list[dict]:
     """Wall time by kind of step: steps with prefill tokens, and decode-only steps by batch size. A step's time
-    runs from its scheduling to the next's (with async scheduling the device work overlaps: this is the pace)."""
-    buckets: dict[str, list[float]] = {}
-    for (t, seqs, tokens), nxt in zip(trace, [x[0] for x in trace[1:]] + [end]):
+    runs from its scheduling to the next's (with async scheduling the device work overlaps: this is the pace).
+    With the model's shape and the card's bandwidth, each kind of decode step also gets its floor (the weights and
+    its sequences' KV read once a step, as floor_seconds counts them), the fraction of it reached and the time a
+    step spends above it."""
+    buckets: dict[str, list[tuple[float, int]]] = {}
+    for (t, seqs, tokens, kv_tokens), nxt in zip(trace, [x[0] for x in trace[1:]] + [end]):
         if tokens > seqs:
             key = "prefill"
         else:
             low = next(b for b in (256, 128, 64, 16, 1) if seqs >= b)
             key = f"decode {low}+"
-        buckets.setdefault(key, []).append(nxt - t)
-    return [{"steps": k, "count": len(v), "seconds": round(sum(v), 3), "mean_ms": round(1e3 * sum(v) / len(v), 3),
-             "max_ms": round(1e3 * max(v), 3)} for k, v in sorted(buckets.items())]
+        buckets.setdefault(key, []).append((nxt - t, kv_tokens))
+    rows = []
+    for key, steps in sorted(buckets.items()):
+        secs = sum(s for s, _ in steps)
+        row = {"steps": key, "count": len(steps), "seconds": round(secs, 3),
+               "mean_ms": round(1e3 * secs / len(steps), 3), "max_ms": round(1e3 * max(s for s, _ in steps), 3)}
+        if shape is not None:
+            floor = float("nan")
+            if key != "prefill":  # the workload's floor counts decode steps only
+                kv = sum(k for _, k in steps)
+                floor = (kv * shape["kv_bytes_per_token"] + len(steps) * shape["weight_bytes"]) / bandwidth
+            row |= {"floor_s": round(floor, 3), "of_floor": round(floor / secs, 3),
+                    "over_floor_ms": round(1e3 * (secs - floor) / len(steps), 3)}
+        rows.append(row)
+    return rows
 
 
 def main() -> None:
@@ -125,10 +144,10 @@ def main() -> None:
 
         profiler.disable()
         pstats.Stats(profiler).sort_stats("cumulative").print_stats(args.cprofile)
-    phases = summarize_trace(trace, time.perf_counter())
+    shape = model_shape(path)
+    phases = summarize_trace(trace, time.perf_counter(), shape, bandwidth)
     generated = sum(o.num_generated_tokens for o in outs)
     assert generated == sum(max_tokens)
-    shape = model_shape(path)
     floor = floor_seconds(prompts, max_tokens, shape, bandwidth)
     row = {"output_tokens": generated, "seconds": round(seconds, 3), "tokens_per_s": round(generated / seconds, 1),
            "floor_s": round(floor, 3), "floor_tokens_per_s": round(generated / floor, 1),
