@@ -58,12 +58,12 @@ def trace_steps(scheduler) -> list[tuple[float, int, int, int]]:
 
 
 def summarize_trace(trace: list[tuple[float, int, int, int]], end: float, shape: dict | None = None,
-                    bandwidth: float = float("nan")) -> list[dict]:
+                    bandwidth: float | None = None) -> list[dict]:
     """Wall time by kind of step: steps with prefill tokens, and decode-only steps by batch size. A step's time
     runs from its scheduling to the next's (with async scheduling the device work overlaps: this is the pace).
-    With the model's shape and the card's bandwidth, each kind of decode step also gets its floor (the weights and
-    its sequences' KV read once a step, as floor_seconds counts them), the fraction of it reached and the time a
-    step spends above it."""
+    With the model's shape and the bandwidth, each kind of decode step also gets its floor (the weights and its
+    sequences' KV read once a step, as floor_seconds counts them; NaN without a bandwidth), the fraction of it
+    reached and the time a step spends above it."""
     buckets: dict[str, list[tuple[float, int]]] = {}
     for (t, seqs, tokens, kv_tokens), nxt in zip(trace, [x[0] for x in trace[1:]] + [end]):
         if tokens > seqs:
@@ -79,7 +79,7 @@ def summarize_trace(trace: list[tuple[float, int, int, int]], end: float, shape:
                "mean_ms": round(1e3 * secs / len(steps), 3), "max_ms": round(1e3 * max(s for s, _ in steps), 3)}
         if shape is not None:
             floor = float("nan")
-            if key != "prefill":  # the workload's floor counts decode steps only
+            if key != "prefill" and bandwidth:  # the workload's floor counts decode steps only
                 kv = sum(k for _, k in steps)
                 floor = (kv * shape["kv_bytes_per_token"] + len(steps) * shape["weight_bytes"]) / bandwidth
             row |= {"floor_s": round(floor, 3), "of_floor": round(floor / secs, 3),

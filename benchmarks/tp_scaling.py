@@ -66,7 +66,8 @@ def run_tp(path: str, tp: int, args: argparse.Namespace, prompts: list[list[int]
         t = time.perf_counter()
         outs = llm.generate(prompts, params, use_tqdm=False)
         seconds = time.perf_counter() - t
-        phases = summarize_trace(trace, time.perf_counter())
+        # each kind of step against its floor over tp cards' bandwidth (the workload's floor below, step by step)
+        phases = summarize_trace(trace, time.perf_counter(), model_shape(path), bandwidth * tp if bandwidth else None)
         print_table(phases)
         generated = sum(o.num_generated_tokens for o in outs)
         assert generated == sum(max_tokens)

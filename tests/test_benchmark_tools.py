@@ -34,3 +34,5 @@ def test_summarize_trace_puts_each_kind_of_step_against_its_floor():
     assert decode["over_floor_ms"] == pytest.approx(1e3 * (1.25 - floor) / 3, abs=1e-3)
     assert rows["prefill"]["seconds"] == 1.0 and rows["prefill"]["floor_s"] != rows["prefill"]["floor_s"]  # NaN
     assert "floor_s" not in summarize_trace(trace, end=2.25)[0]  # without a shape: times only
+    nan = summarize_trace(trace, end=2.25, shape=shape, bandwidth=None)[0]  # no GPU: no bandwidth measured
+    assert nan["floor_s"] != nan["floor_s"] and nan["seconds"] == 1.25
