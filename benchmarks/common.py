@@ -3,6 +3,7 @@ percentiles, and each LLMServer replica's answer to a method (the streaming HTTP
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import platform
@@ -22,6 +23,16 @@ def demo_checkpoint(shape: str, model: str | None) -> str:
 
     root = Path(os.environ.get("NANOVLLM_CHECKPOINTS", "checkpoints"))
     return str(ensure_demo_checkpoint(root / f"qwen3-{shape.removeprefix('qwen3-')}", shape))
+
+
+def load_module(path: str | Path):
+    """An older copy of one of the project's modules (e.g. `git show REV:nanovllm_ray/kernels/sampling.py >
+    /tmp/old.py`), imported beside this tree's, to time against it."""
+    path = Path(path)
+    spec = importlib.util.spec_from_file_location(f"against_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def measure_bandwidth(nbytes: int = 2 * 2**30, iters: int = 20) -> float:

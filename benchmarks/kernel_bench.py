@@ -23,7 +23,6 @@ y bytes) / time. It prints a TUNED table to paste into nanovllm_ray/kernels/skin
 
 import argparse
 import functools
-import importlib.util
 import inspect
 import itertools
 import json
@@ -36,6 +35,7 @@ import torch.nn.functional as F
 import triton
 import triton.testing
 
+from benchmarks.common import load_module
 from nanovllm_ray.kernels import jit, paged_attention, skinny_gemm
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -101,14 +101,6 @@ def bench_decode(args, dtype, decode_config=None):
     finally:
         paged_attention.decode_config = original
     return rows
-
-
-def load_module(path: Path):
-    """An older copy of kernels/paged_attention.py (e.g. `git show REV:nanovllm_ray/kernels/paged_attention.py`)."""
-    spec = importlib.util.spec_from_file_location(f"against_{path.stem}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def bench_plan(args, dtype) -> list[dict]:

@@ -4,17 +4,15 @@ against an older copy of the module, each timed as 20 calls replayed from a CUDA
     git show REV:nanovllm_ray/kernels/sampling.py > /tmp/sampling_old.py
     python benchmarks/sampler_bench.py /tmp/sampling_old.py
 """
-import importlib.util
 import sys
 
 import torch
 import triton
 
+from benchmarks.common import load_module
 from nanovllm_ray.kernels import sampling as new
 
-spec = importlib.util.spec_from_file_location("nanovllm_ray.kernels.sampling_old", sys.argv[1])
-old = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(old)
+old = load_module(sys.argv[1])
 for rows in (1, 16, 64, 128, 192, 256):
     logits = torch.randn(rows, 151936, device="cuda").bfloat16()
     temps = torch.full((rows,), 0.6, device="cuda")

@@ -13,15 +13,13 @@ so the normalised values may differ from eager's in the last bit, rarely.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
 from nanovllm_ray.kernels import jit, pdl
 
-if os.environ.get("TRITON_INTERPRET") == "1":
+if jit.INTERPRETED:
 
     @triton.jit
     def _exp(x):

@@ -227,11 +227,9 @@ def _gemv_rows_kernel(
     nw = tl.load(nw_ptr + rk, mask=kmask, other=0.0) if NORM else None
     for m in tl.static_range(ROWS):
         mask = kmask & (m < M)
-        h = tl.load(x_ptr + m * K + rk, mask=mask, other=0.0)
+        x, h = _input(x_ptr + m * K, res_ptr + m * K, nw_ptr, rk, rk, kmask, mask, 0.0, False, ADD)  # norm: below
         if ADD:
-            h = (h.to(tl.float32) + tl.load(res_ptr + m * K + rk, mask=mask, other=0.0).to(tl.float32)).to(dtype)
             tl.store(res_out_ptr + m * K + rk, h, mask=mask & (pid == 0))
-        x = h
         if NORM:
             hf = h.to(tl.float32)
             rstd = tl.rsqrt(tl.sum(hf * hf, axis=0) / K + eps)

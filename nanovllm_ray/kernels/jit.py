@@ -25,6 +25,8 @@ import torch
 import triton
 from triton.runtime import _async_compile
 
+# Kernels run in Triton's interpreter (the CPU tests), which lacks libdevice's functions.
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 _compiling = False
 _seen: set = set()  # (kernel, argument specialisations) a compile_only() pass has submitted
 

@@ -9,8 +9,6 @@ from a device-side seed, so the kernels replay inside a CUDA graph; the finishin
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
@@ -18,7 +16,7 @@ import triton.language as tl
 from nanovllm_ray.kernels import jit, pdl
 from nanovllm_ray.kernels.elementwise import ring_launch, ring_slot
 
-if os.environ.get("TRITON_INTERPRET") == "1":
+if jit.INTERPRETED:
 
     @triton.jit
     def _log(x):
