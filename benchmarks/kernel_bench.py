@@ -8,13 +8,16 @@
     python -m benchmarks.kernel_bench --plan --against old_paged_attention.py   # ... against an older kernel module
     python -m benchmarks.kernel_bench --gemm                # skinny GEMM vs cuBLAS, Qwen3-0.6B decode linears
     python -m benchmarks.kernel_bench --gemm --gemm-model 8b --gemm-m 1 16 64
+    python -m benchmarks.kernel_bench --gemm-cublas --gemm-m 8 64 128 256   # cuBLAS ways: W or W^T, cuBLAS or Lt
+    python -m benchmarks.kernel_bench --plan --plan-chunks 256 512 768   # ... beside plans of forced chunk lengths
 
 Decode is memory bound: GB/s = K and V bytes read / time (H100 SXM HBM3 peaks near 3,350 GB/s). --chunks times
 decode_plan with each forced chunk length (0: the plan's own).
 --plan times decode as a step does (a graph of --layers launches, one per layer's cache, so nothing stays in L2), the
 engine's decode plan, at --plan-contexts for batches 1-256 and at lengths drawn from --mixed for batches 8-256;
 --against FILE times an older copy of kernels/paged_attention.py beside it, called as the engine called it then
-(split-KV chosen for --max-seq-len, default 4096, where it takes that argument).
+(split-KV chosen for --max-seq-len, default 4096, where it takes that argument); --plan-chunks the same kernels over
+plans of those forced chunk lengths; --plan-batches keeps only those batch sizes.
 Prefill reports causal TFLOP/s (4 * heads * head_dim per visible query-key pair).
 --gemm times y = x @ W^T for each M: F.linear (cuBLAS), skinny_linear with gemm_config's choice and a sweep of tile
 configs, all replayed from CUDA graphs over enough weight copies to miss L2 (as a model's layers do); GB/s = (W + x +
@@ -112,6 +115,8 @@ def bench_plan(args, dtype) -> list[dict]:
     lo, hi = args.mixed
     mixed_batches = (8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
     cases += [(f"mixed{lo}-{hi}", [rng.randint(lo, hi) for _ in range(b)]) for b in mixed_batches]
+    if args.plan_batches:
+        cases = [(case, lens) for case, lens in cases if len(lens) in args.plan_batches]
     against = load_module(args.against) if args.against else None
     takes_bound = against is not None and "max_seq_len" in inspect.signature(against.paged_decode_attention).parameters
     rows = []
@@ -127,14 +132,19 @@ def bench_plan(args, dtype) -> list[dict]:
         if against is not None:
             variants["against"] = (against.paged_decode_attention, dict(max_seq_len=args.max_seq_len) if takes_bound
                                    else {})
+        for chunk in args.plan_chunks:  # the same kernels over plans of a forced chunk length
+            forced = paged_attention.decode_plan(seq_lens, args.kv_heads, q.device, chunk=chunk)
+            variants[f"chunk{chunk}"] = (paged_attention.paged_decode_attention,
+                                         dict(plan=torch.from_numpy(forced).cuda()))
         for name, (fn, kwargs) in variants.items():
             calls = [
                 functools.partial(fn, *(q, k_cache, v_cache, tables, lens, args.head_dim**-0.5), out=out, **kwargs)
                 for _, k_cache, v_cache, tables, _ in caches
             ]
             ms = triton.testing.do_bench_cudagraph(lambda calls=calls: [call() for call in calls], rep=200)
-            rows.append(dict(kernel="plan", case=case, batch=len(seq_lens), variant=name, chunk=int(host[0]),
-                             chunks=int(host[1]), us_per_layer=ms * 1e3 / args.layers,
+            used = kwargs["plan"].cpu() if "plan" in kwargs else host
+            rows.append(dict(kernel="plan", case=case, batch=len(seq_lens), variant=name, chunk=int(used[0]),
+                             chunks=int(used[1]), us_per_layer=ms * 1e3 / args.layers,
                              gb_s=kv_bytes / (ms * 1e-3) / 1e9))
         del caches
         torch.cuda.empty_cache()
@@ -152,6 +162,10 @@ def print_plan(rows: list[dict]) -> None:
         if old is not None:
             line += f"{old['us_per_layer']:9.2f} {old['gb_s']:6.0f} {old['us_per_layer'] / new['us_per_layer']:7.2f}x "
         print(line + f" {new['chunk']:5d} {new['chunks']:6d}")
+        for r in rows:
+            if (r["case"], r["batch"]) == case_batch and r["variant"].startswith("chunk"):
+                print(f"{'':>14} {'':>5} {r['us_per_layer']:13.2f} {r['gb_s']:6.0f}  {r['variant']:>9} "
+                      f"{r['us_per_layer'] / new['us_per_layer']:6.2f}x of the plan  {r['chunk']:5d} {r['chunks']:6d}")
 
 
 def bench_prefill(args, dtype, prefill_config=None):
@@ -354,6 +368,59 @@ def print_gemm(rows: list[dict], dtype_name: str) -> None:
         print("    },")
 
 
+def bench_gemm_cublas(args, dtype) -> list[dict]:
+    """The decode linears through cuBLAS ways: F.linear on W [N, K] (the engine's), torch.mm on a W^T [K, N] copy, and
+    torch.addmm adding a residual [M, N] (beta 1), each with torch's cuBLAS and with cuBLASLt as the preferred
+    library; the same rotated weight copies and graphs as --gemm."""
+    props = torch.cuda.get_device_properties(torch.cuda.current_device())
+    l2_bytes = getattr(props, "L2_cache_size", 50 * 2**20)
+    elem = torch.finfo(dtype).bits // 8
+    timer = lambda fn: triton.testing.do_bench_cudagraph(fn, rep=args.gemm_rep, return_mode="median")  # noqa: E731
+    rows = []
+    before = torch.backends.cuda.preferred_blas_library()
+    try:
+        for library in ("cublas", "cublaslt"):
+            torch.backends.cuda.preferred_blas_library(library)
+            for name, (N, K) in GEMM_SHAPES[args.gemm_model].items():
+                copies = max(1, triton.cdiv(4 * l2_bytes, N * K * elem))
+                weights = torch.randn(copies, N, K, device="cuda").div_(K**0.5).to(dtype)
+                transposed = weights.transpose(1, 2).contiguous()
+                for M in args.gemm_m:
+                    x = torch.randn(M, K, device="cuda").to(dtype)
+                    residual = torch.randn(M, N, device="cuda").to(dtype)
+                    ways = _cublas_ways(x, residual, weights, transposed)
+                    row = dict(kernel="gemm_cublas", library=library, shape=name, N=N, K=K, M=M,
+                               weight_floor_us=N * K * elem / args.bandwidth * 1e6)
+                    row.update({f"{way}_us": timer(fn) * 1e3 / copies for way, fn in ways.items()})
+                    rows.append(row)
+                del weights, transposed
+                torch.cuda.empty_cache()
+    finally:
+        torch.backends.cuda.preferred_blas_library(before)
+    return rows
+
+
+def _cublas_ways(x: torch.Tensor, residual: torch.Tensor, weights: torch.Tensor, transposed: torch.Tensor) -> dict:
+    """bench_gemm_cublas's ways of x @ W^T, each over every weight copy in turn."""
+    out = torch.empty_like(residual)
+    return {
+        "linear": lambda: [F.linear(x, w) for w in weights],
+        "mm_wt": lambda: [torch.mm(x, w, out=out) for w in transposed],
+        "addmm_wt": lambda: [torch.addmm(residual, x, w, out=out) for w in transposed],
+    }
+
+
+def print_gemm_cublas(rows: list[dict]) -> None:
+    ways = ("linear", "mm_wt", "addmm_wt")
+    print(f"{'library':>9} {'M':>4}  a layer's four linears, us: " + "  ".join(f"{w:>9}" for w in ways)
+          + "  weight floor")
+    for library, M in dict.fromkeys((r["library"], r["M"]) for r in rows):
+        layer = [r for r in rows if (r["library"], r["M"]) == (library, M)]
+        sums = [sum(r[f"{w}_us"] for r in layer) for w in ways]
+        print(f"{library:>9} {M:4d}  {'':28}" + "  ".join(f"{v:9.2f}" for v in sums)
+              + f"  {sum(r['weight_floor_us'] for r in layer):12.2f}")
+
+
 def write_json(args, rows: list[dict], stem: str) -> None:
     if args.out is None:
         gpu = "-".join(torch.cuda.get_device_name().lower().replace("nvidia", "").split())
@@ -385,6 +452,8 @@ def main() -> None:
     parser.add_argument("--max-seq-len", type=int, default=4096, help="--against's split bound, where it takes one")
     parser.add_argument("--plan-contexts", type=int, nargs="+", default=[640], help="--plan's uniform contexts")
     parser.add_argument("--mixed", type=int, nargs=2, default=[100, 2048], help="--plan's range of random lengths")
+    parser.add_argument("--plan-chunks", type=int, nargs="*", default=[], help="--plan: also time these forced chunks")
+    parser.add_argument("--plan-batches", type=int, nargs="*", help="--plan: only these batch sizes")
     parser.add_argument("--layers", type=int, default=28, help="--plan's layers (caches) a step")
     parser.add_argument("--prefill", action="store_true", help="also time prefill")
     parser.add_argument("--sweep", action="store_true", help="also time other decode tile configs")
@@ -392,11 +461,19 @@ def main() -> None:
     parser.add_argument("--gemm-model", choices=GEMM_SHAPES, default="0.6b", help="whose decode linears to time")
     parser.add_argument("--gemm-m", type=int, nargs="+", default=GEMM_M, help="batch rows to time")
     parser.add_argument("--gemm-no-sweep", action="store_true", help="time gemm_config's choice only, no sweep")
+    parser.add_argument("--gemm-cublas", action="store_true", help="time cuBLAS ways of the decode linears instead")
+    parser.add_argument("--bandwidth", type=float, default=4.22e12, help="--gemm-cublas: bytes/s for the weight floor")
     parser.add_argument("--gemm-rep", type=float, default=5, help="ms of replays per timing (do_bench_cudagraph)")
     parser.add_argument("--out", type=Path, help="JSON path (default: results/kernel_bench[-gemm-<model>]-<gpu>-...)")
     args = parser.parse_args()
     dtype = DTYPES[args.dtype]
     torch.manual_seed(0)
+
+    if args.gemm_cublas:
+        rows = bench_gemm_cublas(args, dtype)
+        print_gemm_cublas(rows)
+        write_json(args, rows, f"kernel_bench-gemm-cublas-{args.gemm_model}")
+        return
 
     if args.gemm:
         t = time.perf_counter()
