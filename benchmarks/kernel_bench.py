@@ -129,20 +129,21 @@ def bench_plan(args, dtype) -> list[dict]:
         host = paged_attention.decode_plan(seq_lens, args.kv_heads, q.device)
         plan = torch.from_numpy(host).cuda()
         variants = {"plan": (paged_attention.paged_decode_attention, dict(plan=plan))}
+        hosts = {"plan": host}
         if against is not None:
             variants["against"] = (against.paged_decode_attention, dict(max_seq_len=args.max_seq_len) if takes_bound
                                    else {})
         for chunk in args.plan_chunks:  # the same kernels over plans of a forced chunk length
-            forced = paged_attention.decode_plan(seq_lens, args.kv_heads, q.device, chunk=chunk)
-            variants[f"chunk{chunk}"] = (paged_attention.paged_decode_attention,
-                                         dict(plan=torch.from_numpy(forced).cuda()))
+            name = f"chunk{chunk}"
+            hosts[name] = paged_attention.decode_plan(seq_lens, args.kv_heads, q.device, chunk=chunk)
+            variants[name] = (paged_attention.paged_decode_attention, dict(plan=torch.from_numpy(hosts[name]).cuda()))
         for name, (fn, kwargs) in variants.items():
             calls = [
                 functools.partial(fn, *(q, k_cache, v_cache, tables, lens, args.head_dim**-0.5), out=out, **kwargs)
                 for _, k_cache, v_cache, tables, _ in caches
             ]
             ms = triton.testing.do_bench_cudagraph(lambda calls=calls: [call() for call in calls], rep=200)
-            used = kwargs["plan"].cpu() if "plan" in kwargs else host
+            used = hosts.get(name, host)  # --against: the chunk figures of this tree's plan, as before
             rows.append(dict(kernel="plan", case=case, batch=len(seq_lens), variant=name, chunk=int(used[0]),
                              chunks=int(used[1]), us_per_layer=ms * 1e3 / args.layers,
                              gb_s=kv_bytes / (ms * 1e-3) / 1e9))
@@ -284,18 +285,27 @@ def _time_rotated(timer, linear, x: torch.Tensor, weights: torch.Tensor) -> floa
     return timer(lambda: [linear(x, w) for w in weights]) * 1e3 / len(weights)
 
 
-def bench_gemm(args, dtype) -> list[dict]:
+def _weight_copies(N: int, K: int, dtype: torch.dtype) -> torch.Tensor:
+    """[copies, N, K] random weights: a model reads each layer's weight once per step, from HBM, so the timings rotate
+    through copies that overflow L2 4x."""
     props = torch.cuda.get_device_properties(torch.cuda.current_device())
-    sms = props.multi_processor_count
     l2_bytes = getattr(props, "L2_cache_size", 50 * 2**20)
+    copies = max(1, triton.cdiv(4 * l2_bytes, N * K * torch.finfo(dtype).bits // 8))
+    return torch.randn(copies, N, K, device="cuda").div_(K**0.5).to(dtype)
+
+
+def _gemm_timer(args):
+    return lambda fn: triton.testing.do_bench_cudagraph(fn, rep=args.gemm_rep, return_mode="median")
+
+
+def bench_gemm(args, dtype) -> list[dict]:
+    sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
     elem = torch.finfo(dtype).bits // 8
-    timer = lambda fn: triton.testing.do_bench_cudagraph(fn, rep=args.gemm_rep, return_mode="median")  # noqa: E731
+    timer = _gemm_timer(args)
     rows = []
     for name, (N, K) in GEMM_SHAPES[args.gemm_model].items():
-        # A model reads each layer's weight once per step, from HBM: rotate through copies that overflow L2 4x.
-        copies = max(1, triton.cdiv(4 * l2_bytes, N * K * elem))
-        weights = torch.randn(copies, N, K, device="cuda").div_(K**0.5).to(dtype)
-        print(f"{name}: N={N} K={K}, {copies} weight copies of {N * K * elem / 2**20:.1f} MiB")
+        weights = _weight_copies(N, K, dtype)
+        print(f"{name}: N={N} K={K}, {len(weights)} weight copies of {N * K * elem / 2**20:.1f} MiB")
         xs = {M: torch.randn(M, K, device="cuda").to(dtype) for M in args.gemm_m}
         candidates = {}
         for M in args.gemm_m:
@@ -372,42 +382,33 @@ def bench_gemm_cublas(args, dtype) -> list[dict]:
     """The decode linears through cuBLAS ways: F.linear on W [N, K] (the engine's), torch.mm on a W^T [K, N] copy, and
     torch.addmm adding a residual [M, N] (beta 1), each with torch's cuBLAS and with cuBLASLt as the preferred
     library; the same rotated weight copies and graphs as --gemm."""
-    props = torch.cuda.get_device_properties(torch.cuda.current_device())
-    l2_bytes = getattr(props, "L2_cache_size", 50 * 2**20)
     elem = torch.finfo(dtype).bits // 8
-    timer = lambda fn: triton.testing.do_bench_cudagraph(fn, rep=args.gemm_rep, return_mode="median")  # noqa: E731
+    timer = _gemm_timer(args)
     rows = []
     before = torch.backends.cuda.preferred_blas_library()
     try:
         for library in ("cublas", "cublaslt"):
             torch.backends.cuda.preferred_blas_library(library)
             for name, (N, K) in GEMM_SHAPES[args.gemm_model].items():
-                copies = max(1, triton.cdiv(4 * l2_bytes, N * K * elem))
-                weights = torch.randn(copies, N, K, device="cuda").div_(K**0.5).to(dtype)
+                weights = _weight_copies(N, K, dtype)
                 transposed = weights.transpose(1, 2).contiguous()
                 for M in args.gemm_m:
                     x = torch.randn(M, K, device="cuda").to(dtype)
                     residual = torch.randn(M, N, device="cuda").to(dtype)
-                    ways = _cublas_ways(x, residual, weights, transposed)
-                    row = dict(kernel="gemm_cublas", library=library, shape=name, N=N, K=K, M=M,
-                               weight_floor_us=N * K * elem / args.bandwidth * 1e6)
-                    row.update({f"{way}_us": timer(fn) * 1e3 / copies for way, fn in ways.items()})
-                    rows.append(row)
+                    out = torch.empty_like(residual)
+                    rows.append(dict(
+                        kernel="gemm_cublas", library=library, shape=name, N=N, K=K, M=M,
+                        weight_floor_us=N * K * elem / args.bandwidth * 1e6,
+                        linear_us=_time_rotated(timer, F.linear, x, weights),
+                        mm_wt_us=_time_rotated(timer, functools.partial(torch.mm, out=out), x, transposed),
+                        addmm_wt_us=_time_rotated(timer, functools.partial(torch.addmm, residual, out=out), x,
+                                                  transposed),
+                    ))
                 del weights, transposed
                 torch.cuda.empty_cache()
     finally:
         torch.backends.cuda.preferred_blas_library(before)
     return rows
-
-
-def _cublas_ways(x: torch.Tensor, residual: torch.Tensor, weights: torch.Tensor, transposed: torch.Tensor) -> dict:
-    """bench_gemm_cublas's ways of x @ W^T, each over every weight copy in turn."""
-    out = torch.empty_like(residual)
-    return {
-        "linear": lambda: [F.linear(x, w) for w in weights],
-        "mm_wt": lambda: [torch.mm(x, w, out=out) for w in transposed],
-        "addmm_wt": lambda: [torch.addmm(residual, x, w, out=out) for w in transposed],
-    }
 
 
 def print_gemm_cublas(rows: list[dict]) -> None:
