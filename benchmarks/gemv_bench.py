@@ -14,8 +14,15 @@ the measured copy bandwidth):
 --rows times the layer at several batch sizes (1 takes the one-row kernel, 2-8 the rows kernel). With --sweep
 M,... it also times each projection alone at M rows (`--layers` launches of it over distinct weights in one graph,
 as programmatic dependents) over tile configs, beside layers/linear.py's cuBLAS or skinny GEMM, and prints the best.
---skinny M,... (5 rows and up) sweeps kernels/skinny_gemm.py's tiles for each projection the same way against cuBLAS,
-times the unfused layer with each projection's best beside cuBLAS, and prints the entries for skinny_gemm.TUNED.
+--skinny M,... (5 rows and up) sweeps kernels/skinny_gemm.py's tiles for each projection inside the unfused layer:
+one projection takes each tile config (or cuBLAS) while the others keep the engine's choice (skinny_gemm.TUNED), and
+the layer's time over `--layers` layers picks its best. Each projection's time alone (`--layers` launches of it, as
+programmatic dependents) is printed beside it but does not choose: a chain of one kernel overlaps each launch's weight
+prefetch with the launch before, which the layer's short norm and SiLU kernels do not, so the alone time favoured
+tiles that made the layer slower. Then the layer with every projection's best is timed beside the engine's choice and
+all-cuBLAS, and entries for skinny_gemm.TUNED are printed (None: cuBLAS). The layer leaves out attention and its
+kernels, and did mislead once: gate/up on cuBLAS at 8 and 16 rows made it faster (23.6 against 23.9 us) and
+latency.py's steps slower (batch 16: 1.355 against 1.342 ms), so confirm a pick with latency.py before pasting it.
 
     python -m benchmarks.gemv_bench [--shape 0.6b|8b|8b-tp2] [--layers 28] [--rows 1,2,4,8,16] [--sweep 1,8]
                                     [--skinny 8,16,32,64,128,256]
@@ -35,6 +42,7 @@ from benchmarks.common import device_name, measure_bandwidth, print_table, time_
 
 # hidden, q heads x head_dim, kv heads x head_dim, intermediate; "8b-tp2": one rank's slices at tensor parallel 2
 SHAPES = {"0.6b": (1024, 2048, 1024, 3072), "8b": (4096, 4096, 1024, 12288), "8b-tp2": (4096, 2048, 512, 6144)}
+PROJECTIONS = (("qkv_proj", "qkv"), ("o_proj", "o"), ("gate_up_proj", "gate_up"), ("down_proj", "down"))
 SWEEP = [dict(BLOCK_N=n, BLOCK_K=k, num_warps=w, num_stages=1, PREFETCH=p)
          for n, k, w, p in itertools.product((4, 8, 16), (256, 512, 1024), (2, 4), (True, False))]
 
@@ -130,38 +138,60 @@ def skinny_configs(M: int) -> list[dict]:
             for sk in (1, 2, 4)]
 
 
-def skinny_sweep(layers: list[dict], hidden: int, dtype: torch.dtype, bandwidth: float, M: int
+def skinny_sweep(layers: list[dict], hidden: int, dtype: torch.dtype, bandwidth: float, M: int, ops
                  ) -> tuple[list[dict], dict]:
-    """Each projection at M rows through the skinny GEMM, as programmatic dependents over the layers' weights, over
-    skinny_configs, against cuBLAS. Returns the table rows and, per projection, (best config, its us, cuBLAS us)."""
+    """Each projection at M rows inside the unfused layer, over skinny_configs and cuBLAS, the others as the engine
+    chooses them now. Returns the table rows and, per projection, (best config or None for cuBLAS, the layer's us
+    with it, the layer's us with cuBLAS for that projection, the projection's us alone with it and with cuBLAS)."""
     from nanovllm_ray.kernels import jit, skinny_gemm
 
     calls = projection_calls(layers[0], hidden, dtype, M)
+    inputs = layer_inputs(M, hidden, layers[0]["o"].shape[1], dtype)
     t = time.perf_counter()
     with jit.compile_only(ignore_errors=True):
         for x, key, _ in calls.values():
             for cfg in skinny_configs(M):
                 skinny_gemm.skinny_linear(x, layers[0][key], config=cfg)
     print(f"  M={M}: compiled {4 * len(skinny_configs(M))} skinny configs in {time.perf_counter() - t:.1f} s")
+    engine = engine_choice(layers[0], M, dtype)
     rows, best = [], {}
     for name, (x, key, _) in calls.items():
         weights = [p[key] for p in layers]
-        floor_us = weights[0].numel() * weights[0].element_size() / bandwidth * 1e6
-        base = per_call_us(torch.nn.functional.linear, x, weights)
+
+        def in_layer(cfg, name=name):
+            return time_layers(layers, functools.partial(skinny_layer, best={**engine, name: cfg}, ops=ops), *inputs)
+
+        cublas_us = in_layer(None)
         results = []
         for cfg in skinny_configs(M):
             try:
-                results.append((per_call_us(functools.partial(skinny_gemm.skinny_linear, config=cfg), x, weights),
-                                cfg))
+                results.append((in_layer(cfg), cfg))
             except Exception as e:  # a config that does not compile (registers, shared memory)
                 print(f"  {name} M={M} {cfg}: {type(e).__name__}")
         results.sort(key=lambda r: r[0])
         best_us, cfg = results[0]
-        best[name] = (cfg, best_us, base)
-        rows.append({"rows": M, "projection": name, "cublas_us": base, "skinny_best_us": best_us,
-                     "floor_us": floor_us, "best": " ".join(f"{k}={int(v)}" for k, v in cfg.items()),
+        alone = per_call_us(functools.partial(skinny_gemm.skinny_linear, config=cfg), x, weights)
+        alone_cublas = per_call_us(torch.nn.functional.linear, x, weights)
+        best[name] = (cfg if best_us < cublas_us else None, best_us, cublas_us, alone, alone_cublas)
+        rows.append({"rows": M, "projection": name, "layer_cublas_us": cublas_us, "layer_skinny_us": best_us,
+                     "alone_cublas_us": alone_cublas, "alone_skinny_us": alone,
+                     "floor_us": weights[0].numel() * weights[0].element_size() / bandwidth * 1e6,
+                     "best": " ".join(f"{k}={int(v)}" for k, v in cfg.items()),
                      "top3": [(round(us, 2), c) for us, c in results[:3]]})
     return rows, best
+
+
+def engine_choice(p: dict, M: int, dtype: torch.dtype) -> dict:
+    """Per projection, the skinny GEMM's config where the engine takes it at M rows (skinny_gemm.TUNED), else None."""
+    from nanovllm_ray.kernels import skinny_gemm
+
+    return {name: skinny_gemm.gemm_config(M, *p[key].shape, dtype)
+            if skinny_gemm.use_skinny(M, *p[key].shape, dtype) else None for name, key in PROJECTIONS}
+
+
+def layer_inputs(M: int, hidden: int, q: int, dtype: torch.dtype) -> list[torch.Tensor]:
+    """The layer's x, residual and attention output (o_proj's input) at M rows."""
+    return [torch.randn(M, k, device="cuda", dtype=dtype) for k in (hidden, hidden, q)]
 
 
 def skinny_layer(x, residual, attn, p, best, ops):
@@ -169,8 +199,7 @@ def skinny_layer(x, residual, attn, p, best, ops):
     from nanovllm_ray.kernels import skinny_gemm
 
     def linear(x, w):
-        name = next(n for n, key in (("qkv_proj", "qkv"), ("o_proj", "o"), ("gate_up_proj", "gate_up"),
-                                     ("down_proj", "down")) if p[key] is w)
+        name = next(n for n, key in PROJECTIONS if p[key] is w)
         if best.get(name) is not None:
             return skinny_gemm.skinny_linear(x, w, config=best[name])
         return torch.nn.functional.linear(x, w)
@@ -227,7 +256,7 @@ def main() -> None:
     floor_us = layer_bytes / bandwidth * 1e6
     rows = []
     for M in (int(m) for m in args.rows.split(",")):
-        inputs = [torch.randn(M, k, device="cuda", dtype=dtype) for k in (hidden, hidden, q)]
+        inputs = layer_inputs(M, hidden, q, dtype)
         variants = {"unfused": (functools.partial(unfused_layer, ops=ops, linear=linear_mod.linear), False),
                     "gemv": (functools.partial(gemv_layer, gemv=gemv, ops=ops, linear=linear_mod.linear), False),
                     "gemv+pdl": (functools.partial(gemv_layer, gemv=gemv, ops=ops, linear=linear_mod.linear), True)}
@@ -243,24 +272,30 @@ def main() -> None:
         print_table(sweep_rows)
     skinny_rows, skinny_best = [], {}
     for M in (int(m) for m in args.skinny.split(",") if m):
-        part, best = skinny_sweep(layers, hidden, dtype, bandwidth, M)
+        part, best = skinny_sweep(layers, hidden, dtype, bandwidth, M, ops)
         skinny_rows += part
         skinny_best[M] = best
-        inputs = [torch.randn(M, k, device="cuda", dtype=dtype) for k in (hidden, hidden, q)]
-        won = {name: cfg for name, (cfg, us, base) in best.items() if us < base}
-        for name, use in (("cublas", {}), ("skinny", won), ("cublas", {})):  # cuBLAS twice: the run's noise
+        inputs = layer_inputs(M, hidden, q, dtype)
+        chosen = {name: b[0] for name, b in best.items()}
+        engine = engine_choice(layers[0], M, dtype)
+        for name, use in (("cublas", {}), ("skinny-engine", engine), ("skinny-best", chosen), ("cublas", {})):
             us = time_layers(layers, functools.partial(skinny_layer, best=use, ops=ops), *inputs)
-            rows.append(layer_row(M, name, us, floor_us))
+            rows.append(layer_row(M, name, us, floor_us))  # cuBLAS twice: the run's noise
     if skinny_rows:
         print_table([{k: v for k, v in r.items() if k != "top3"} for r in skinny_rows])
         print_table([r for r in rows if r["variant"].startswith(("cublas", "skinny"))])
-        print("TUNED entries (N, K) -> {M: (..., skinny_us, cublas_us)}, each projection's best:")
-        for name, key in (("qkv_proj", "qkv"), ("o_proj", "o"), ("gate_up_proj", "gate_up"), ("down_proj", "down")):
+        print("TUNED entries (N, K) -> {M: (..., skinny_us, cublas_us) or None}, alone; picked in the layer "
+              "(confirm with latency.py before pasting):")
+        for name, key in PROJECTIONS:
             print(f"    {tuple(layers[0][key].shape)}: {{")
             for M, best in skinny_best.items():
-                cfg, us, base = best[name]
+                cfg, us, base, alone, alone_cublas = best[name]
+                if cfg is None:
+                    print(f"        {M}: None,  # cuBLAS: the layer {base:.2f} us, with the best tiles {us:.2f}")
+                    continue
                 fields = ", ".join(repr(cfg[f]) for f in skinny_gemm.TUNED_FIELDS)
-                print(f"        {M}: ({fields}, {us:.2f}, {base:.2f}),")
+                print(f"        {M}: ({fields}, {alone:.2f}, {alone_cublas:.2f}),  # the layer {us:.2f} us, "
+                      f"{base:.2f} with cuBLAS")
             print("    },")
     print(f"{args.shape}: {layer_bytes / 2**20:.1f} MiB of weights a layer, bandwidth {bandwidth / 1e12:.2f} TB/s, "
           f"{device_name()}")

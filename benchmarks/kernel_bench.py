@@ -21,7 +21,9 @@ plans of those forced chunk lengths; --plan-batches keeps only those batch sizes
 Prefill reports causal TFLOP/s (4 * heads * head_dim per visible query-key pair).
 --gemm times y = x @ W^T for each M: F.linear (cuBLAS), skinny_linear with gemm_config's choice and a sweep of tile
 configs, all replayed from CUDA graphs over enough weight copies to miss L2 (as a model's layers do); GB/s = (W + x +
-y bytes) / time. It prints a TUNED table to paste into nanovllm_ray/kernels/skinny_gemm.py.
+y bytes) / time. It prints entries in skinny_gemm.TUNED's form from each GEMM alone; the engine's table for a decode
+layer's projections comes from benchmarks/gemv_bench.py --skinny, which times them inside the layer (alone, a tile
+can win and still make the layer slower).
 """
 
 import argparse
@@ -367,7 +369,7 @@ def print_gemm(rows: list[dict], dtype_name: str) -> None:
                 f"{r['M']:5d} {r['cublas_us']:10.2f} {r['default_us']:11.2f} {r['best_us']:8.2f} "
                 f"{r['cublas_us'] / r['best_us']:8.2f}x {r['best_gb_s']:9.0f}  {_config_str(r['best_config'])}"
             )
-    # Ready to paste into skinny_gemm.TUNED: one M bucket per line.
+    # In skinny_gemm.TUNED's form, one M bucket per line: each GEMM alone (gemv_bench.py --skinny: in the layer).
     print(f"\n# TUNED entries ({torch.cuda.get_device_name()}, triton {triton.__version__}, {dtype_name}):")
     print(f"#   (N, K): {{M: ({', '.join(skinny_gemm.TUNED_FIELDS)}, skinny_us, cublas_us)}}")
     for (n, k), group in itertools.groupby(rows, key=lambda r: (r["N"], r["K"])):
