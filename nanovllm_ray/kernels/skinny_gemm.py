@@ -15,7 +15,7 @@ side and the slice comes from HBM once, then from L2. When N / BLOCK_N gives too
 On Hopper both kernels launch as programmatic dependents (kernels/pdl.py): a GEMM program asks for its W slice (its
 split's columns of it) to be brought into L2 before it waits for the kernel before it, so the weight read overlaps
 that kernel, as the decode GEMV does (kernels/gemv.py). That is what makes it faster than cuBLAS at 5-32 rows on an
-H200; from 64 rows a layer of them was slower than cuBLAS's, so those batches stay there.
+H200; at 33-64 rows only o_proj's shape (N = 1024, K split 4 ways) is faster, and from 65 rows none.
 
 Tile sizes come from `gemm_config`: measured entries of TUNED (benchmarks/gemv_bench.py --skinny and
 benchmarks/kernel_bench.py --gemm print them ready to paste) and a heuristic for shapes not in it. `use_skinny` says
@@ -36,9 +36,12 @@ from nanovllm_ray.kernels.gemv import prefetch_rows
 # over 28 layers' weights from one CUDA graph, as programmatic dependents, against cuBLAS), for qwen3-0.6b's
 # projections, keeping the kernel only at the batch sizes where a layer of them (the norm and SiLU-and-mul kernels
 # between) was faster with it. (N, K) -> {M bucket: (BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages,
-# SWAP_AB, skinny_us, cublas_us) or None}. An M uses the entry of the smallest bucket >= M; None, a slower entry or an
-# M past the largest bucket take cuBLAS. 1-4 rows are the GEMV's (kernels/gemv.py), or cuBLAS where it does not take
-# them.
+# SWAP_AB, skinny_us, cublas_us) or None}, the us of the projection alone. An M uses the entry of the smallest bucket
+# >= M; None, a slower entry or an M past the largest bucket take cuBLAS. 1-4 rows are the GEMV's (kernels/gemv.py),
+# or cuBLAS where it does not take them. At 33-64 rows only o_proj takes the kernel: one projection at a time inside
+# the layer, the others on cuBLAS (gemv_bench.py --skinny, gemv_bench-layerpick-NVIDIA_H200-20261201-104713.json),
+# it alone made the layer faster there and up to 128 rows, and latency.py confirmed it at 48 and 64 rows (0.4-0.6%)
+# but not at 96 (even) or 128 (0.6% slower) (README, "Tiles picked inside the layer").
 TUNED: dict[tuple[int, int], dict[int, tuple | None]] = {
     (4096, 1024): {
         4: None,
@@ -51,6 +54,8 @@ TUNED: dict[tuple[int, int], dict[int, tuple | None]] = {
         8: (16, 64, 64, 4, 4, 4, True, 4.28, 5.89),
         16: (16, 64, 128, 4, 4, 3, True, 4.34, 5.92),
         32: (32, 64, 64, 4, 4, 4, True, 4.53, 5.92),
+        48: (64, 64, 64, 4, 4, 4, True, 4.89, 5.97),
+        64: (64, 64, 64, 4, 4, 4, False, 4.98, 5.87),
     },
     (6144, 1024): {
         4: None,

@@ -335,7 +335,7 @@ def test_store_then_chunked_prefill_then_decode(kernels):
 # (N, K) of a decode step's four linears: qkv_proj, o_proj, gate_up_proj, down_proj.
 QWEN3_0_6B_LINEARS = [(4096, 1024), (1024, 2048), (6144, 1024), (1024, 3072)]
 QWEN3_8B_LINEARS = [(6144, 4096), (4096, 4096), (24576, 4096), (4096, 12288)]
-GEMM_M = [1, 2, 7, 16, 64, 128, 256]
+GEMM_M = [1, 2, 7, 16, 48, 64, 96, 128, 256]
 # Configs the benchmark's sweep may pick, beside gemm_config's: split-K, SWAP_AB (wgmma), BLOCK_M 128, 8 warps.
 GEMM_CONFIGS = [
     dict(BLOCK_N=64, BLOCK_K=128, SPLIT_K=1, SWAP_AB=True, num_stages=4),
