@@ -278,9 +278,10 @@ def main() -> None:
         inputs = layer_inputs(M, hidden, q, dtype)
         chosen = {name: b[0] for name, b in best.items()}
         engine = engine_choice(layers[0], M, dtype)
+        # cuBLAS twice: the run's noise
         for name, use in (("cublas", {}), ("skinny-engine", engine), ("skinny-best", chosen), ("cublas", {})):
             us = time_layers(layers, functools.partial(skinny_layer, best=use, ops=ops), *inputs)
-            rows.append(layer_row(M, name, us, floor_us))  # cuBLAS twice: the run's noise
+            rows.append(layer_row(M, name, us, floor_us))
     if skinny_rows:
         print_table([{k: v for k, v in r.items() if k != "top3"} for r in skinny_rows])
         print_table([r for r in rows if r["variant"].startswith(("cublas", "skinny"))])
