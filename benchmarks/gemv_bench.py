@@ -138,22 +138,21 @@ def skinny_configs(M: int) -> list[dict]:
             for sk in (1, 2, 4)]
 
 
-def skinny_sweep(layers: list[dict], hidden: int, dtype: torch.dtype, bandwidth: float, M: int, ops
-                 ) -> tuple[list[dict], dict]:
-    """Each projection at M rows inside the unfused layer, over skinny_configs and cuBLAS, the others as the engine
-    chooses them now. Returns the table rows and, per projection, (best config or None for cuBLAS, the layer's us
-    with it, the layer's us with cuBLAS for that projection, the projection's us alone with it and with cuBLAS)."""
+def skinny_sweep(layers: list[dict], hidden: int, dtype: torch.dtype, bandwidth: float, M: int, ops, inputs: list,
+                 engine: dict) -> tuple[list[dict], dict]:
+    """Each projection at M rows inside the unfused layer (inputs: layer_inputs), over skinny_configs and cuBLAS, the
+    others as engine (engine_choice) has them. Returns the table rows and, per projection, (best config or None for
+    cuBLAS, the layer's us with it, the layer's us with cuBLAS for that projection, the projection's us alone with it
+    and with cuBLAS)."""
     from nanovllm_ray.kernels import jit, skinny_gemm
 
     calls = projection_calls(layers[0], hidden, dtype, M)
-    inputs = layer_inputs(M, hidden, layers[0]["o"].shape[1], dtype)
     t = time.perf_counter()
     with jit.compile_only(ignore_errors=True):
         for x, key, _ in calls.values():
             for cfg in skinny_configs(M):
                 skinny_gemm.skinny_linear(x, layers[0][key], config=cfg)
     print(f"  M={M}: compiled {4 * len(skinny_configs(M))} skinny configs in {time.perf_counter() - t:.1f} s")
-    engine = engine_choice(layers[0], M, dtype)
     rows, best = [], {}
     for name, (x, key, _) in calls.items():
         weights = [p[key] for p in layers]
@@ -272,12 +271,12 @@ def main() -> None:
         print_table(sweep_rows)
     skinny_rows, skinny_best = [], {}
     for M in (int(m) for m in args.skinny.split(",") if m):
-        part, best = skinny_sweep(layers, hidden, dtype, bandwidth, M, ops)
+        inputs = layer_inputs(M, hidden, q, dtype)
+        engine = engine_choice(layers[0], M, dtype)
+        part, best = skinny_sweep(layers, hidden, dtype, bandwidth, M, ops, inputs, engine)
         skinny_rows += part
         skinny_best[M] = best
-        inputs = layer_inputs(M, hidden, q, dtype)
         chosen = {name: b[0] for name, b in best.items()}
-        engine = engine_choice(layers[0], M, dtype)
         # cuBLAS twice: the run's noise
         for name, use in (("cublas", {}), ("skinny-engine", engine), ("skinny-best", chosen), ("cublas", {})):
             us = time_layers(layers, functools.partial(skinny_layer, best=use, ops=ops), *inputs)
