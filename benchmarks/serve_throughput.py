@@ -51,7 +51,7 @@ from benchmarks.common import (
     save_figure,
     write_result,
 )
-from benchmarks.throughput import workload
+from benchmarks.throughput import unseen, workload
 from deployments.launch import HAPROXY_ENV, serve_environment
 from nanovllm_ray import stages
 
@@ -61,6 +61,12 @@ ROOT = Path(__file__).resolve().parent.parent
 def subset(n_all: int, c: int) -> int:
     """Requests run at concurrency c: all of them at full concurrency, else enough for a steady state."""
     return n_all if c >= n_all else min(n_all, max(2 * c, 24))
+
+
+def timed_prompts(prompts: list[list[int]], run: int) -> list[list[int]]:
+    """The prompts of this process's run-th timed run (0: as drawn), none of whose blocks an earlier run or the
+    warm-up (unseen(.., 1)) left in the prefix cache: each level reruns the workload's first requests."""
+    return prompts if run == 0 else unseen(prompts, run + 1)
 
 
 # ---- the engine alone (a subprocess: it must give the GPU back before the service starts) --------------------
@@ -75,13 +81,14 @@ def offline(args, path: str, engine_kwargs: dict, levels: list[int]) -> dict[int
     prompts, max_tokens = workload(args.num_seqs, args.max_input_len, args.max_output_len)
     engine = LLMEngine(Config.from_kwargs(path, **engine_kwargs))
     warm = SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=4, detokenize=False)
-    for i, p in enumerate(prompts[:8]):
+    for i, p in enumerate(unseen(prompts[:8], 1)):
         engine.add_request(f"warm-{i}", p, warm)
     while engine.has_unfinished_requests():
         engine.step()
     out = {}
-    for c in levels:
+    for run, c in enumerate(levels):
         n = subset(len(prompts), c)
+        run_prompts = timed_prompts(prompts, run)
         engine.scheduler.max_num_seqs = min(c, engine_kwargs["max_num_seqs"])
         params = [SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=m, detokenize=False)
                   for m in max_tokens[:n]]
@@ -94,11 +101,12 @@ def offline(args, path: str, engine_kwargs: dict, levels: list[int]) -> dict[int
         gaps: list[float] = []  # per token after the first: time since the request's previous output / tokens
         steps: list[tuple[float, float, int, int]] = []  # (start, end, sequences, tokens) of each step
         nxt = 0
+        hits_before = engine.stats().prefix_cache_hits
         t0 = time.monotonic()
         while nxt < n or engine.has_unfinished_requests():
             while nxt < n and len(sent) - len(last) < c:
                 rid = f"r{c}-{nxt}"
-                engine.add_request(rid, prompts[nxt], params[nxt])
+                engine.add_request(rid, run_prompts[nxt], params[nxt])
                 sent[rid] = time.monotonic()
                 nxt += 1
             t = time.monotonic()
@@ -124,11 +132,13 @@ def offline(args, path: str, engine_kwargs: dict, levels: list[int]) -> dict[int
                   "tpot_p50_ms": 1e3 * percentile([(last[r] - first[r]) / max(1, m - 1)
                                             for r, m in zip(sent, max_tokens[:n])], 0.5),
                   "step_ms_at_batch": 1e3 * statistics.median(full) if full else float("nan"),
+                  "prefix_cache_hit_tokens": engine.stats().prefix_cache_hits - hits_before,
                   "engine": engine_summary(steps, wall)}
         e = out[c]["engine"]
         print(f"[offline c={c}] {tokens} tokens in {wall:.2f} s: {tokens / wall:,.0f} tok/s; {e['prefill_steps']} "
               f"prefill steps ({e['prefill_s']:.2f} s), {e['decode_steps']} decode steps ({e['decode_s']:.2f} s, "
-              f"batch {e['decode_batch_mean']:.0f})", flush=True)
+              f"batch {e['decode_batch_mean']:.0f}); prompt tokens found cached {out[c]['prefix_cache_hit_tokens']}",
+              flush=True)
     engine.shutdown()
     return out
 
@@ -490,69 +500,73 @@ def main() -> None:
         wait_for_replicas(name, args.replicas, args.startup_timeout_s)
         print(f"service up in {startup_s:.1f} s (serve run until /v1/models answers)", flush=True)
         url = f"http://127.0.0.1:{args.port}"
-        text_prompts = None
+        tok = None
         if any(v.startswith("chat") for v in variants):
             from transformers import AutoTokenizer
 
             tok = AutoTokenizer.from_pretrained(path)
-            text_prompts = [tok.decode(p) for p in prompts]
         # warm-up: the Python paths of every process on the way, and the engine's for these shapes
-        served(url + "/v1/completions", [request_body("stream", name, p, 4) for p in prompts[:8]], 8, 1)
-        for variant in variants:
-            for c in (levels if variant == variants[0] else levels[-1:]):
-                n = subset(len(prompts), c)
-                src = text_prompts if variant.startswith("chat") else prompts
-                bodies = [request_body(variant, name, src[i], max_tokens[i]) for i in range(n)]
-                endpoint = "/v1/chat/completions" if variant.startswith("chat") else "/v1/completions"
-                procs = args.client_procs or max(1, min(8, c // 32))
-                before = per_replica(name, "stats")
-                t_run = time.monotonic()
-                if args.py_spy and variant == "stream" and c == levels[-1] and profile is None:
-                    th, holder = profile_in_background(args.py_spy, args.tag)
-                    res = served(url + endpoint, bodies, c, procs)
-                    th.join()
-                    profile = holder.get("path")
-                else:
-                    res = served(url + endpoint, bodies, c, procs)
-                s = summarize(res)
-                time.sleep(0.5)  # a replica counts a request once its stream has closed
-                after = per_replica(name, "stats")
-                t0, t1 = min(r["sent"] for r in res), max(r["end"] for r in res)
-                timelines = per_replica(name, "engine_timeline", t_run)
-                engine = {r: engine_summary([st for st in v["steps"] if t0 <= st[0] <= t1], t1 - t0)
-                          for r, v in timelines.items()}
-                breakdown = ttft_breakdown(res, next(iter(timelines.values()))["steps"],
-                                           stages.read(stage_dir)) if c == 1 else {}
-                if breakdown:
-                    print(f"  TTFT at concurrency 1, medians: admission {breakdown['admission_ms']:.1f} ms, engine "
-                          f"{breakdown['engine_ms']:.1f} ms, delivery {breakdown['delivery_ms']:.1f} ms", flush=True)
-                    for stage, ms in breakdown.get("stages_ms", {}).items():
-                        print(f"    {stage:<55} {ms:7.2f} ms", flush=True)
-                o = off.get(c, {})
-                row = {"variant": variant, "concurrency": c, "requests": n, "served_tok_s": s["tok_s"],
-                       "offline_tok_s": o.get("tok_s", float("nan")),
-                       "ratio": s["tok_s"] / o["tok_s"] if o else float("nan"),
-                       "ttft_p50_ms": s["ttft_p50_ms"], "ttft_p99_ms": s["ttft_p99_ms"],
-                       "gap_p50_ms": s["gap_p50_ms"], "gap_p99_ms": s["gap_p99_ms"],
-                       "chunk_gap_p50_ms": s["chunk_gap_p50_ms"], "tokens_per_chunk": s["tokens_per_chunk"],
-                       "tpot_p50_ms": s["tpot_p50_ms"],
-                       "engine_ttft_p50_ms": o.get("ttft_p50_ms", float("nan")),
-                       "engine_gap_p50_ms": o.get("gap_p50_ms", float("nan")),
-                       "engine_tpot_p50_ms": o.get("tpot_p50_ms", float("nan")),
-                       "engine_step_ms": o.get("step_ms_at_batch", float("nan")),
-                       "requests_per_replica": sorted(_delta(after, before, "num_requests").values()),
-                       "preemptions": sum(_delta(after, before, "num_preemptions").values()),
-                       "kv_blocks": [after[r]["num_blocks"] for r in after],
-                       "engine": engine, "ttft_breakdown": breakdown}
-                for rep, e in engine.items():
-                    print(f"  engine {rep}: {e['prefill_steps']} prefill steps ({e['prefill_s']:.2f} s, "
-                          f"{e['prefill_tokens_per_step']:.0f} tokens each), {e['decode_steps']} decode steps "
-                          f"({e['decode_s']:.2f} s, batch {e['decode_batch_mean']:.0f}, p50 "
-                          f"{e['decode_step_ms_p50']:.2f} ms), outside steps {e['outside_steps_s']:.2f} s of "
-                          f"{e['wall_s']:.2f} s; preemptions {row['preemptions']}", flush=True)
-                rows.append(row)
-                print(f"[{variant} c={c}] served {s['tok_s']:,.0f} tok/s (offline {row['offline_tok_s']:,.0f}), "
-                      f"TTFT p50 {s['ttft_p50_ms']:.1f} ms, gap p50 {s['gap_p50_ms']:.2f} ms", flush=True)
+        served(url + "/v1/completions", [request_body("stream", name, p, 4) for p in unseen(prompts[:8], 1)], 8, 1)
+        runs = [(variant, c) for variant in variants for c in (levels if variant == variants[0] else levels[-1:])]
+        for run, (variant, c) in enumerate(runs):
+            n = subset(len(prompts), c)
+            src = timed_prompts(prompts, run)[:n]
+            if variant.startswith("chat"):
+                src = [tok.decode(p) for p in src]
+            bodies = [request_body(variant, name, src[i], max_tokens[i]) for i in range(n)]
+            endpoint = "/v1/chat/completions" if variant.startswith("chat") else "/v1/completions"
+            procs = args.client_procs or max(1, min(8, c // 32))
+            before = per_replica(name, "stats")
+            t_run = time.monotonic()
+            if args.py_spy and variant == "stream" and c == levels[-1] and profile is None:
+                th, holder = profile_in_background(args.py_spy, args.tag)
+                res = served(url + endpoint, bodies, c, procs)
+                th.join()
+                profile = holder.get("path")
+            else:
+                res = served(url + endpoint, bodies, c, procs)
+            s = summarize(res)
+            time.sleep(0.5)  # a replica counts a request once its stream has closed
+            after = per_replica(name, "stats")
+            t0, t1 = min(r["sent"] for r in res), max(r["end"] for r in res)
+            timelines = per_replica(name, "engine_timeline", t_run)
+            engine = {r: engine_summary([st for st in v["steps"] if t0 <= st[0] <= t1], t1 - t0)
+                      for r, v in timelines.items()}
+            breakdown = ttft_breakdown(res, next(iter(timelines.values()))["steps"],
+                                       stages.read(stage_dir)) if c == 1 else {}
+            if breakdown:
+                print(f"  TTFT at concurrency 1, medians: admission {breakdown['admission_ms']:.1f} ms, engine "
+                      f"{breakdown['engine_ms']:.1f} ms, delivery {breakdown['delivery_ms']:.1f} ms", flush=True)
+                for stage, ms in breakdown.get("stages_ms", {}).items():
+                    print(f"    {stage:<55} {ms:7.2f} ms", flush=True)
+            o = off.get(c, {})
+            row = {"variant": variant, "concurrency": c, "requests": n, "served_tok_s": s["tok_s"],
+                   "offline_tok_s": o.get("tok_s", float("nan")),
+                   "ratio": s["tok_s"] / o["tok_s"] if o else float("nan"),
+                   "ttft_p50_ms": s["ttft_p50_ms"], "ttft_p99_ms": s["ttft_p99_ms"],
+                   "gap_p50_ms": s["gap_p50_ms"], "gap_p99_ms": s["gap_p99_ms"],
+                   "chunk_gap_p50_ms": s["chunk_gap_p50_ms"], "tokens_per_chunk": s["tokens_per_chunk"],
+                   "tpot_p50_ms": s["tpot_p50_ms"],
+                   "engine_ttft_p50_ms": o.get("ttft_p50_ms", float("nan")),
+                   "engine_gap_p50_ms": o.get("gap_p50_ms", float("nan")),
+                   "engine_tpot_p50_ms": o.get("tpot_p50_ms", float("nan")),
+                   "engine_step_ms": o.get("step_ms_at_batch", float("nan")),
+                   "requests_per_replica": sorted(_delta(after, before, "num_requests").values()),
+                   "preemptions": sum(_delta(after, before, "num_preemptions").values()),
+                   "prefix_cache_hit_tokens": sum(_delta(after, before, "prefix_cache_hits").values()),
+                   "engine_prefix_cache_hit_tokens": o.get("prefix_cache_hit_tokens", float("nan")),
+                   "kv_blocks": [after[r]["num_blocks"] for r in after],
+                   "engine": engine, "ttft_breakdown": breakdown}
+            for rep, e in engine.items():
+                print(f"  engine {rep}: {e['prefill_steps']} prefill steps ({e['prefill_s']:.2f} s, "
+                      f"{e['prefill_tokens_per_step']:.0f} tokens each), {e['decode_steps']} decode steps "
+                      f"({e['decode_s']:.2f} s, batch {e['decode_batch_mean']:.0f}, p50 "
+                      f"{e['decode_step_ms_p50']:.2f} ms), outside steps {e['outside_steps_s']:.2f} s of "
+                      f"{e['wall_s']:.2f} s; preemptions {row['preemptions']}; prompt tokens found cached "
+                      f"{row['prefix_cache_hit_tokens']}", flush=True)
+            rows.append(row)
+            print(f"[{variant} c={c}] served {s['tok_s']:,.0f} tok/s (offline {row['offline_tok_s']:,.0f}), "
+                  f"TTFT p50 {s['ttft_p50_ms']:.1f} ms, gap p50 {s['gap_p50_ms']:.2f} ms", flush=True)
     finally:
         serve.shutdown()
         ray.shutdown()

@@ -35,6 +35,14 @@ def workload(num_seqs: int, max_input: int, max_output: int) -> tuple[list[list[
     return prompts, max_tokens
 
 
+def unseen(prompts: list[list[int]], k: int) -> list[list[int]]:
+    """The prompts with their first token replaced by 10,000 + k (k >= 1), an id the workload never draws. A
+    block's hash covers every token before it, so none of their blocks is in the prefix cache from a run with
+    another k or with the prompts as drawn (a warm-up, a lower concurrency). Lengths, and so the floor, stay."""
+    assert k >= 1, k
+    return [[10_000 + k] + p[1:] for p in prompts]
+
+
 def floor_seconds(prompts: list[list[int]], max_tokens: list[int], shape: dict, bandwidth: float) -> float:
     kv_tokens = sum(m * len(p) + m * (m - 1) // 2 for p, m in zip(prompts, max_tokens))
     return (kv_tokens * shape["kv_bytes_per_token"] + max(max_tokens) * shape["weight_bytes"]) / bandwidth
@@ -122,13 +130,15 @@ def main() -> None:
               max_num_batched_tokens=args.max_num_batched_tokens, block_size=args.block_size,
               tensor_parallel_size=args.tensor_parallel_size)
     params = [SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=m, detokenize=False) for m in max_tokens]
-    # Warm-up (nano-vllm's bench uses one short prompt): also a few of the workload's own prompts, so that kernels
-    # first met on a batch of long prompts are compiled before the clock starts.
-    warm = prompts[:8]
+    # Warm-up (nano-vllm's bench uses one short prompt): also prompts of the lengths of the workload's first eight, so
+    # that kernels first met on a batch of long prompts are compiled before the clock starts; not the prompts
+    # themselves, whose blocks would then be in the prefix cache for the timed run.
+    warm = unseen(prompts[:8], 1)
     llm.generate(["Benchmark: "] + warm, [SamplingParams()] + [
         SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=4, detokenize=False)] * len(warm), use_tqdm=False)
     if torch.cuda.is_available():
         torch.cuda.synchronize()
+    hits_before = llm.engine.stats().prefix_cache_hits
     trace = trace_steps(llm.engine.scheduler)
     profiler = None
     if args.cprofile:
@@ -155,11 +165,13 @@ def main() -> None:
     print_table([row])
     print_table(phases)
     stats = llm.engine.stats()
+    hits = stats.prefix_cache_hits - hits_before  # prompt tokens the timed run found cached (0 unless preempted)
     data = {"benchmark": "throughput", "device": device_name(), "bandwidth_bytes_per_s": bandwidth,
             "model": path, "shape": shape, "num_kv_blocks": llm.engine.block_manager.num_blocks,
-            "preemptions": stats.num_preemptions, "config": vars(args), "phases": phases, **row}
+            "preemptions": stats.num_preemptions, "prefix_cache_hit_tokens": hits, "config": vars(args),
+            "phases": phases, **row}
     print(f"bandwidth {bandwidth / 1e12:.2f} TB/s on {device_name()}; preemptions {stats.num_preemptions}; "
-          f"KV blocks {llm.engine.block_manager.num_blocks}")
+          f"prompt tokens found in the prefix cache {hits}; KV blocks {llm.engine.block_manager.num_blocks}")
     write_result("throughput", data, args.tag)
 
 
