@@ -37,31 +37,3 @@ def test_summarize_trace_puts_each_kind_of_step_against_its_floor():
     nan = summarize_trace(trace, end=2.25, shape=shape, bandwidth=None)[0]  # no GPU: no bandwidth measured
     assert nan["floor_s"] != nan["floor_s"] and nan["seconds"] == 1.25
 
-
-def test_warm_up_and_each_timed_run_find_none_of_each_others_blocks_cached():
-    """throughput.py warms up on unseen(prompts[:8], 1); serve_throughput.py's levels rerun the workload's first
-    requests, each run on timed_prompts(prompts, run). None may find another's blocks in the prefix cache."""
-    from benchmarks.serve_throughput import timed_prompts
-    from benchmarks.throughput import unseen, workload
-    from nanovllm_ray.engine.block_manager import BlockManager
-    from nanovllm_ray.engine.sequence import Sequence
-    from nanovllm_ray.sampling_params import SamplingParams
-
-    prompts, _ = workload(6, 40, 8)
-    runs = [unseen(prompts, 1)] + [timed_prompts(prompts, run) for run in range(3)]
-    assert runs[1] == prompts  # the first timed run is the workload as drawn
-    assert all([len(p) for p in r] == [len(p) for p in prompts] for r in runs)  # same lengths, same floor
-    bm = BlockManager(256, 4)
-
-    def cached_blocks(tokens: list[int]) -> int:
-        return len(bm.find_cached_prefix(Sequence("q", tokens, SamplingParams(max_tokens=1))))
-
-    for i, run in enumerate(runs):
-        assert all(cached_blocks(p) == 0 for p in run), f"run {i} finds blocks of an earlier run cached"
-        for p in run:  # prefill it; its freed blocks stay cached
-            seq = Sequence("r", p, SamplingParams(max_tokens=1))
-            bm.allocate(seq, [], len(p))
-            seq.num_computed_tokens = len(p)
-            bm.commit(seq)
-            bm.free_seq(seq)
-        assert all(cached_blocks(p) == (len(p) - 1) // 4 for p in run)  # the check above can fail

@@ -474,3 +474,23 @@ def test_can_append_boundary():
     assert len(a.block_table) == 3 and bm.num_free_blocks == 1
     bm.append(a, 2)  # already has room: no new block
     assert len(a.block_table) == 3
+
+
+def test_benchmark_warm_up_and_timed_runs_find_none_of_each_others_blocks_cached():
+    """throughput.py warms up on unseen(prompts[:8], 1); serve_throughput.py's levels rerun the workload's first
+    requests, each run on timed_prompts(prompts, run). None may find another's blocks in the prefix cache."""
+    from benchmarks.serve_throughput import timed_prompts
+    from benchmarks.throughput import unseen, workload
+
+    prompts, _ = workload(6, 40, 8)
+    runs = [unseen(prompts, 1)] + [timed_prompts(prompts, run) for run in range(3)]
+    assert runs[1] == prompts  # the first timed run is the workload as drawn
+    assert all([len(p) for p in r] == [len(p) for p in prompts] for r in runs)  # same lengths, same floor
+    bm = BlockManager(256, BS)
+    for i, run in enumerate(runs):
+        assert all(bm.find_cached_prefix(make_seq(p)) == [] for p in run), f"run {i} finds an earlier run's blocks"
+        for p in run:  # prefill it; its freed blocks stay cached
+            seq = make_seq(p)
+            prefill(bm, seq)
+            bm.free_seq(seq)
+        assert all(len(bm.find_cached_prefix(make_seq(p))) == (len(p) - 1) // BS for p in run)  # the check can fail
